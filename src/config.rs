@@ -1,0 +1,185 @@
+//! Settings: every one is an environment variable and a flag named after it
+//! (`WINDFLOW_BIND` ↔ `--bind`); clap makes the flag win over the variable.
+//! A wrong value fails at start with one line that names the setting.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use jsonwebtoken::Algorithm;
+
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@localhost:5432/windflow";
+
+#[derive(Args, Clone)]
+pub struct DatabaseArgs {
+    /// PostgreSQL connection URL.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        value_name = "DATABASE_URL",
+        default_value = DEFAULT_DATABASE_URL,
+        hide_env_values = true
+    )]
+    pub database_url: String,
+}
+
+#[derive(Args, Clone)]
+pub struct JwtArgs {
+    /// Signing algorithm tokens must use (HS256, HS384, HS512, RS*, PS*, ES256, ES384, EdDSA).
+    #[arg(
+        long,
+        env = "JWT_ALGORITHM",
+        value_name = "JWT_ALGORITHM",
+        default_value = "HS256",
+        value_parser = parse_algorithm
+    )]
+    pub jwt_algorithm: Algorithm,
+    /// Shared secret for HS* algorithms, used as its raw UTF-8 bytes.
+    #[arg(
+        long,
+        env = "JWT_SECRET_KEY",
+        value_name = "JWT_SECRET_KEY",
+        hide_env_values = true
+    )]
+    pub jwt_secret_key: Option<String>,
+    /// PEM public key for RS*, PS*, ES* and EdDSA.
+    #[arg(long, env = "JWT_PUBLIC_KEY_FILE", value_name = "JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// When set, tokens must carry this `aud`.
+    #[arg(long, env = "JWT_AUDIENCE", value_name = "JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// When set, tokens must carry this `iss`.
+    #[arg(long, env = "JWT_ISSUER", value_name = "JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+}
+
+impl fmt::Debug for JwtArgs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JwtArgs")
+            .field("jwt_algorithm", &self.jwt_algorithm)
+            .field("jwt_secret_key", &self.jwt_secret_key.as_ref().map(|_| "<redacted>"))
+            .field("jwt_public_key_file", &self.jwt_public_key_file)
+            .field("jwt_audience", &self.jwt_audience)
+            .field("jwt_issuer", &self.jwt_issuer)
+            .finish()
+    }
+}
+
+/// Everything `serve` needs besides the database and the JWT keys.
+#[derive(Args, Clone, Debug)]
+pub struct ServerArgs {
+    /// Address to listen on.
+    #[arg(long, env = "WINDFLOW_BIND", value_name = "WINDFLOW_BIND", default_value = "127.0.0.1:8000")]
+    pub bind: SocketAddr,
+    /// How long events stay in the event log (humantime: `24h`, `90m`).
+    #[arg(
+        long,
+        env = "WINDFLOW_EVENT_RETENTION",
+        value_name = "WINDFLOW_EVENT_RETENTION",
+        default_value = "24h",
+        value_parser = parse_duration
+    )]
+    pub event_retention: Duration,
+    /// Interval between server pings; a client silent for two intervals is dropped.
+    #[arg(
+        long,
+        env = "WINDFLOW_PING_INTERVAL",
+        value_name = "WINDFLOW_PING_INTERVAL",
+        default_value = "30s",
+        value_parser = parse_duration
+    )]
+    pub ping_interval: Duration,
+    /// Upgrades beyond this many open WebSocket connections get HTTP 503.
+    #[arg(
+        long,
+        env = "WINDFLOW_MAX_CONNECTIONS",
+        value_name = "WINDFLOW_MAX_CONNECTIONS",
+        default_value = "100000",
+        value_parser = parse_positive
+    )]
+    pub max_connections: usize,
+    /// Messages queued for one client before it counts as a slow consumer.
+    #[arg(
+        long,
+        env = "WINDFLOW_CLIENT_QUEUE",
+        value_name = "WINDFLOW_CLIENT_QUEUE",
+        default_value = "4096",
+        value_parser = parse_positive
+    )]
+    pub client_queue: usize,
+    /// Recent events kept in commit order for `since` resumes.
+    #[arg(
+        long,
+        env = "WINDFLOW_HISTORY_SIZE",
+        value_name = "WINDFLOW_HISTORY_SIZE",
+        default_value = "100000",
+        value_parser = parse_positive
+    )]
+    pub history_size: usize,
+}
+
+impl ServerArgs {
+    /// The defaults of SPEC §8, for tests and embedding.
+    pub fn with_bind(bind: SocketAddr) -> Self {
+        ServerArgs {
+            bind,
+            event_retention: Duration::from_secs(24 * 3600),
+            ping_interval: Duration::from_secs(30),
+            max_connections: 100_000,
+            client_queue: 4096,
+            history_size: 100_000,
+        }
+    }
+}
+
+fn parse_algorithm(value: &str) -> Result<Algorithm, String> {
+    value
+        .parse::<Algorithm>()
+        .map_err(|_| "expected one of HS256, HS384, HS512, RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA".to_string())
+}
+
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(value).map_err(|e| format!("{e} (expected a duration like 500ms, 30s or 24h)"))?;
+    if duration.is_zero() {
+        return Err("must be longer than zero".into());
+    }
+    Ok(duration)
+}
+
+fn parse_positive(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_are_humantime_and_positive() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn counts_must_be_positive_integers() {
+        assert_eq!(parse_positive("4096"), Ok(4096));
+        assert!(parse_positive("0").is_err());
+        assert!(parse_positive("-1").is_err());
+        assert!(parse_positive("many").is_err());
+    }
+
+    #[test]
+    fn algorithm_names_are_exact() {
+        assert_eq!(parse_algorithm("HS256"), Ok(Algorithm::HS256));
+        assert_eq!(parse_algorithm("EdDSA"), Ok(Algorithm::EdDSA));
+        assert!(parse_algorithm("none").is_err());
+    }
+}

@@ -1,0 +1,257 @@
+//! The one LISTEN connection: where every event enters the process.
+//!
+//! It is a plain tokio-postgres connection (`application_name`
+//! `windflow-notify-listener`) driven by `poll_message`, because the
+//! ordinary `Connection` future drops notifications. Each notification on
+//! `windflow_events` becomes an [`Event`] handed to the hub, in the order
+//! PostgreSQL delivers them, which is commit order.
+//!
+//! # What is lost when the connection dies: nothing
+//!
+//! Notifications sent while the connection is down are gone, so the
+//! listener reads them back from the event log after it reconnects. Ids
+//! cannot say which events those are (an id is allocated before commit, so
+//! a transaction can commit late with a small id). Instead, once a second
+//! the listener NOTIFYs itself, on a channel of its own, a *marker*: the
+//! current `pg_current_snapshot()`. Notifications are queued in commit
+//! order, so when a marker comes back every transaction it shows as
+//! finished has already been delivered. After a reconnect (LISTEN first),
+//! the listener reads every event whose transaction the last marker did not
+//! show as finished, in id order; the hub drops the ones it already had.
+//! Events that commit after the LISTEN arrive as notifications and are
+//! deduplicated the same way. Reconnects back off exponentially, so a
+//! database that is down is not stormed.
+
+use std::future::poll_fn;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use tokio_postgres::{AsyncMessage, Client, NoTls, Notification};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::db::{DbError, events, quote_identifier, refuse_standby};
+use crate::event::{Announcement, Event, EventKind};
+use crate::hub::Feed;
+use crate::metrics::Metrics;
+
+pub const EVENTS_CHANNEL: &str = "windflow_events";
+pub const APPLICATION_NAME: &str = "windflow-notify-listener";
+
+/// How often a marker is sent (and the notification queue usage sampled).
+const MARKER_EVERY: Duration = Duration::from_secs(1);
+/// A marker not echoed within this long means the connection is dead even
+/// if TCP has not noticed yet.
+const MARKER_TIMEOUT: Duration = Duration::from_secs(10);
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+enum ListenerError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("connection lost: {0}")]
+    Lost(#[from] tokio_postgres::Error),
+    #[error("connection closed by the server")]
+    Closed,
+    #[error("no marker came back within {MARKER_TIMEOUT:?}; connection presumed dead")]
+    Stalled,
+    #[error("hub stopped")]
+    HubGone,
+}
+
+pub struct Listener {
+    config: tokio_postgres::Config,
+    feed: mpsc::Sender<Feed>,
+    metrics: Arc<Metrics>,
+    up: watch::Sender<bool>,
+    marker_channel: String,
+    shutdown: CancellationToken,
+}
+
+impl Listener {
+    /// `up` turns true once the connection listens and a marker came back,
+    /// and false whenever it is lost.
+    pub fn new(
+        config: &tokio_postgres::Config,
+        feed: mpsc::Sender<Feed>,
+        metrics: Arc<Metrics>,
+        up: watch::Sender<bool>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let mut config = config.clone();
+        config.application_name(APPLICATION_NAME);
+        let marker_channel = format!("windflow_marker_{}", uuid::Uuid::new_v4().simple());
+        Listener { config, feed, metrics, up, marker_channel, shutdown }
+    }
+
+    pub async fn run(self) {
+        let mut marker: Option<String> = None;
+        let mut backoff = BACKOFF_FIRST;
+        loop {
+            let mut became_up = false;
+            let outcome = self.connection(&mut marker, &mut became_up).await;
+            self.set_up(false);
+            let error = match outcome {
+                Ok(()) | Err(ListenerError::HubGone) => return,
+                Err(e) => e,
+            };
+            if became_up {
+                backoff = BACKOFF_FIRST;
+            }
+            warn!(error = %error, retry_in = ?backoff, "listener connection lost; reconnecting");
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(jittered(backoff)) => {}
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    fn set_up(&self, up: bool) {
+        self.up.send_replace(up);
+        self.metrics.listener_up.store(i64::from(up), Relaxed);
+    }
+
+    /// One connection's life; returns Ok only on shutdown.
+    async fn connection(&self, marker: &mut Option<String>, became_up: &mut bool) -> Result<(), ListenerError> {
+        let (client, mut connection) = self.config.connect(NoTls).await?;
+        // Notifications go through an unbounded channel so that reading the
+        // socket never waits on the hub; PostgreSQL's own queue and this
+        // channel hold them while the hub is busy.
+        let (tx, mut notifications) = mpsc::unbounded_channel();
+        let driver = async move {
+            loop {
+                match poll_fn(|cx| connection.poll_message(cx)).await {
+                    Some(Ok(AsyncMessage::Notification(n))) => {
+                        if tx.send(n).is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Some(Ok(AsyncMessage::Notice(notice))) => debug!(notice = %notice, "listener notice"),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(ListenerError::Lost(e)),
+                    None => return Err(ListenerError::Closed),
+                }
+            }
+        };
+        tokio::select! {
+            outcome = driver => outcome,
+            outcome = self.listen(&client, &mut notifications, marker, became_up) => outcome,
+        }
+    }
+
+    async fn listen(
+        &self,
+        client: &Client,
+        notifications: &mut mpsc::UnboundedReceiver<Notification>,
+        marker: &mut Option<String>,
+        became_up: &mut bool,
+    ) -> Result<(), ListenerError> {
+        refuse_standby(client).await?;
+        client
+            .batch_execute(&format!("LISTEN {EVENTS_CHANNEL}; LISTEN {}", quote_identifier(&self.marker_channel)))
+            .await?;
+        if let Some(snapshot) = marker.as_deref() {
+            let missed = events::unfinished_at(client, snapshot).await?;
+            info!(candidates = missed.len(), "listener reconnected; delivering what committed while it was away");
+            for event in missed {
+                self.hand_over(Feed::Event(event)).await?;
+            }
+            self.metrics.listener_reconnects_total.fetch_add(1, Relaxed);
+        }
+        let mut tick = tokio::time::interval(MARKER_EVERY);
+        let mut marker_sent: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(()),
+                notification = notifications.recv() => {
+                    let Some(notification) = notification else { return Err(ListenerError::Closed) };
+                    if notification.channel() == EVENTS_CHANNEL {
+                        self.on_announcement(client, notification.payload()).await?;
+                    } else if notification.channel() == self.marker_channel {
+                        marker_sent = None;
+                        *marker = Some(notification.payload().to_string());
+                        self.hand_over(Feed::Marker(notification.payload().to_string())).await?;
+                        if !*became_up {
+                            *became_up = true;
+                            self.set_up(true);
+                            info!(application_name = APPLICATION_NAME, "listener up");
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    if let Some(sent) = marker_sent {
+                        if sent.elapsed() > MARKER_TIMEOUT {
+                            return Err(ListenerError::Stalled);
+                        }
+                        continue;
+                    }
+                    match client
+                        .query_one(
+                            "SELECT pg_notification_queue_usage(), pg_notify($1, pg_current_snapshot()::text)",
+                            &[&self.marker_channel],
+                        )
+                        .await
+                    {
+                        Ok(row) => {
+                            self.metrics.set_notification_queue_usage(row.get(0));
+                            marker_sent = Some(Instant::now());
+                        }
+                        // A snapshot too long for a NOTIFY payload (thousands of
+                        // open transactions): keep the previous marker.
+                        Err(e) if e.as_db_error().is_some() => warn!(error = %e, "marker not sent"),
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_announcement(&self, client: &Client, payload: &str) -> Result<(), ListenerError> {
+        let announcement: Announcement = match serde_json::from_str(payload) {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, payload = %payload.chars().take(200).collect::<String>(),
+                    "ignoring a notification on windflow_events that no trigger wrote");
+                return Ok(());
+            }
+        };
+        let Some(kind) = EventKind::parse(announcement.kind) else {
+            warn!(event_id = announcement.event_id, kind = announcement.kind, "ignoring an event of unknown type");
+            return Ok(());
+        };
+        let event = match announcement.data {
+            Some(data) => Event::new(
+                announcement.event_id,
+                kind,
+                announcement.deployment_id,
+                announcement.user_id,
+                announcement.organization_id,
+                data.get(),
+            ),
+            // Too large for a NOTIFY payload: read it from the event log.
+            None => match events::fetch(client, announcement.event_id).await? {
+                Some(event) => event,
+                None => {
+                    warn!(event_id = announcement.event_id, "announced event is not in the event log (pruned already?)");
+                    return Ok(());
+                }
+            },
+        };
+        self.hand_over(Feed::Event(event)).await
+    }
+
+    async fn hand_over(&self, feed: Feed) -> Result<(), ListenerError> {
+        self.feed.send(feed).await.map_err(|_| ListenerError::HubGone)
+    }
+}
+
+/// Up to a quarter of random slack, so instances that lost the database
+/// together do not come back in lockstep.
+fn jittered(delay: Duration) -> Duration {
+    let nanos = u64::from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos());
+    delay + delay.mul_f64((nanos % 1000) as f64 / 4000.0)
+}

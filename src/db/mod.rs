@@ -1,0 +1,121 @@
+//! PostgreSQL: the pool, migrations, and the queries on the event log.
+//! The dedicated LISTEN connection lives in [`listener`].
+
+pub mod events;
+pub mod listener;
+pub mod retention;
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::{Client, NoTls};
+use tracing::{info, warn};
+
+mod embedded {
+    refinery::embed_migrations!("sql");
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("DATABASE_URL: {0}")]
+    Url(tokio_postgres::Error),
+    #[error("cannot connect to PostgreSQL: {0}")]
+    Connect(tokio_postgres::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] refinery::Error),
+    #[error("database query failed: {0}")]
+    Query(#[from] tokio_postgres::Error),
+    #[error("database pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error(
+        "the database is a standby (pg_is_in_recovery() is true): LISTEN cannot work there; point DATABASE_URL at the primary"
+    )]
+    Standby,
+}
+
+pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, DbError> {
+    let mut config: tokio_postgres::Config = url.parse().map_err(DbError::Url)?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(5));
+    }
+    config.keepalives(true).keepalives_idle(Duration::from_secs(10));
+    Ok(config)
+}
+
+/// The pool for everything but LISTEN: permission checks, replays, pruning.
+pub fn pool(config: &tokio_postgres::Config) -> Pool {
+    let mut config = config.clone();
+    config.application_name("windflow-notify");
+    let manager =
+        Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    // Builds only fail without a runtime or with a zero size; neither applies.
+    Pool::builder(manager)
+        .max_size(16)
+        .wait_timeout(Some(Duration::from_secs(5)))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .unwrap_or_else(|e| unreachable!("pool configuration is static: {e}"))
+}
+
+/// Connect one client outside the pool, driving its connection on a task
+/// that ends when the client is dropped.
+pub async fn connect(config: &tokio_postgres::Config) -> Result<Client, DbError> {
+    let (client, connection) = config.connect(NoTls).await.map_err(DbError::Connect)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            warn!(error = %e, "database connection ended with an error");
+        }
+    });
+    Ok(client)
+}
+
+/// Apply pending migrations. An advisory lock keeps several instances that
+/// start together from racing on them.
+pub async fn migrate(config: &tokio_postgres::Config) -> Result<(), DbError> {
+    let mut client = connect(config).await?;
+    refuse_standby(&client).await?;
+    client.execute("SELECT pg_advisory_lock(7262018450731)", &[]).await?;
+    let report = embedded::migrations::runner().run_async(&mut client).await;
+    client.execute("SELECT pg_advisory_unlock(7262018450731)", &[]).await?;
+    let report = report?;
+    for migration in report.applied_migrations() {
+        info!(migration = %migration, "migration applied");
+    }
+    Ok(())
+}
+
+pub async fn refuse_standby(client: &Client) -> Result<(), DbError> {
+    let row = client.query_one("SELECT pg_is_in_recovery()", &[]).await?;
+    if row.get::<_, bool>(0) { Err(DbError::Standby) } else { Ok(()) }
+}
+
+/// Create the database named in `config` if it does not exist, connecting
+/// to the `postgres` database of the same server to do it.
+pub async fn create_database_if_missing(config: &tokio_postgres::Config) -> Result<bool, DbError> {
+    let name = config.get_dbname().unwrap_or("postgres").to_string();
+    let mut admin = config.clone();
+    admin.dbname("postgres");
+    let client = connect(&admin).await?;
+    let exists = client.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name]).await?.is_some();
+    if !exists {
+        client.batch_execute(&format!("CREATE DATABASE {}", quote_identifier(&name))).await?;
+        info!(database = %name, "database created");
+    }
+    Ok(!exists)
+}
+
+/// Quote an SQL identifier, doubling embedded quotes.
+pub fn quote_identifier(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_are_quoted() {
+        assert_eq!(quote_identifier("windflow"), "\"windflow\"");
+        assert_eq!(quote_identifier("a\"b"), "\"a\"\"b\"");
+    }
+}

@@ -1,0 +1,134 @@
+//! The events and their wire JSON.
+//!
+//! An event is built once, where it enters (the listener or a replay from
+//! the event log), with its message already serialized: every recipient
+//! shares the same bytes.
+
+use std::time::Instant;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+use uuid::Uuid;
+
+/// The event types of SPEC §2. A new type starts here and in the trigger
+/// that emits it (`sql/`); routing in `hub` keys on [`EventKind::topic_kind`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    StatusChanged,
+    LogsUpdate,
+    Progress,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::StatusChanged => "DEPLOYMENT_STATUS_CHANGED",
+            EventKind::LogsUpdate => "DEPLOYMENT_LOGS_UPDATE",
+            EventKind::Progress => "DEPLOYMENT_PROGRESS",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "DEPLOYMENT_STATUS_CHANGED" => Some(EventKind::StatusChanged),
+            "DEPLOYMENT_LOGS_UPDATE" => Some(EventKind::LogsUpdate),
+            "DEPLOYMENT_PROGRESS" => Some(EventKind::Progress),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Event {
+    /// The event log id; clients resume with it (`since`).
+    pub id: i64,
+    pub kind: EventKind,
+    pub deployment_id: Uuid,
+    /// The deployment's owner and organization when the event happened.
+    pub owner: Uuid,
+    pub organization_id: Option<Uuid>,
+    /// `{"type":…,"event_id":…,"data":…}`, serialized once.
+    pub frame: Utf8Bytes,
+    /// When this process first had the event, for the delivery latency metric.
+    pub received_at: Instant,
+}
+
+impl Event {
+    /// `data` is the JSON object exactly as the trigger stored it.
+    pub fn new(
+        id: i64,
+        kind: EventKind,
+        deployment_id: Uuid,
+        owner: Uuid,
+        organization_id: Option<Uuid>,
+        data: &str,
+    ) -> Event {
+        let kind_name = kind.as_str();
+        let mut frame = String::with_capacity(data.len() + kind_name.len() + 48);
+        frame.push_str(r#"{"type":""#);
+        frame.push_str(kind_name);
+        frame.push_str(r#"","event_id":"#);
+        frame.push_str(&id.to_string());
+        frame.push_str(r#","data":"#);
+        frame.push_str(data);
+        frame.push('}');
+        Event {
+            id,
+            kind,
+            deployment_id,
+            owner,
+            organization_id,
+            frame: Utf8Bytes::from(frame),
+            received_at: Instant::now(),
+        }
+    }
+}
+
+/// A NOTIFY payload on `windflow_events`, as `windflow_emit` writes it.
+/// `data` is absent when the event did not fit in 8000 bytes.
+#[derive(Debug, Deserialize)]
+pub struct Announcement<'a> {
+    pub event_id: i64,
+    #[serde(rename = "type")]
+    pub kind: &'a str,
+    pub deployment_id: Uuid,
+    pub user_id: Uuid,
+    pub organization_id: Option<Uuid>,
+    #[serde(borrow, default)]
+    pub data: Option<&'a RawValue>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_wraps_data_with_type_and_id() {
+        let event = Event::new(
+            42,
+            EventKind::Progress,
+            Uuid::nil(),
+            Uuid::nil(),
+            None,
+            r#"{"progress" : 75}"#,
+        );
+        let value: serde_json::Value = serde_json::from_str(event.frame.as_str()).unwrap();
+        assert_eq!(value["type"], "DEPLOYMENT_PROGRESS");
+        assert_eq!(value["event_id"], 42);
+        assert_eq!(value["data"]["progress"], 75);
+    }
+
+    #[test]
+    fn announcement_without_data_parses() {
+        let payload = format!(
+            r#"{{"event_id" : 7, "type" : "DEPLOYMENT_LOGS_UPDATE", "deployment_id" : "{}", "user_id" : "{}", "organization_id" : null}}"#,
+            Uuid::new_v4(),
+            Uuid::new_v4()
+        );
+        let announcement: Announcement = serde_json::from_str(&payload).unwrap();
+        assert_eq!(announcement.event_id, 7);
+        assert!(announcement.data.is_none());
+        assert_eq!(EventKind::parse(announcement.kind), Some(EventKind::LogsUpdate));
+    }
+}

@@ -1,0 +1,105 @@
+//! The accept loop and the plain HTTP endpoints: `/healthz`, `/metrics`.
+//! `/ws` is handed to [`crate::ws::upgrade`].
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode, header};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tracing::{debug, warn};
+
+use crate::app::App;
+use crate::ws;
+
+pub type Body = Full<Bytes>;
+
+pub fn response(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    if let Ok(value) = header::HeaderValue::from_str(content_type) {
+        response.headers_mut().insert(header::CONTENT_TYPE, value);
+    }
+    response
+}
+
+pub fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Body> {
+    response(status, "application/json", body.to_string())
+}
+
+/// Accept connections until shutdown. Each HTTP connection is a task on
+/// the app's tracker; on shutdown, idle ones are closed gracefully.
+pub async fn accept_loop(listener: TcpListener, app: Arc<App>) {
+    loop {
+        let (stream, remote) = tokio::select! {
+            _ = app.shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors, most often: wait instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let app = Arc::clone(&app);
+        let tasks = app.tasks.clone();
+        tasks.spawn(async move {
+            let shutdown = app.shutdown.clone();
+            let service = service_fn(move |request| route(request, Arc::clone(&app), remote));
+            let connection = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(connection);
+            let outcome = tokio::select! {
+                outcome = connection.as_mut() => outcome,
+                _ = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = outcome {
+                debug!(%remote, error = %e, "http connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn route(request: Request<Incoming>, app: Arc<App>, remote: SocketAddr) -> Result<Response<Body>, Infallible> {
+    let path = request.uri().path();
+    Ok(match (request.method(), path) {
+        (&Method::GET, "/ws") => ws::upgrade(request, app, remote),
+        (&Method::GET, "/healthz") => healthz(&app),
+        (&Method::GET, "/metrics") => {
+            response(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", app.metrics.render())
+        }
+        (_, "/ws" | "/healthz" | "/metrics") => {
+            json_response(StatusCode::METHOD_NOT_ALLOWED, serde_json::json!({"error": "method not allowed"}))
+        }
+        _ => json_response(StatusCode::NOT_FOUND, serde_json::json!({"error": "not found"})),
+    })
+}
+
+fn healthz(app: &App) -> Response<Body> {
+    let up = *app.listener_up.borrow();
+    let connections = app.metrics.connections.load(std::sync::atomic::Ordering::Relaxed);
+    if up {
+        json_response(StatusCode::OK, serde_json::json!({"status": "ok", "listener": "up", "connections": connections}))
+    } else {
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"status": "unavailable", "listener": "down", "connections": connections}),
+        )
+    }
+}

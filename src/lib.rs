@@ -1,0 +1,90 @@
+//! windflow-notify: PostgreSQL rows in, WebSocket messages out.
+//!
+//! # How an event travels
+//!
+//! 1. A writer changes `deployments` or `deployment_logs` (`sql/`). A
+//!    trigger records the event in `windflow_events` and NOTIFYs it on
+//!    `windflow_events` at commit.
+//! 2. [`db::listener`] holds the one LISTEN connection and turns each
+//!    notification into an [`event::Event`], whose wire message is
+//!    serialized there, once. After a lost connection it reads what it
+//!    missed from the event log.
+//! 3. [`hub`] decides who receives it: the owner's connections, and the
+//!    subscribers of its topics who may see it ([`auth::Viewer::can_see`]).
+//!    It keeps recent events in commit order for `since` resumes.
+//! 4. [`ws::session`] writes it to the client's socket; each client has its
+//!    own bounded queue, so a slow one never holds up the others.
+//!
+//! A new event type starts in the trigger (`sql/`) and [`event::EventKind`];
+//! a new topic in [`ws::protocol::Topic`] and the routing in [`hub`].
+
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod db;
+pub mod event;
+pub mod http;
+pub mod hub;
+pub mod metrics;
+pub mod ws;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::app::App;
+use crate::auth::Verifier;
+use crate::config::ServerArgs;
+use crate::db::DbError;
+use crate::db::listener::Listener;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+
+/// How long shutdown waits for the server's tasks, so the process exits
+/// within the 5 s SPEC §7 allows.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
+
+/// Migrate, then serve on `listener` until `shutdown` is cancelled.
+///
+/// Clients are accepted once the LISTEN connection is up, so the first
+/// resume already has a marker to replay against.
+pub async fn serve(
+    listener: TcpListener,
+    database: &tokio_postgres::Config,
+    settings: ServerArgs,
+    verifier: Verifier,
+    shutdown: CancellationToken,
+) -> Result<(), DbError> {
+    db::migrate(database).await?;
+    let metrics = Arc::new(Metrics::default());
+    let tasks = TaskTracker::new();
+    let (hub, hub_handle, feed) = Hub::new(Arc::clone(&metrics), settings.history_size);
+    let (up_tx, mut up) = watch::channel(false);
+    tasks.spawn(hub.run(shutdown.clone()));
+    tasks.spawn(Listener::new(database, feed, Arc::clone(&metrics), up_tx, shutdown.clone()).run());
+    let pool = db::pool(database);
+    tasks.spawn(db::retention::run(pool.clone(), settings.event_retention, shutdown.clone()));
+
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = up.wait_for(|up| *up) => {}
+    }
+    let app = App::new(settings, verifier, pool, hub_handle, metrics, up, shutdown.clone(), tasks.clone());
+    if !shutdown.is_cancelled() {
+        if let Ok(address) = listener.local_addr() {
+            info!(%address, "serving /ws, /healthz and /metrics");
+        }
+        http::accept_loop(listener, Arc::clone(&app)).await;
+    }
+    info!("shutting down: closing every client with 1001");
+    tasks.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait()).await.is_err() {
+        warn!(remaining = tasks.len(), "tasks still running at the end of the shutdown grace period");
+    }
+    Ok(())
+}

@@ -1,0 +1,161 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+use windflow_notify::auth::{self, TokenRequest, Verifier, Viewer};
+use windflow_notify::config::{DatabaseArgs, JwtArgs, ServerArgs};
+use windflow_notify::db;
+
+#[derive(Parser)]
+#[command(name = "windflow-notify", version, about = "Real-time WindFlow deployment events: PostgreSQL in, WebSocket out")]
+struct Cli {
+    /// Log filter (tracing's EnvFilter syntax), e.g. `info` or `windflow_notify=debug`.
+    #[arg(long, env = "RUST_LOG", value_name = "RUST_LOG", default_value = "info", global = true)]
+    rust_log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply pending migrations, then serve.
+    Serve {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[command(flatten)]
+        jwt: JwtArgs,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Apply pending migrations and exit.
+    Migrate {
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// Print a signed token, for testing.
+    Token(TokenArgs),
+}
+
+#[derive(clap::Args)]
+struct TokenArgs {
+    /// The user's UUID (the `sub` claim).
+    #[arg(long)]
+    sub: Uuid,
+    /// Sets `is_superuser: true`.
+    #[arg(long)]
+    superuser: bool,
+    /// The `organization_id` claim.
+    #[arg(long)]
+    org: Option<Uuid>,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 3600)]
+    ttl: u64,
+    /// PEM private key, for RS*, PS*, ES* and EdDSA.
+    #[arg(long)]
+    private_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    jwt: JwtArgs,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line that names the setting, not a page of usage.
+            let rendered = e.to_string();
+            let line = rendered.lines().find(|l| !l.trim().is_empty()).unwrap_or("invalid arguments");
+            eprintln!("{line}");
+            return ExitCode::from(2);
+        }
+    };
+    let filter = match tracing_subscriber::EnvFilter::try_new(&cli.rust_log) {
+        Ok(filter) => filter,
+        Err(e) => {
+            eprintln!("error: RUST_LOG: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve { database, jwt, server } => {
+            let database = db::parse_url(&database.database_url)?;
+            let verifier = Verifier::from_args(&jwt)?;
+            let listener = tokio::net::TcpListener::bind(server.bind)
+                .await
+                .with_context(|| format!("WINDFLOW_BIND: cannot listen on {}", server.bind))?;
+            let shutdown = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            windflow_notify::serve(listener, &database, server, verifier, shutdown).await?;
+            Ok(())
+        }
+        Command::Migrate { database } => {
+            db::migrate(&db::parse_url(&database.database_url)?).await?;
+            tracing::info!("migrations applied");
+            Ok(())
+        }
+        Command::Token(args) => {
+            let private_key = match &args.private_key_file {
+                Some(path) => Some(
+                    std::fs::read(path).with_context(|| format!("--private-key-file: cannot read {}", path.display()))?,
+                ),
+                None => None,
+            };
+            let request = TokenRequest {
+                viewer: Viewer { user_id: args.sub, organization_id: args.org, is_superuser: args.superuser },
+                ttl: Duration::from_secs(args.ttl),
+                audience: args.jwt.jwt_audience.clone(),
+                issuer: args.jwt.jwt_issuer.clone(),
+            };
+            let token = auth::sign(&request, args.jwt.jwt_algorithm, args.jwt.jwt_secret_key.as_deref(), private_key.as_deref())?;
+            println!("{token}");
+            Ok(())
+        }
+    }
+}
+
+/// SIGTERM or SIGINT: cancel `shutdown`.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => tracing::info!("SIGINT received"),
+        _ = terminate => tracing::info!("SIGTERM received"),
+        _ = shutdown.cancelled() => {}
+    }
+    shutdown.cancel();
+}

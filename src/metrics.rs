@@ -1,0 +1,121 @@
+//! Prometheus metrics, kept in atomics and rendered as text on `/metrics`.
+//! Every metric exists from start, at zero until it happens.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Upper bounds of the delivery latency buckets, in seconds.
+const LATENCY_BUCKETS: [f64; 14] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub connections: AtomicI64,
+    pub subscriptions: AtomicI64,
+    pub events_total: AtomicU64,
+    pub messages_sent_total: AtomicU64,
+    pub listener_up: AtomicI64,
+    pub listener_reconnects_total: AtomicU64,
+    pub slow_consumer_disconnects_total: AtomicU64,
+    pub notification_queue_usage: AtomicU64, // f64 bits
+    latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    latency_count: AtomicU64,
+    latency_sum_nanos: AtomicU64,
+}
+
+impl Metrics {
+    /// Time from the notification reaching this process to the message
+    /// being written to a client's socket.
+    pub fn observe_delivery(&self, latency: Duration) {
+        let seconds = latency.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|bound| seconds <= *bound) {
+            self.latency_buckets[i].fetch_add(1, Relaxed);
+        }
+        self.latency_count.fetch_add(1, Relaxed);
+        self.latency_sum_nanos.fetch_add(latency.as_nanos() as u64, Relaxed);
+    }
+
+    pub fn set_notification_queue_usage(&self, usage: f64) {
+        self.notification_queue_usage.store(usage.to_bits(), Relaxed);
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(2048);
+        let mut metric = |name: &str, kind: &str, help: &str, value: String| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        };
+        metric("windflow_connections", "gauge", "Open WebSocket connections.", self.connections.load(Relaxed).to_string());
+        metric("windflow_subscriptions", "gauge", "Topic subscriptions over all connections.", self.subscriptions.load(Relaxed).to_string());
+        metric("windflow_events_total", "counter", "Events received from PostgreSQL.", self.events_total.load(Relaxed).to_string());
+        metric("windflow_messages_sent_total", "counter", "Event messages written to clients.", self.messages_sent_total.load(Relaxed).to_string());
+        metric("windflow_listener_up", "gauge", "1 while the LISTEN connection is up.", self.listener_up.load(Relaxed).to_string());
+        metric(
+            "windflow_listener_reconnects_total",
+            "counter",
+            "Times the LISTEN connection was re-established.",
+            self.listener_reconnects_total.load(Relaxed).to_string(),
+        );
+        metric(
+            "windflow_slow_consumer_disconnects_total",
+            "counter",
+            "Clients closed with 1013 because their queue filled.",
+            self.slow_consumer_disconnects_total.load(Relaxed).to_string(),
+        );
+        metric(
+            "windflow_notification_queue_usage",
+            "gauge",
+            "pg_notification_queue_usage() as last sampled (0 to 1).",
+            f64::from_bits(self.notification_queue_usage.load(Relaxed)).to_string(),
+        );
+        let name = "windflow_delivery_latency_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} From notification received to message written to the client.\n# TYPE {name} histogram"
+        );
+        let mut cumulative = 0;
+        for (bound, count) in LATENCY_BUCKETS.iter().zip(&self.latency_buckets) {
+            cumulative += count.load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let count = self.latency_count.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum {}", self.latency_sum_nanos.load(Relaxed) as f64 / 1e9);
+        let _ = writeln!(out, "{name}_count {count}");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let metrics = Metrics::default();
+        metrics.observe_delivery(Duration::from_micros(50));
+        metrics.observe_delivery(Duration::from_millis(3));
+        let text = metrics.render();
+        assert!(text.contains("windflow_delivery_latency_seconds_bucket{le=\"0.0001\"} 1\n"));
+        assert!(text.contains("windflow_delivery_latency_seconds_bucket{le=\"0.005\"} 2\n"));
+        assert!(text.contains("windflow_delivery_latency_seconds_bucket{le=\"+Inf\"} 2\n"));
+        assert!(text.contains("windflow_delivery_latency_seconds_count 2\n"));
+    }
+
+    #[test]
+    fn every_metric_is_exposed_at_zero() {
+        let text = Metrics::default().render();
+        for name in [
+            "windflow_connections 0",
+            "windflow_subscriptions 0",
+            "windflow_events_total 0",
+            "windflow_messages_sent_total 0",
+            "windflow_listener_up 0",
+            "windflow_listener_reconnects_total 0",
+            "windflow_slow_consumer_disconnects_total 0",
+            "windflow_delivery_latency_seconds_count 0",
+        ] {
+            assert!(text.contains(name), "{name} missing");
+        }
+    }
+}
