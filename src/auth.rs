@@ -119,9 +119,13 @@ impl Verifier {
                 .jwt_public_key_file
                 .as_ref()
                 .ok_or_else(|| key_error("JWT_PUBLIC_KEY_FILE", format!("is required for {algorithm:?}")))?;
-            let pem = fs::read(path).map_err(|e| key_error("JWT_PUBLIC_KEY_FILE", format!("{}: {e}", path.display())))?;
+            let pem =
+                fs::read(path).map_err(|e| key_error("JWT_PUBLIC_KEY_FILE", format!("{}: {e}", path.display())))?;
             pem_decoding_key(algorithm, &pem).map_err(|e| {
-                key_error("JWT_PUBLIC_KEY_FILE", format!("{}: not a {algorithm:?} public key in PEM: {e}", path.display()))
+                key_error(
+                    "JWT_PUBLIC_KEY_FILE",
+                    format!("{}: not a {algorithm:?} public key in PEM: {e}", path.display()),
+                )
             })?
         };
         let mut validation = Validation::new(algorithm);
@@ -147,16 +151,20 @@ impl Verifier {
     }
 
     pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
-        let data = jsonwebtoken::decode::<WireClaims>(token.trim(), &self.key, &self.validation).map_err(|e| match e.kind() {
-            ErrorKind::ExpiredSignature => AuthError::Expired,
-            _ => AuthError::Invalid(e.to_string()),
-        })?;
+        let data =
+            jsonwebtoken::decode::<WireClaims>(token.trim(), &self.key, &self.validation).map_err(|e| {
+                match e.kind() {
+                    ErrorKind::ExpiredSignature => AuthError::Expired,
+                    _ => AuthError::Invalid(e.to_string()),
+                }
+            })?;
         let claims = data.claims;
         if claims.exp <= unix_now() {
             return Err(AuthError::Expired);
         }
         let user_id = parse_uuid_claim("sub", &claims.sub)?;
-        let organization_id = claims.organization_id.as_deref().map(|org| parse_uuid_claim("organization_id", org)).transpose()?;
+        let organization_id =
+            claims.organization_id.as_deref().map(|org| parse_uuid_claim("organization_id", org)).transpose()?;
         Ok(Claims {
             viewer: Viewer { user_id, organization_id, is_superuser: claims.is_superuser.unwrap_or(false) },
             expires_at: claims.exp,

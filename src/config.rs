@@ -37,12 +37,7 @@ pub struct JwtArgs {
     )]
     pub jwt_algorithm: Algorithm,
     /// Shared secret for HS* algorithms, used as its raw UTF-8 bytes.
-    #[arg(
-        long,
-        env = "JWT_SECRET_KEY",
-        value_name = "JWT_SECRET_KEY",
-        hide_env_values = true
-    )]
+    #[arg(long, env = "JWT_SECRET_KEY", value_name = "JWT_SECRET_KEY", hide_env_values = true)]
     pub jwt_secret_key: Option<String>,
     /// PEM public key for RS*, PS*, ES* and EdDSA.
     #[arg(long, env = "JWT_PUBLIC_KEY_FILE", value_name = "JWT_PUBLIC_KEY_FILE")]
@@ -135,13 +130,14 @@ impl ServerArgs {
 }
 
 fn parse_algorithm(value: &str) -> Result<Algorithm, String> {
-    value
-        .parse::<Algorithm>()
-        .map_err(|_| "expected one of HS256, HS384, HS512, RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA".to_string())
+    value.parse::<Algorithm>().map_err(|_| {
+        "expected one of HS256, HS384, HS512, RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA".to_string()
+    })
 }
 
 pub fn parse_duration(value: &str) -> Result<Duration, String> {
-    let duration = humantime::parse_duration(value).map_err(|e| format!("{e} (expected a duration like 500ms, 30s or 24h)"))?;
+    let duration =
+        humantime::parse_duration(value).map_err(|e| format!("{e} (expected a duration like 500ms, 30s or 24h)"))?;
     if duration.is_zero() {
         return Err("must be longer than zero".into());
     }

@@ -105,14 +105,7 @@ mod tests {
 
     #[test]
     fn frame_wraps_data_with_type_and_id() {
-        let event = Event::new(
-            42,
-            EventKind::Progress,
-            Uuid::nil(),
-            Uuid::nil(),
-            None,
-            r#"{"progress" : 75}"#,
-        );
+        let event = Event::new(42, EventKind::Progress, Uuid::nil(), Uuid::nil(), None, r#"{"progress" : 75}"#);
         let value: serde_json::Value = serde_json::from_str(event.frame.as_str()).unwrap();
         assert_eq!(value["type"], "DEPLOYMENT_PROGRESS");
         assert_eq!(value["event_id"], 42);

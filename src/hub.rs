@@ -40,12 +40,29 @@ pub enum Feed {
 #[derive(Debug)]
 pub enum Command {
     /// An authenticated connection: from now on it receives its owner feed.
-    Register { conn: ConnId, viewer: Viewer, outbound: mpsc::Sender<Outbound>, kicked: CancellationToken },
+    Register {
+        conn: ConnId,
+        viewer: Viewer,
+        outbound: mpsc::Sender<Outbound>,
+        kicked: CancellationToken,
+    },
     /// A re-authentication changed the viewer's organization or role.
-    UpdateViewer { conn: ConnId, viewer: Viewer },
-    Subscribe { conn: ConnId, topic: Topic, since: Option<i64> },
-    Unsubscribe { conn: ConnId, topic: Topic },
-    Unregister { conn: ConnId },
+    UpdateViewer {
+        conn: ConnId,
+        viewer: Viewer,
+    },
+    Subscribe {
+        conn: ConnId,
+        topic: Topic,
+        since: Option<i64>,
+    },
+    Unsubscribe {
+        conn: ConnId,
+        topic: Topic,
+    },
+    Unregister {
+        conn: ConnId,
+    },
 }
 
 /// What a session's queue carries. Replies to (un)subscribe travel in the
@@ -286,10 +303,7 @@ impl Hub {
             Some(seq) => (seq + 1, None),
             // Newer than anything this process has seen: nothing to replay.
             None if self.max_event_id > 0 && since > self.max_event_id => (self.history.next_seq(), None),
-            None => (
-                0,
-                Some(LogReplay { since, snapshot: self.last_marker.clone(), skip: HashSet::new() }),
-            ),
+            None => (0, Some(LogReplay { since, snapshot: self.last_marker.clone(), skip: HashSet::new() })),
         };
         let mut recent = Vec::new();
         for (seq, event) in self.history.from(start_seq) {
@@ -457,9 +471,7 @@ mod tests {
             while let Ok(message) = self.rx.try_recv() {
                 match message {
                     Outbound::Event(e) => ids.push(e.id),
-                    Outbound::Subscribed { replay: Some(replay), .. } => {
-                        ids.extend(replay.recent.iter().map(|e| e.id))
-                    }
+                    Outbound::Subscribed { replay: Some(replay), .. } => ids.extend(replay.recent.iter().map(|e| e.id)),
                     _ => {}
                 }
             }

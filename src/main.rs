@@ -11,7 +11,11 @@ use windflow_notify::config::{DatabaseArgs, JwtArgs, ServerArgs};
 use windflow_notify::db;
 
 #[derive(Parser)]
-#[command(name = "windflow-notify", version, about = "Real-time WindFlow deployment events: PostgreSQL in, WebSocket out")]
+#[command(
+    name = "windflow-notify",
+    version,
+    about = "Real-time WindFlow deployment events: PostgreSQL in, WebSocket out"
+)]
 struct Cli {
     /// Log filter (tracing's EnvFilter syntax), e.g. `info` or `windflow_notify=debug`.
     #[arg(long, env = "RUST_LOG", value_name = "RUST_LOG", default_value = "info", global = true)]
@@ -121,7 +125,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Token(args) => {
             let private_key = match &args.private_key_file {
                 Some(path) => Some(
-                    std::fs::read(path).with_context(|| format!("--private-key-file: cannot read {}", path.display()))?,
+                    std::fs::read(path)
+                        .with_context(|| format!("--private-key-file: cannot read {}", path.display()))?,
                 ),
                 None => None,
             };
@@ -131,7 +136,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 audience: args.jwt.jwt_audience.clone(),
                 issuer: args.jwt.jwt_issuer.clone(),
             };
-            let token = auth::sign(&request, args.jwt.jwt_algorithm, args.jwt.jwt_secret_key.as_deref(), private_key.as_deref())?;
+            let token = auth::sign(
+                &request,
+                args.jwt.jwt_algorithm,
+                args.jwt.jwt_secret_key.as_deref(),
+                private_key.as_deref(),
+            )?;
             println!("{token}");
             Ok(())
         }

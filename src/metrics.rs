@@ -45,11 +45,36 @@ impl Metrics {
         let mut metric = |name: &str, kind: &str, help: &str, value: String| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
         };
-        metric("windflow_connections", "gauge", "Open WebSocket connections.", self.connections.load(Relaxed).to_string());
-        metric("windflow_subscriptions", "gauge", "Topic subscriptions over all connections.", self.subscriptions.load(Relaxed).to_string());
-        metric("windflow_events_total", "counter", "Events received from PostgreSQL.", self.events_total.load(Relaxed).to_string());
-        metric("windflow_messages_sent_total", "counter", "Event messages written to clients.", self.messages_sent_total.load(Relaxed).to_string());
-        metric("windflow_listener_up", "gauge", "1 while the LISTEN connection is up.", self.listener_up.load(Relaxed).to_string());
+        metric(
+            "windflow_connections",
+            "gauge",
+            "Open WebSocket connections.",
+            self.connections.load(Relaxed).to_string(),
+        );
+        metric(
+            "windflow_subscriptions",
+            "gauge",
+            "Topic subscriptions over all connections.",
+            self.subscriptions.load(Relaxed).to_string(),
+        );
+        metric(
+            "windflow_events_total",
+            "counter",
+            "Events received from PostgreSQL.",
+            self.events_total.load(Relaxed).to_string(),
+        );
+        metric(
+            "windflow_messages_sent_total",
+            "counter",
+            "Event messages written to clients.",
+            self.messages_sent_total.load(Relaxed).to_string(),
+        );
+        metric(
+            "windflow_listener_up",
+            "gauge",
+            "1 while the LISTEN connection is up.",
+            self.listener_up.load(Relaxed).to_string(),
+        );
         metric(
             "windflow_listener_reconnects_total",
             "counter",

@@ -236,7 +236,10 @@ impl Listener {
             None => match events::fetch(client, announcement.event_id).await? {
                 Some(event) => event,
                 None => {
-                    warn!(event_id = announcement.event_id, "announced event is not in the event log (pruned already?)");
+                    warn!(
+                        event_id = announcement.event_id,
+                        "announced event is not in the event log (pruned already?)"
+                    );
                     return Ok(());
                 }
             },
@@ -252,6 +255,8 @@ impl Listener {
 /// Up to a quarter of random slack, so instances that lost the database
 /// together do not come back in lockstep.
 fn jittered(delay: Duration) -> Duration {
-    let nanos = u64::from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos());
+    let nanos = u64::from(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos(),
+    );
     delay + delay.mul_f64((nanos % 1000) as f64 / 4000.0)
 }

@@ -46,8 +46,7 @@ pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, DbError> {
 pub fn pool(config: &tokio_postgres::Config) -> Pool {
     let mut config = config.clone();
     config.application_name("windflow-notify");
-    let manager =
-        Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
     // Builds only fail without a runtime or with a zero size; neither applies.
     Pool::builder(manager)
         .max_size(16)

@@ -75,11 +75,18 @@ impl fmt::Display for Topic {
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum ClientMessage {
-    Auth { token: String },
+    Auth {
+        token: String,
+    },
     /// `topic` is the name as sent; it is parsed by the session so that an
     /// invalid topic gets `invalid_topic` rather than `bad_request`.
-    Subscribe { topic: String, since: Option<i64> },
-    Unsubscribe { topic: String },
+    Subscribe {
+        topic: String,
+        since: Option<i64>,
+    },
+    Unsubscribe {
+        topic: String,
+    },
     Ping,
 }
 
@@ -109,7 +116,9 @@ impl ClientMessage {
                         None | Some(Value::Null) => None,
                         Some(v) => match v.as_i64() {
                             Some(n) if n >= 0 => Some(n),
-                            _ => return Err(BadRequest("field `since` must be a non-negative integer event id".into())),
+                            _ => {
+                                return Err(BadRequest("field `since` must be a non-negative integer event id".into()));
+                            }
                         },
                     };
                     Ok(ClientMessage::Subscribe { topic: string_field("topic")?, since })

@@ -214,7 +214,8 @@ impl Session {
                     self.ws.feed(frame).await?;
                 }
             }
-            let frame = CloseFrame { code: CloseCode::Again, reason: "slow consumer: queue full; resume with since".into() };
+            let frame =
+                CloseFrame { code: CloseCode::Again, reason: "slow consumer: queue full; resume with since".into() };
             self.ws.close(Some(frame)).await
         };
         match tokio::time::timeout(SLOW_CLOSE_TIMEOUT, drain).await {
@@ -301,7 +302,9 @@ impl Session {
                 return self.error(ErrorCode::Forbidden, "a fresh token must be for the same user (sub)", None).await;
             }
             Some(current) => {
-                if current.viewer != viewer && !self.app.hub.send(Command::UpdateViewer { conn: self.conn, viewer }).await {
+                if current.viewer != viewer
+                    && !self.app.hub.send(Command::UpdateViewer { conn: self.conn, viewer }).await
+                {
                     return Err(Interrupted::Shutdown);
                 }
             }
@@ -344,11 +347,15 @@ impl Session {
                 Ok(Some((owner, org))) if claims.viewer.can_see(owner, org) => {}
                 Ok(_) => {
                     info!(conn = self.conn, user_id = %claims.viewer.user_id, deployment_id = %deployment, "subscription refused");
-                    return self.error(ErrorCode::Forbidden, "no such deployment, or not yours to see", Some(&topic_name)).await;
+                    return self
+                        .error(ErrorCode::Forbidden, "no such deployment, or not yours to see", Some(&topic_name))
+                        .await;
                 }
                 Err(e) => {
                     warn!(conn = self.conn, error = %e, "permission check failed");
-                    return self.error(ErrorCode::Unavailable, "cannot check permission now; try again", Some(&topic_name)).await;
+                    return self
+                        .error(ErrorCode::Unavailable, "cannot check permission now; try again", Some(&topic_name))
+                        .await;
                 }
             }
         }
@@ -407,11 +414,8 @@ impl Session {
         if events.is_empty() && after.is_none() {
             return Ok(());
         }
-        let frames: Vec<Message> = events
-            .iter()
-            .map(|e| Message::Text(e.frame.clone()))
-            .chain(after.map(text))
-            .collect();
+        let frames: Vec<Message> =
+            events.iter().map(|e| Message::Text(e.frame.clone())).chain(after.map(text)).collect();
         self.write(frames).await?;
         let metrics = &self.app.metrics;
         metrics.messages_sent_total.fetch_add(events.len() as u64, Relaxed);

@@ -1,0 +1,356 @@
+//! Test harness: a real server on port 0 against a fresh PostgreSQL
+//! database per test (created, migrated, dropped), and a WebSocket client
+//! that waits on messages with a timeout. Set TEST_LOG=1 to see the
+//! server's logs.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Once;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+use windflow_notify::auth::{self, TokenRequest, Verifier, Viewer};
+use windflow_notify::config::{JwtArgs, ServerArgs};
+
+pub const SECRET: &str = "test-secret";
+/// How long a test waits for something that should happen.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+pub fn admin_url() -> String {
+    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+fn init_logging() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+            tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().init();
+        }
+    });
+}
+
+pub async fn admin_client() -> tokio_postgres::Client {
+    let (client, connection) =
+        tokio_postgres::connect(&admin_url(), tokio_postgres::NoTls).await.expect("PostgreSQL must be running");
+    tokio::spawn(connection);
+    client
+}
+
+/// A fresh, empty database; dropped when the value is.
+pub struct TestDatabase {
+    pub name: String,
+    pub config: tokio_postgres::Config,
+}
+
+impl TestDatabase {
+    pub async fn create() -> TestDatabase {
+        let name = format!("wf_test_{}", Uuid::new_v4().simple());
+        admin_client().await.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create test database");
+        let mut config: tokio_postgres::Config = admin_url().parse().expect("TEST_DATABASE_URL");
+        config.dbname(&name);
+        TestDatabase { name, config }
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let (client, connection) = self.config.connect(tokio_postgres::NoTls).await.expect("connect to test database");
+        tokio::spawn(connection);
+        client
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs outside async context; use a thread with its own runtime.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            runtime.block_on(async {
+                if let Ok((client, connection)) = tokio_postgres::connect(&admin_url(), tokio_postgres::NoTls).await {
+                    tokio::spawn(connection);
+                    let _ = client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+pub fn jwt_args() -> JwtArgs {
+    JwtArgs {
+        jwt_algorithm: jsonwebtoken::Algorithm::HS256,
+        jwt_secret_key: Some(SECRET.into()),
+        jwt_public_key_file: None,
+        jwt_audience: None,
+        jwt_issuer: None,
+    }
+}
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub handle: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// Start a server on port 0; returns once it accepts clients (which it
+    /// does only when its listener is up).
+    pub async fn start(database: &TestDatabase, configure: impl FnOnce(&mut ServerArgs)) -> TestServer {
+        Self::start_with_jwt(database, jwt_args(), configure).await
+    }
+
+    pub async fn start_with_jwt(
+        database: &TestDatabase,
+        jwt: JwtArgs,
+        configure: impl FnOnce(&mut ServerArgs),
+    ) -> TestServer {
+        init_logging();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
+        let addr = listener.local_addr().expect("local addr");
+        let mut settings = ServerArgs::with_bind(addr);
+        configure(&mut settings);
+        let verifier = Verifier::from_args(&jwt).expect("verifier");
+        let shutdown = CancellationToken::new();
+        let config = database.config.clone();
+        let token = shutdown.clone();
+        let handle = tokio::spawn(async move {
+            windflow_notify::serve(listener, &config, settings, verifier, token).await.expect("server failed");
+        });
+        let server = TestServer { addr, shutdown, handle: Some(handle) };
+        let (status, body) = server.get("/healthz").await;
+        assert_eq!(status, 200, "healthz: {body}");
+        server
+    }
+
+    pub async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(handle) = self.handle.take() {
+            tokio::time::timeout(WAIT, handle).await.expect("server stops in time").expect("server task");
+        }
+    }
+
+    /// A plain HTTP/1.1 GET; returns status and body.
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.addr, path, &[]).await
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    /// Connect with a token in the Authorization header and read the
+    /// `authenticated` reply.
+    pub async fn connect(&self, token: &str) -> Client {
+        let mut request = self.ws_url().into_client_request().expect("request");
+        request.headers_mut().insert("authorization", format!("Bearer {token}").parse().expect("header"));
+        let mut client = Client::connect(request).await.expect("upgrade accepted");
+        client.recv_type("authenticated").await;
+        client
+    }
+
+    pub async fn connect_anonymous(&self) -> Client {
+        Client::connect(self.ws_url().into_client_request().expect("request")).await.expect("upgrade accepted")
+    }
+
+    pub async fn connect_as(&self, viewer: Viewer) -> Client {
+        self.connect(&token(viewer)).await
+    }
+
+    pub async fn metric(&self, name: &str) -> f64 {
+        let (_, body) = self.get("/metrics").await;
+        body.lines()
+            .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+            .unwrap_or_else(|| panic!("metric {name} missing"))
+            .parse()
+            .expect("metric value")
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub async fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write request");
+    let mut response = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut response)).await.expect("response in time").expect("read");
+    let response = String::from_utf8_lossy(&response).to_string();
+    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status line");
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+pub fn user() -> Viewer {
+    Viewer { user_id: Uuid::new_v4(), organization_id: None, is_superuser: false }
+}
+
+pub fn member_of(org: Uuid) -> Viewer {
+    Viewer { organization_id: Some(org), ..user() }
+}
+
+pub fn superuser() -> Viewer {
+    Viewer { is_superuser: true, ..user() }
+}
+
+pub fn token(viewer: Viewer) -> String {
+    token_for(viewer, Duration::from_secs(3600))
+}
+
+pub fn token_for(viewer: Viewer, ttl: Duration) -> String {
+    let request = TokenRequest { viewer, ttl, audience: None, issuer: None };
+    auth::sign(&request, jsonwebtoken::Algorithm::HS256, Some(SECRET), None).expect("sign")
+}
+
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl Client {
+    pub async fn connect(request: tungstenite::handshake::client::Request) -> Result<Client, tungstenite::Error> {
+        let (ws, _) = tokio_tungstenite::connect_async(request).await?;
+        Ok(Client { ws })
+    }
+
+    pub async fn send(&mut self, value: Value) {
+        self.ws.send(Message::Text(value.to_string().into())).await.expect("send");
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::Text(text.into())).await.expect("send");
+    }
+
+    pub async fn subscribe(&mut self, topic: &str) {
+        self.send(json!({"type": "subscribe", "topic": topic})).await;
+        let reply = self.recv_type("subscribed").await;
+        assert_eq!(reply["data"]["topic"], topic.to_lowercase());
+    }
+
+    /// The next JSON message (pings and pongs are skipped).
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            let frame = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .unwrap_or_else(|_| panic!("no message within {WAIT:?}"));
+            match frame {
+                Some(Ok(Message::Text(text))) => return serde_json::from_str(text.as_str()).expect("JSON message"),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => panic!("expected a text message, got {other:?}"),
+            }
+        }
+    }
+
+    /// The next message, which must be of `kind`.
+    pub async fn recv_type(&mut self, kind: &str) -> Value {
+        let message = self.recv().await;
+        assert_eq!(message["type"], kind, "unexpected message: {message}");
+        message
+    }
+
+    /// The next message, which must be an event; returns (type, event_id, data).
+    pub async fn recv_event(&mut self) -> (String, i64, Value) {
+        let message = self.recv().await;
+        let id = message["event_id"].as_i64().unwrap_or_else(|| panic!("not an event: {message}"));
+        (message["type"].as_str().unwrap_or_default().to_string(), id, message["data"].clone())
+    }
+
+    /// Read until the server closes; returns the close frame.
+    pub async fn closed(&mut self) -> Option<CloseFrame> {
+        loop {
+            let frame = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .unwrap_or_else(|_| panic!("not closed within {WAIT:?}"));
+            match frame {
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+
+    pub async fn close_code(&mut self) -> u16 {
+        self.closed().await.map(|f| u16::from(f.code)).expect("a close frame")
+    }
+}
+
+/// Writes as a backend writer would: plain SQL.
+pub struct Writer {
+    pub db: tokio_postgres::Client,
+}
+
+impl Writer {
+    pub async fn new(database: &TestDatabase) -> Writer {
+        Writer { db: database.client().await }
+    }
+
+    pub async fn create_deployment(&self, owner: Uuid, org: Option<Uuid>) -> Uuid {
+        self.db
+            .query_one(
+                "INSERT INTO deployments (user_id, organization_id, name) VALUES ($1, $2, 'app') RETURNING id",
+                &[&owner, &org],
+            )
+            .await
+            .expect("insert deployment")
+            .get(0)
+    }
+
+    pub async fn execute(&self, sql: &str) {
+        self.db.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    pub async fn log(&self, deployment: Uuid, message: &str) {
+        self.db
+            .execute("INSERT INTO deployment_logs (deployment_id, message) VALUES ($1, $2)", &[&deployment, &message])
+            .await
+            .expect("insert log");
+    }
+
+    pub async fn set_status(&self, deployment: Uuid, status: &str) {
+        self.db
+            .execute("UPDATE deployments SET status = $2 WHERE id = $1", &[&deployment, &status])
+            .await
+            .expect("update status");
+    }
+
+    pub async fn set_progress(&self, deployment: Uuid, progress: i32) {
+        self.db
+            .execute("UPDATE deployments SET progress = $2 WHERE id = $1", &[&deployment, &progress])
+            .await
+            .expect("update progress");
+    }
+}
+
+/// One database, one server, one writer: what most tests need.
+pub struct TestApp {
+    pub server: TestServer,
+    pub writer: Writer,
+    pub database: TestDatabase,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+pub async fn spawn_app_with(configure: impl FnOnce(&mut ServerArgs)) -> TestApp {
+    let database = TestDatabase::create().await;
+    let server = TestServer::start(&database, configure).await;
+    let writer = Writer::new(&database).await;
+    TestApp { server, writer, database }
+}
