@@ -84,11 +84,27 @@ async fn route(request: Request<Incoming>, app: Arc<App>, remote: SocketAddr) ->
         (&Method::GET, "/metrics") => {
             response(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", app.metrics.render())
         }
+        (&Method::GET, "/" | "/index.html" | "/client.js" | "/dashboard.js" | "/dashboard.css") => asset(path),
         (_, "/ws" | "/healthz" | "/metrics") => {
             json_response(StatusCode::METHOD_NOT_ALLOWED, serde_json::json!({"error": "method not allowed"}))
         }
         _ => json_response(StatusCode::NOT_FOUND, serde_json::json!({"error": "not found"})),
     })
+}
+
+/// The dashboard and the browser client, embedded in the binary: no build
+/// step, no CDN, nothing to deploy beside it.
+fn asset(path: &str) -> Response<Body> {
+    let (content_type, body): (&str, &'static [u8]) = match path {
+        "/client.js" => ("text/javascript; charset=utf-8", include_bytes!("../assets/client.js")),
+        "/dashboard.js" => ("text/javascript; charset=utf-8", include_bytes!("../assets/dashboard.js")),
+        "/dashboard.css" => ("text/css; charset=utf-8", include_bytes!("../assets/dashboard.css")),
+        _ => ("text/html; charset=utf-8", include_bytes!("../assets/index.html")),
+    };
+    let mut response = response(StatusCode::OK, content_type, Bytes::from_static(body));
+    // The files change with the binary; never serve a stale client.
+    response.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-cache"));
+    response
 }
 
 fn healthz(app: &App) -> Response<Body> {

@@ -22,10 +22,12 @@ pub mod app;
 pub mod auth;
 pub mod config;
 pub mod db;
+pub mod demo;
 pub mod event;
 pub mod http;
 pub mod hub;
 pub mod metrics;
+pub mod tail;
 pub mod ws;
 
 use std::sync::Arc;

@@ -42,6 +42,17 @@ enum Command {
     },
     /// Print a signed token, for testing.
     Token(TokenArgs),
+    /// Print each message of a topic as one JSON line; reconnects and resumes by itself.
+    Tail(windflow_notify::tail::TailArgs),
+    /// Create the database if missing, serve, and simulate deployments: a first look.
+    Demo {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[command(flatten)]
+        jwt: JwtArgs,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
 }
 
 #[derive(clap::Args)]
@@ -143,6 +154,19 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 private_key.as_deref(),
             )?;
             println!("{token}");
+            Ok(())
+        }
+        Command::Tail(args) => {
+            let shutdown = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            windflow_notify::tail::run(args, shutdown).await?;
+            Ok(())
+        }
+        Command::Demo { database, jwt, server } => {
+            let database = db::parse_url(&database.database_url)?;
+            let shutdown = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            windflow_notify::demo::run(database, jwt, server, shutdown).await?;
             Ok(())
         }
     }

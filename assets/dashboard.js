@@ -1,0 +1,184 @@
+// The live dashboard served at `/`. It knows deployments only from events:
+// on load it subscribes to `deployment_events` with `since: 0`, which
+// replays what the server's event log holds, then follows live. The log
+// pane follows the selected deployment's `deployment_logs_{id}` topic.
+import { WindflowClient } from '/client.js'
+
+const MAX_LOG_LINES = 2000
+const STATUS_TEXT = {
+  open: 'live',
+  connecting: 'connecting…',
+  reconnecting: 'reconnecting…',
+  unauthorized: 'token refused',
+  closed: 'not connected',
+}
+
+const $ = (id) => document.getElementById(id)
+/** deployment id -> { id, name, status, userId, progress, step, totalSteps, error, logs: [] } */
+const deployments = new Map()
+let selected = null
+let client = null
+
+function takeToken() {
+  const params = new URLSearchParams(location.search)
+  const fromUrl = params.get('token')
+  if (fromUrl) {
+    // Keep it for reloads of this tab, but out of the address bar and history.
+    sessionStorage.setItem('windflow-token', fromUrl)
+    params.delete('token')
+    const query = params.toString()
+    history.replaceState(null, '', location.pathname + (query ? `?${query}` : '') + location.hash)
+    return fromUrl
+  }
+  return sessionStorage.getItem('windflow-token')
+}
+
+function start(token) {
+  client?.close()
+  $('token-form').hidden = true
+  const scheme = location.protocol === 'https:' ? 'wss' : 'ws'
+  client = new WindflowClient({ url: `${scheme}://${location.host}/ws`, token })
+  client.on('state', showState)
+  client.on('authenticated', (data) => {
+    sessionStorage.setItem('windflow-token', token)
+    $('who').textContent = `user ${data.user_id}`
+  })
+  client.on('close', ({ code }) => {
+    if (code === 1008) askForToken('The server refused this token (invalid or expired). Paste a fresh one.')
+  })
+  client.on('resync', ({ topic }) => notice(`Some older events of ${topic} were pruned from the event log; showing what it still holds.`))
+  client.on('error', (error) => notice(`${error.code}: ${error.message}`))
+  client.on('DEPLOYMENT_STATUS_CHANGED', (data) => {
+    const deployment = upsert(data.deployment_id)
+    deployment.name = data.name
+    deployment.status = data.status
+    deployment.userId = data.user_id
+    deployment.error = data.error_message
+    if (data.status === 'pending') deployment.progress = 0
+    render(deployment)
+  })
+  client.on('DEPLOYMENT_PROGRESS', (data) => {
+    const deployment = upsert(data.deployment_id)
+    deployment.progress = data.progress
+    deployment.step = data.current_step
+    deployment.totalSteps = data.total_steps
+    render(deployment)
+  })
+  client.on('DEPLOYMENT_LOGS_UPDATE', (data) => {
+    const deployment = upsert(data.deployment_id)
+    const line = { time: data.timestamp, text: data.logs }
+    deployment.logs.push(line)
+    if (deployment.logs.length > MAX_LOG_LINES) deployment.logs.shift()
+    if (deployment.id === selected) appendLog(line)
+  })
+  client.subscribe('deployment_events', { since: 0 })
+  client.connect()
+}
+
+function upsert(id) {
+  let deployment = deployments.get(id)
+  if (!deployment) {
+    deployment = { id, name: id.slice(0, 8), status: 'pending', userId: null, progress: 0, step: null, totalSteps: null, error: null, logs: [] }
+    deployments.set(id, deployment)
+    $('empty').hidden = true
+    $('count').textContent = `(${deployments.size})`
+    $('deployments').append(card(deployment))
+    if (!selected) select(id)
+  }
+  return deployment
+}
+
+function card(deployment) {
+  const item = document.createElement('li')
+  item.className = 'deployment'
+  item.dataset.deploymentId = deployment.id
+  item.innerHTML = `
+    <div class="top"><span class="name"></span><span class="owner" hidden>team</span><span class="status"></span></div>
+    <div class="progress"><div class="progress-bar"></div></div>
+    <div class="step"><span class="current-step"></span><span class="percent"></span></div>
+    <div class="failure" hidden></div>`
+  item.addEventListener('click', () => select(deployment.id))
+  return item
+}
+
+function render(deployment) {
+  const item = document.querySelector(`[data-deployment-id="${deployment.id}"]`)
+  if (!item) return
+  item.querySelector('.name').textContent = deployment.name
+  const owner = item.querySelector('.owner')
+  owner.hidden = !deployment.userId || deployment.userId === client?.userId
+  const status = item.querySelector('.status')
+  status.textContent = deployment.status.replace('_', ' ')
+  status.dataset.status = deployment.status
+  const bar = item.querySelector('.progress-bar')
+  bar.style.width = `${deployment.progress}%`
+  bar.dataset.progress = String(deployment.progress)
+  bar.dataset.status = deployment.status
+  item.querySelector('.current-step').textContent = deployment.step ?? ''
+  item.querySelector('.percent').textContent = `${deployment.progress}%`
+  const failure = item.querySelector('.failure')
+  failure.hidden = !(deployment.status === 'failed' && deployment.error)
+  failure.textContent = deployment.error ?? ''
+  if (deployment.id === selected) $('logs-title').textContent = `· ${deployment.name}`
+}
+
+function select(id) {
+  if (selected === id) return
+  if (selected) client.unsubscribe(`deployment_logs_${selected}`)
+  selected = id
+  for (const item of document.querySelectorAll('.deployment')) {
+    item.classList.toggle('selected', item.dataset.deploymentId === id)
+  }
+  const deployment = deployments.get(id)
+  $('logs-title').textContent = `· ${deployment.name}`
+  $('logs').replaceChildren()
+  for (const line of deployment.logs) appendLog(line)
+  // The log topic of this one deployment, from the start of its history:
+  // lines already shown are dropped by the client's de-duplication.
+  client.subscribe(`deployment_logs_${id}`, { since: 0 })
+}
+
+function appendLog({ time, text }) {
+  const pane = $('logs')
+  const following = pane.scrollHeight - pane.scrollTop - pane.clientHeight < 40
+  const row = document.createElement('div')
+  if (/\[(ERROR|FATAL)\]/.test(text)) row.className = 'line-error'
+  const stamp = document.createElement('span')
+  stamp.className = 'line-time'
+  stamp.textContent = `${(time ?? '').slice(11, 19)}  `
+  row.append(stamp, text.replace(/\n$/, ''))
+  pane.append(row)
+  while (pane.childElementCount > MAX_LOG_LINES) pane.firstElementChild.remove()
+  if (following) pane.scrollTop = pane.scrollHeight
+}
+
+function showState(state) {
+  $('connection').dataset.state = state
+  $('connection-text').textContent = STATUS_TEXT[state] ?? state
+}
+
+function askForToken(message) {
+  $('token-form').hidden = false
+  const error = $('token-error')
+  error.hidden = !message
+  error.textContent = message ?? ''
+}
+
+let noticeTimer = null
+function notice(text) {
+  const element = $('notice')
+  element.textContent = text
+  element.hidden = false
+  clearTimeout(noticeTimer)
+  noticeTimer = setTimeout(() => { element.hidden = true }, 6000)
+}
+
+$('token-form').addEventListener('submit', (event) => {
+  event.preventDefault()
+  const token = $('token-input').value.trim()
+  if (token) start(token)
+})
+
+const token = takeToken()
+if (token) start(token)
+else askForToken()
