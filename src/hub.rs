@@ -91,8 +91,11 @@ pub struct LogReplay {
     /// ...whose transactions this marker snapshot shows as finished (later
     /// ones reach the client live)...
     pub snapshot: Option<String>,
-    /// ...except these, which the history holds.
+    /// ...except these, which the history holds...
     pub skip: HashSet<i64>,
+    /// ...plus these, fed since the marker but already gone from the
+    /// history.
+    pub evicted: Vec<i64>,
 }
 
 #[derive(Clone, Debug)]
@@ -187,6 +190,12 @@ pub struct Hub {
     subscription_count: i64,
     history: History,
     last_marker: Option<String>,
+    /// Ids fed since the last marker, and between the two before it. A
+    /// transaction the marker shows as unfinished may have been fed just
+    /// before the marker: two generations cover it (the listener sends a
+    /// marker only after the previous one came back).
+    fed_since_marker: HashSet<i64>,
+    fed_before_marker: HashSet<i64>,
     max_event_id: i64,
     recipients: Vec<ConnId>,
 }
@@ -213,6 +222,8 @@ impl Hub {
             subscription_count: 0,
             history: History::new(history_size),
             last_marker: None,
+            fed_since_marker: HashSet::new(),
+            fed_before_marker: HashSet::new(),
             max_event_id: 0,
             recipients: Vec::new(),
         };
@@ -225,12 +236,21 @@ impl Hub {
                 _ = shutdown.cancelled() => break,
                 Some(feed) = self.feed.recv() => match feed {
                     Feed::Event(event) => self.publish(event),
-                    Feed::Marker(snapshot) => self.last_marker = Some(snapshot),
+                    Feed::Marker(snapshot) => self.on_marker(snapshot),
                 },
                 Some(command) = self.commands.recv() => self.handle(command),
                 else => break,
             }
         }
+    }
+
+    fn on_marker(&mut self, snapshot: String) {
+        self.last_marker = Some(snapshot);
+        self.fed_before_marker = std::mem::take(&mut self.fed_since_marker);
+    }
+
+    fn fed_recently(&self, id: i64) -> bool {
+        self.fed_since_marker.contains(&id) || self.fed_before_marker.contains(&id)
     }
 
     fn handle(&mut self, command: Command) {
@@ -303,7 +323,16 @@ impl Hub {
             Some(seq) => (seq + 1, None),
             // Newer than anything this process has seen: nothing to replay.
             None if self.max_event_id > 0 && since > self.max_event_id => (self.history.next_seq(), None),
-            None => (0, Some(LogReplay { since, snapshot: self.last_marker.clone(), skip: HashSet::new() })),
+            None => {
+                let evicted = self
+                    .fed_since_marker
+                    .iter()
+                    .chain(&self.fed_before_marker)
+                    .filter(|id| **id > since && self.history.seq_of(**id).is_none())
+                    .copied()
+                    .collect();
+                (0, Some(LogReplay { since, snapshot: self.last_marker.clone(), skip: HashSet::new(), evicted }))
+            }
         };
         let mut recent = Vec::new();
         for (seq, event) in self.history.from(start_seq) {
@@ -325,10 +354,11 @@ impl Hub {
     fn publish(&mut self, event: Event) {
         // The listener's catch-up after a reconnect may overlap what it
         // already fed; each event enters once.
-        if self.history.seq_of(event.id).is_some() {
+        if self.history.seq_of(event.id).is_some() || self.fed_recently(event.id) {
             debug!(event_id = event.id, "event already delivered; skipped");
             return;
         }
+        self.fed_since_marker.insert(event.id);
         self.metrics.events_total.fetch_add(1, Relaxed);
         self.max_event_id = self.max_event_id.max(event.id);
         let event = Arc::new(event);

@@ -51,7 +51,16 @@ use crate::metrics::Metrics;
 /// within the 5 s SPEC §7 allows.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
 
-/// Migrate, then serve on `listener` until `shutdown` is cancelled.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("{0} tasks were still running when shutdown's grace period ended")]
+    Lingering(usize),
+}
+
+/// Migrate, then serve on `listener` until `shutdown` is cancelled; returns
+/// once every task it started has ended.
 ///
 /// Clients are accepted once the LISTEN connection is up, so the first
 /// resume already has a marker to replay against.
@@ -61,7 +70,7 @@ pub async fn serve(
     settings: ServerArgs,
     verifier: Verifier,
     shutdown: CancellationToken,
-) -> Result<(), DbError> {
+) -> Result<(), ServeError> {
     db::migrate(database).await?;
     let metrics = Arc::new(Metrics::default());
     let tasks = TaskTracker::new();
@@ -87,6 +96,8 @@ pub async fn serve(
     tasks.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait()).await.is_err() {
         warn!(remaining = tasks.len(), "tasks still running at the end of the shutdown grace period");
+        return Err(ServeError::Lingering(tasks.len()));
     }
+    info!("all tasks stopped");
     Ok(())
 }

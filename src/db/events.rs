@@ -37,14 +37,21 @@ pub async fn unfinished_at(client: &Client, snapshot: &str) -> Result<Vec<Event>
     Ok(events_from_rows(&client.query(&sql, &[&snapshot]).await?))
 }
 
-/// A page of the events after `after` (by id) of one topic, limited to
-/// transactions finished at `snapshot` when one is given.
+/// Which events of the log a replay reads.
+pub struct LogFilter<'a> {
+    pub deployment: Option<Uuid>,
+    pub kind: Option<EventKind>,
+    /// Only transactions this marker snapshot shows as finished...
+    pub snapshot: Option<&'a str>,
+    /// ...or these events.
+    pub also: &'a [i64],
+}
+
+/// A page of the events after `after` (by id) that pass `filter`.
 pub async fn page_after(
     client: &Client,
     after: i64,
-    deployment: Option<Uuid>,
-    kind: Option<EventKind>,
-    snapshot: Option<&str>,
+    filter: &LogFilter<'_>,
     limit: i64,
 ) -> Result<Vec<Event>, DbError> {
     let sql = format!(
@@ -52,12 +59,14 @@ pub async fn page_after(
           WHERE id > $1
             AND ($2::uuid IS NULL OR deployment_id = $2)
             AND ($3::text IS NULL OR type = $3)
-            AND ($4::text IS NULL OR pg_visible_in_snapshot(xid, $4::text::pg_snapshot))
+            AND ($4::text IS NULL OR pg_visible_in_snapshot(xid, $4::text::pg_snapshot) OR id = ANY($5))
           ORDER BY id
-          LIMIT $5"
+          LIMIT $6"
     );
-    let kind = kind.map(EventKind::as_str);
-    Ok(events_from_rows(&client.query(&sql, &[&after, &deployment, &kind, &snapshot, &limit]).await?))
+    let kind = filter.kind.map(EventKind::as_str);
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
+        [&after, &filter.deployment, &kind, &filter.snapshot, &filter.also, &limit];
+    Ok(events_from_rows(&client.query(&sql, &params).await?))
 }
 
 /// The highest id retention has deleted.

@@ -141,8 +141,11 @@ impl Session {
             };
             let step = match wake {
                 Wake::Shutdown => Err(Interrupted::Shutdown),
-                // The hub dropped its end of the queue: kicked as well.
-                Wake::Kicked | Wake::Outbound(None) => Err(Interrupted::Kicked),
+                Wake::Kicked => Err(Interrupted::Kicked),
+                // The hub drops a queue's sender when it kicks the client,
+                // and when it stops for shutdown.
+                Wake::Outbound(None) if self.kicked.is_cancelled() => Err(Interrupted::Kicked),
+                Wake::Outbound(None) => Err(Interrupted::Shutdown),
                 Wake::Frame(frame) => self.on_frame(frame).await,
                 Wake::Outbound(Some(message)) => self.deliver(message).await,
                 Wake::PingTick => self.on_ping_tick(interval).await,
@@ -452,17 +455,15 @@ impl Session {
         if events::pruned_upto(&client).await? > log.since {
             self.write([text(protocol::topic_reply("resync", topic))]).await?;
         }
+        let filter = events::LogFilter {
+            deployment: topic.deployment(),
+            kind: kind_of(topic),
+            snapshot: log.snapshot.as_deref(),
+            also: &log.evicted,
+        };
         let mut after = log.since;
         loop {
-            let page = events::page_after(
-                &client,
-                after,
-                topic.deployment(),
-                kind_of(topic),
-                log.snapshot.as_deref(),
-                REPLAY_PAGE,
-            )
-            .await?;
+            let page = events::page_after(&client, after, &filter, REPLAY_PAGE).await?;
             let Some(last) = page.last() else { return Ok(()) };
             after = last.id;
             let mut owed: Vec<Arc<Event>> = page
