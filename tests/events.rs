@@ -35,8 +35,9 @@ async fn insert_deployment_makes_status_changed_with_null_old_status() {
 async fn status_update_makes_status_changed_with_old_status() {
     let app = spawn_app().await;
     let owner = user();
-    let deployment = app.writer.create_deployment(owner.user_id, None).await;
     let mut client = app.server.connect_as(owner).await;
+    let deployment = app.writer.create_deployment(owner.user_id, None).await;
+    client.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
     app.writer
         .execute(&format!("UPDATE deployments SET status = 'failed', error_message = 'boom' WHERE id = '{deployment}'"))
         .await;
@@ -50,8 +51,9 @@ async fn status_update_makes_status_changed_with_old_status() {
 async fn progress_update_carries_the_row_after_the_update() {
     let app = spawn_app().await;
     let owner = user();
-    let deployment = app.writer.create_deployment(owner.user_id, None).await;
     let mut client = app.server.connect_as(owner).await;
+    let deployment = app.writer.create_deployment(owner.user_id, None).await;
+    client.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
     app.writer
         .execute(&format!(
             "UPDATE deployments SET progress = 75, current_step = 'Starting containers', total_steps = 100 WHERE id = '{deployment}'"
@@ -69,8 +71,9 @@ async fn progress_update_carries_the_row_after_the_update() {
 async fn each_of_current_step_and_total_steps_alone_makes_progress() {
     let app = spawn_app().await;
     let owner = user();
-    let deployment = app.writer.create_deployment(owner.user_id, None).await;
     let mut client = app.server.connect_as(owner).await;
+    let deployment = app.writer.create_deployment(owner.user_id, None).await;
+    client.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
     app.writer.execute(&format!("UPDATE deployments SET current_step = 'pull' WHERE id = '{deployment}'")).await;
     assert_eq!(client.recv_type("DEPLOYMENT_PROGRESS").await["data"]["current_step"], "pull");
     app.writer.execute(&format!("UPDATE deployments SET total_steps = 7 WHERE id = '{deployment}'")).await;
@@ -81,8 +84,9 @@ async fn each_of_current_step_and_total_steps_alone_makes_progress() {
 async fn status_and_progress_in_one_update_make_both_status_first() {
     let app = spawn_app().await;
     let owner = user();
-    let deployment = app.writer.create_deployment(owner.user_id, None).await;
     let mut client = app.server.connect_as(owner).await;
+    let deployment = app.writer.create_deployment(owner.user_id, None).await;
+    client.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
     app.writer
         .execute(&format!("UPDATE deployments SET status = 'deploying', progress = 10 WHERE id = '{deployment}'"))
         .await;
@@ -97,8 +101,9 @@ async fn status_and_progress_in_one_update_make_both_status_first() {
 async fn update_of_other_columns_makes_no_event() {
     let app = spawn_app().await;
     let owner = user();
-    let deployment = app.writer.create_deployment(owner.user_id, None).await;
     let mut client = app.server.connect_as(owner).await;
+    let deployment = app.writer.create_deployment(owner.user_id, None).await;
+    client.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
     app.writer.execute(&format!("UPDATE deployments SET name = 'renamed' WHERE id = '{deployment}'")).await;
     app.writer
         .execute(&format!("UPDATE deployments SET status = status, progress = progress WHERE id = '{deployment}'"))
@@ -114,8 +119,9 @@ async fn update_of_other_columns_makes_no_event() {
 async fn log_insert_makes_logs_update_one_per_row() {
     let app = spawn_app().await;
     let owner = user();
-    let deployment = app.writer.create_deployment(owner.user_id, None).await;
     let mut client = app.server.connect_as(owner).await;
+    let deployment = app.writer.create_deployment(owner.user_id, None).await;
+    client.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
     app.writer
         .execute(&format!(
             "INSERT INTO deployment_logs (deployment_id, message) VALUES ('{deployment}', 'one'), ('{deployment}', 'two')"
@@ -134,8 +140,9 @@ async fn log_insert_makes_logs_update_one_per_row() {
 async fn identical_log_rows_in_one_transaction_are_two_events() {
     let app = spawn_app().await;
     let owner = user();
-    let deployment = app.writer.create_deployment(owner.user_id, None).await;
     let mut client = app.server.connect_as(owner).await;
+    let deployment = app.writer.create_deployment(owner.user_id, None).await;
+    client.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
     app.writer
         .execute(&format!(
             "BEGIN;
@@ -155,8 +162,9 @@ async fn identical_log_rows_in_one_transaction_are_two_events() {
 async fn rolled_back_transaction_emits_nothing() {
     let app = spawn_app().await;
     let owner = user();
-    let deployment = app.writer.create_deployment(owner.user_id, None).await;
     let mut client = app.server.connect_as(owner).await;
+    let deployment = app.writer.create_deployment(owner.user_id, None).await;
+    client.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
     app.writer
         .execute(&format!(
             "BEGIN;
@@ -174,8 +182,9 @@ async fn rolled_back_transaction_emits_nothing() {
 async fn events_arrive_at_commit_not_before() {
     let app = spawn_app().await;
     let owner = user();
-    let deployment = app.writer.create_deployment(owner.user_id, None).await;
     let mut client = app.server.connect_as(owner).await;
+    let deployment = app.writer.create_deployment(owner.user_id, None).await;
+    client.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
     let other = Writer::new(&app.database).await;
     app.writer.execute("BEGIN").await;
     app.writer.log(deployment, "inside").await;
@@ -191,8 +200,9 @@ async fn events_arrive_at_commit_not_before() {
 async fn one_mebibyte_log_line_arrives_intact() {
     let app = spawn_app().await;
     let owner = user();
-    let deployment = app.writer.create_deployment(owner.user_id, None).await;
     let mut client = app.server.connect_as(owner).await;
+    let deployment = app.writer.create_deployment(owner.user_id, None).await;
+    client.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
     // Varied content (not one repeated byte), with characters JSON escapes.
     let line: String = (0..1_048_576usize)
         .map(|i| match i % 97 {

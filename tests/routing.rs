@@ -168,8 +168,9 @@ async fn organization_member_may_subscribe_to_a_colleagues_deployment() {
 async fn an_event_matching_several_subscriptions_arrives_once() {
     let app = spawn_app().await;
     let owner = user();
-    let deployment = app.writer.create_deployment(owner.user_id, None).await;
     let mut client = app.server.connect_as(owner).await;
+    let deployment = app.writer.create_deployment(owner.user_id, None).await;
+    client.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
     client.subscribe("deployment_events").await;
     client.subscribe(&format!("deployment_logs_{deployment}")).await;
     app.writer.log(deployment, "once").await;
@@ -182,11 +183,12 @@ async fn an_event_matching_several_subscriptions_arrives_once() {
 async fn unsubscribe_stops_the_topic() {
     let app = spawn_app().await;
     let admin = superuser();
-    let deployment = app.writer.create_deployment(Uuid::new_v4(), None).await;
     let mut client = app.server.connect_as(admin).await;
+    client.subscribe("deployment_events").await;
+    let deployment = app.writer.create_deployment(Uuid::new_v4(), None).await;
+    client.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
     let topic = format!("deployment_logs_{deployment}");
     client.subscribe(&topic).await;
-    client.subscribe("deployment_events").await;
     app.writer.log(deployment, "before").await;
     assert_eq!(client.recv().await["data"]["logs"], "before");
     client.send(json!({"type": "unsubscribe", "topic": topic})).await;
@@ -217,8 +219,9 @@ async fn subscribing_twice_is_one_subscription() {
 async fn topic_with_uppercase_uuid_is_answered_in_lowercase() {
     let app = spawn_app().await;
     let owner = user();
-    let deployment = app.writer.create_deployment(owner.user_id, None).await;
     let mut client = app.server.connect_as(owner).await;
+    let deployment = app.writer.create_deployment(owner.user_id, None).await;
+    client.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
     let upper = format!("deployment_logs_{}", deployment.to_string().to_uppercase());
     client.send(json!({"type": "subscribe", "topic": upper})).await;
     assert_eq!(client.recv_type("subscribed").await["data"]["topic"], format!("deployment_logs_{deployment}"));
@@ -228,8 +231,9 @@ async fn topic_with_uppercase_uuid_is_answered_in_lowercase() {
 async fn events_of_one_deployment_arrive_in_commit_order() {
     let app = spawn_app().await;
     let owner = user();
-    let deployment = app.writer.create_deployment(owner.user_id, None).await;
     let mut client = app.server.connect_as(owner).await;
+    let deployment = app.writer.create_deployment(owner.user_id, None).await;
+    client.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
     // Four writers race on one deployment.
     let mut writers = Vec::new();
     for w in 0..4 {

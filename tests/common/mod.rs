@@ -4,6 +4,8 @@
 //! server's logs.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::net::SocketAddr;
 use std::sync::Once;
 use std::time::Duration;
@@ -51,15 +53,24 @@ pub async fn admin_client() -> tokio_postgres::Client {
 pub struct TestDatabase {
     pub name: String,
     pub config: tokio_postgres::Config,
+    admin_url: String,
 }
 
 impl TestDatabase {
     pub async fn create() -> TestDatabase {
+        Self::create_in(&admin_url()).await
+    }
+
+    /// A fresh database on the server `admin_url` points to.
+    pub async fn create_in(admin_url: &str) -> TestDatabase {
         let name = format!("wf_test_{}", Uuid::new_v4().simple());
-        admin_client().await.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create test database");
-        let mut config: tokio_postgres::Config = admin_url().parse().expect("TEST_DATABASE_URL");
+        let (client, connection) =
+            tokio_postgres::connect(admin_url, tokio_postgres::NoTls).await.expect("PostgreSQL must be running");
+        tokio::spawn(connection);
+        client.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create test database");
+        let mut config: tokio_postgres::Config = admin_url.parse().expect("admin URL");
         config.dbname(&name);
-        TestDatabase { name, config }
+        TestDatabase { name, config, admin_url: admin_url.to_string() }
     }
 
     pub async fn client(&self) -> tokio_postgres::Client {
@@ -72,11 +83,12 @@ impl TestDatabase {
 impl Drop for TestDatabase {
     fn drop(&mut self) {
         let name = self.name.clone();
+        let admin_url = self.admin_url.clone();
         // Drop runs outside async context; use a thread with its own runtime.
         let _ = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
             runtime.block_on(async {
-                if let Ok((client, connection)) = tokio_postgres::connect(&admin_url(), tokio_postgres::NoTls).await {
+                if let Ok((client, connection)) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls).await {
                     tokio::spawn(connection);
                     let _ = client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
                 }
@@ -114,6 +126,14 @@ impl TestServer {
         jwt: JwtArgs,
         configure: impl FnOnce(&mut ServerArgs),
     ) -> TestServer {
+        Self::start_on(&database.config, jwt, configure).await
+    }
+
+    pub async fn start_on(
+        database: &tokio_postgres::Config,
+        jwt: JwtArgs,
+        configure: impl FnOnce(&mut ServerArgs),
+    ) -> TestServer {
         init_logging();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
         let addr = listener.local_addr().expect("local addr");
@@ -121,7 +141,7 @@ impl TestServer {
         configure(&mut settings);
         let verifier = Verifier::from_args(&jwt).expect("verifier");
         let shutdown = CancellationToken::new();
-        let config = database.config.clone();
+        let config = database.clone();
         let token = shutdown.clone();
         let handle = tokio::spawn(async move {
             windflow_notify::serve(listener, &config, settings, verifier, token).await.expect("server failed");
@@ -179,6 +199,19 @@ impl TestServer {
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.shutdown.cancel();
+    }
+}
+
+/// Wait until `check` holds, checking every 20 ms, for at most [`WAIT`].
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

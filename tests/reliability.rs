@@ -1,0 +1,484 @@
+//! SPEC §4 `since`, §6 and §7: nothing is lost, nothing is duplicated —
+//! through listener kills, a database restart, client resumes, retention,
+//! slow consumers, hostile input, shutdown and several instances.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::cluster::Cluster;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use uuid::Uuid;
+
+/// Receive `count` events; check none repeats and each deployment's ids
+/// increase (commit order). Returns (event_id, data) in arrival order.
+async fn receive_exactly_once(client: &mut Client, count: usize) -> Vec<(i64, Value)> {
+    let mut seen = HashSet::new();
+    let mut last_per_deployment: HashMap<String, i64> = HashMap::new();
+    let mut events = Vec::with_capacity(count);
+    while events.len() < count {
+        let (_, id, data) = client.recv_event().await;
+        assert!(seen.insert(id), "event {id} delivered twice");
+        let deployment = data["deployment_id"].as_str().unwrap().to_string();
+        let last = last_per_deployment.entry(deployment).or_insert(0);
+        assert!(id > *last, "event {id} after {last} of the same deployment: out of commit order");
+        *last = id;
+        events.push((id, data));
+    }
+    events
+}
+
+/// A fence: the next event the client receives must be this one.
+async fn assert_nothing_more(app_writer: &Writer, client: &mut Client, owner: Uuid) {
+    let fence = app_writer.create_deployment(owner, None).await;
+    let message = client.recv().await;
+    assert_eq!(message["data"]["deployment_id"], fence.to_string(), "unexpected extra message: {message}");
+}
+
+async fn kill_listener(database: &TestDatabase) -> u64 {
+    let admin = admin_client().await;
+    let row = admin
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+              WHERE application_name = 'windflow-notify-listener' AND datname = $1",
+            &[&database.name],
+        )
+        .await
+        .unwrap();
+    row.get::<_, i64>(0) as u64
+}
+
+/// Writers that each insert numbered log rows, one per transaction, until
+/// told to stop; returns how many each wrote.
+fn spawn_log_writers(
+    database: &TestDatabase,
+    deployments: &[Uuid],
+    stop: Arc<AtomicBool>,
+    minimum: usize,
+) -> Vec<tokio::task::JoinHandle<usize>> {
+    deployments
+        .iter()
+        .enumerate()
+        .map(|(w, deployment)| {
+            let config = database.config.clone();
+            let (deployment, stop) = (*deployment, Arc::clone(&stop));
+            tokio::spawn(async move {
+                let (db, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+                tokio::spawn(connection);
+                let mut written = 0;
+                while written < minimum || !stop.load(Ordering::Relaxed) {
+                    db.execute(
+                        "INSERT INTO deployment_logs (deployment_id, message) VALUES ($1, $2)",
+                        &[&deployment, &format!("{w}:{written}")],
+                    )
+                    .await
+                    .unwrap();
+                    written += 1;
+                }
+                written
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_listener_mid_stream_loses_and_duplicates_nothing() {
+    let app = spawn_app().await;
+    let admin = superuser();
+    let mut client = app.server.connect_as(admin).await;
+    client.subscribe("deployment_events").await;
+    let mut deployments = Vec::new();
+    for _ in 0..4 {
+        deployments.push(app.writer.create_deployment(Uuid::new_v4(), None).await);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = spawn_log_writers(&app.database, &deployments, Arc::clone(&stop), 100);
+    for kill in 1..=3u64 {
+        eventually("listener up", || async { app.server.metric("windflow_listener_up").await == 1.0 }).await;
+        assert_eq!(kill_listener(&app.database).await, 1, "one listener backend to kill");
+        eventually("listener reconnected", || async {
+            app.server.metric("windflow_listener_reconnects_total").await >= kill as f64
+        })
+        .await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut written = 0;
+    for writer in writers {
+        written += writer.await.unwrap();
+    }
+    let events = receive_exactly_once(&mut client, deployments.len() + written).await;
+    let logs: HashSet<String> = events.iter().filter_map(|(_, d)| d["logs"].as_str().map(String::from)).collect();
+    assert_eq!(logs.len(), written, "every log row arrived");
+    assert_nothing_more(&app.writer, &mut client, admin.user_id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_restart_loses_and_duplicates_nothing() {
+    let cluster = Cluster::start_new();
+    let database = TestDatabase::create_in(&cluster.url("postgres")).await;
+    let server = TestServer::start_on(&database.config, jwt_args(), |_| {}).await;
+    let owner = user();
+    let mut client = server.connect_as(owner).await;
+    let writer = Writer::new(&database).await;
+    let deployment = writer.create_deployment(owner.user_id, None).await;
+    for i in 0..50 {
+        writer.log(deployment, &format!("before {i}")).await;
+    }
+    cluster.stop();
+    eventually("healthz 503 while the database is down", || async { server.get("/healthz").await.0 == 503 }).await;
+    assert_eq!(server.metric("windflow_listener_up").await, 0.0);
+    cluster.start();
+    // Written as soon as the database is back, likely before the listener
+    // is: these come from the event log.
+    let writer = Writer::new(&database).await;
+    for i in 0..50 {
+        writer.log(deployment, &format!("after {i}")).await;
+    }
+    let events = receive_exactly_once(&mut client, 101).await;
+    assert_eq!(events.last().unwrap().1["logs"], "after 49");
+    eventually("healthz 200 again", || async { server.get("/healthz").await.0 == 200 }).await;
+    assert_nothing_more(&writer, &mut client, owner.user_id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_with_since_replays_then_goes_live_without_gap_or_duplicate() {
+    let app = spawn_app().await;
+    let watcher = superuser();
+    let mut reference = app.server.connect_as(watcher).await;
+    reference.subscribe("deployment_events").await;
+    let mut deployments = Vec::new();
+    for _ in 0..3 {
+        deployments.push(app.writer.create_deployment(Uuid::new_v4(), None).await);
+    }
+    let stop = Arc::new(AtomicBool::new(true));
+    for writer in spawn_log_writers(&app.database, &deployments, Arc::clone(&stop), 40) {
+        writer.await.unwrap();
+    }
+    let before = receive_exactly_once(&mut reference, 123).await;
+    let since = before[60].0;
+    // Writers keep going while the resuming client replays.
+    let busy = spawn_log_writers(&app.database, &deployments, Arc::clone(&stop), 60);
+    let mut resumed = app.server.connect_as(superuser()).await;
+    resumed.send(json!({"type": "subscribe", "topic": "deployment_events", "since": since})).await;
+    resumed.recv_type("subscribed").await;
+    for writer in busy {
+        writer.await.unwrap();
+    }
+    let after = receive_exactly_once(&mut reference, 180).await;
+    let expected: Vec<i64> = before[61..].iter().chain(&after).map(|(id, _)| *id).collect();
+    let got: Vec<i64> = receive_exactly_once(&mut resumed, expected.len()).await.iter().map(|(id, _)| *id).collect();
+    assert_eq!(got, expected, "the resumed stream is the reference stream after `since`");
+    // The resumed client is a superuser: any owner's deployment is a fence.
+    assert_nothing_more(&app.writer, &mut resumed, Uuid::new_v4()).await;
+}
+
+#[tokio::test]
+async fn resume_older_than_the_history_reads_the_event_log() {
+    let app = spawn_app_with(|settings| settings.history_size = 10).await;
+    let owner = user();
+    let mut reference = app.server.connect_as(owner).await;
+    let deployment = app.writer.create_deployment(owner.user_id, None).await;
+    reference.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
+    for i in 0..40 {
+        app.writer.log(deployment, &format!("{i}")).await;
+    }
+    let all = receive_exactly_once(&mut reference, 40).await;
+    let mut resumed = app.server.connect_as(owner).await;
+    let topic = format!("deployment_logs_{deployment}");
+    resumed.send(json!({"type": "subscribe", "topic": topic, "since": all[4].0})).await;
+    resumed.recv_type("subscribed").await;
+    let replayed = receive_exactly_once(&mut resumed, 35).await;
+    assert_eq!(
+        replayed.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        all[5..].iter().map(|(id, _)| *id).collect::<Vec<_>>()
+    );
+    app.writer.log(deployment, "live").await;
+    assert_eq!(resumed.recv().await["data"]["logs"], "live");
+}
+
+#[tokio::test]
+async fn retention_prunes_and_a_resume_from_pruned_events_gets_resync_first() {
+    let app = spawn_app_with(|settings| {
+        settings.event_retention = Duration::from_secs(3);
+        settings.history_size = 1;
+    })
+    .await;
+    let owner = user();
+    let mut reference = app.server.connect_as(owner).await;
+    let deployment = app.writer.create_deployment(owner.user_id, None).await;
+    reference.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
+    for i in 0..5 {
+        app.writer.log(deployment, &format!("old {i}")).await;
+    }
+    let old = receive_exactly_once(&mut reference, 5).await;
+    let db = &app.writer.db;
+    eventually("the server prunes the old events", || async {
+        db.query_one("SELECT count(*) FROM windflow_events", &[]).await.unwrap().get::<_, i64>(0) == 0
+    })
+    .await;
+    app.writer.log(deployment, "new 0").await;
+    app.writer.log(deployment, "new 1").await;
+    let mut resumed = app.server.connect_as(owner).await;
+    resumed.send(json!({"type": "subscribe", "topic": "deployment_events", "since": old[0].0})).await;
+    resumed.recv_type("subscribed").await;
+    assert_eq!(resumed.recv_type("resync").await["data"]["topic"], "deployment_events");
+    // What the log still holds follows: "new 0" from the log, "new 1" from
+    // the history. (They also reached this owner's connection live, but
+    // before it subscribed, so the replay may not skip them.)
+    let mut logs = Vec::new();
+    while logs.len() < 2 {
+        let (_, _, data) = resumed.recv_event().await;
+        logs.push(data["logs"].as_str().unwrap().to_string());
+    }
+    assert!(logs.contains(&"new 1".to_string()), "{logs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_consumer_is_closed_while_a_reader_gets_all_20000_events() {
+    // Default queue (4096 messages). Lines of 1 kB, so that 20,000 of them
+    // are more than the sleeper's socket buffers can absorb.
+    let app = spawn_app().await;
+    let owner = user();
+    let mut reader = app.server.connect_as(superuser()).await;
+    reader.subscribe("deployment_events").await;
+    let mut sleeper = app.server.connect_as(superuser()).await;
+    sleeper.subscribe("deployment_events").await;
+    let deployment = app.writer.create_deployment(owner.user_id, None).await;
+    reader.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
+    // The sleeper now stops reading. The reader keeps up with 40 commits of
+    // 500 rows; bursts smaller than its queue.
+    let writes = {
+        let writer = Writer::new(&app.database).await;
+        tokio::spawn(async move {
+            for batch in 0..40 {
+                writer
+                    .execute(&format!(
+                        "INSERT INTO deployment_logs (deployment_id, message)
+                         SELECT '{deployment}', 'line ' || ({batch} * 500 + i) || ' ' || repeat('x', 1000)
+                           FROM generate_series(1, 500) i"
+                    ))
+                    .await;
+            }
+        })
+    };
+    let events = receive_exactly_once(&mut reader, 20_000).await;
+    writes.await.unwrap();
+    assert_eq!(events.last().unwrap().1["logs"].as_str().unwrap().split(' ').nth(1), Some("20000"));
+    eventually("the slow consumer is counted", || async {
+        app.server.metric("windflow_slow_consumer_disconnects_total").await == 1.0
+    })
+    .await;
+    // The sleeper wakes up: what was queued, then close 1013.
+    let mut received = 0;
+    let close = loop {
+        match tokio::time::timeout(WAIT, sleeper.ws.next()).await.expect("closed in time") {
+            Some(Ok(Message::Text(_))) => received += 1,
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => break None,
+        }
+    };
+    assert_eq!(close, Some(1013), "after {received} messages");
+    assert!(received < 20_000);
+    // The reader is unaffected.
+    reader.send_text("ping").await;
+    reader.recv_type("pong").await;
+}
+
+/// xorshift64*: reproducible randomness without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+fn mutated_message(rng: &mut Rng, seeds: &[String]) -> Message {
+    let seed = seeds[rng.below(seeds.len())].clone().into_bytes();
+    match rng.below(6) {
+        0 => Message::Binary((0..rng.below(300)).map(|_| rng.next() as u8).collect::<Vec<u8>>().into()),
+        1 => Message::Text(
+            String::from_utf8_lossy(&(0..rng.below(300)).map(|_| rng.next() as u8).collect::<Vec<_>>())
+                .into_owned()
+                .into(),
+        ),
+        _ => {
+            let mut bytes = seed;
+            for _ in 0..=rng.below(4) {
+                let at = rng.below(bytes.len().max(1));
+                match rng.below(3) {
+                    0 if !bytes.is_empty() => {
+                        bytes.remove(at.min(bytes.len() - 1));
+                    }
+                    1 => bytes.insert(at.min(bytes.len()), b"{}[]\":,0a-\\"[rng.below(11)]),
+                    _ => {
+                        if let Some(b) = bytes.get_mut(at) {
+                            *b = rng.next() as u8;
+                        }
+                    }
+                }
+            }
+            Message::Text(String::from_utf8_lossy(&bytes).into_owned().into())
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_random_and_mutated_messages_leave_a_good_client_served() {
+    let app = spawn_app().await;
+    let owner = user();
+    let mut good = app.server.connect_as(owner).await;
+    let deployment = app.writer.create_deployment(owner.user_id, None).await;
+    good.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
+    let seeds = vec![
+        json!({"type": "auth", "token": token(user())}).to_string(),
+        json!({"type": "subscribe", "topic": "deployment_events", "since": 1}).to_string(),
+        json!({"type": "subscribe", "topic": format!("deployment_logs_{deployment}")}).to_string(),
+        json!({"type": "unsubscribe", "topic": format!("deployment_progress_{deployment}")}).to_string(),
+        json!({"type": "ping"}).to_string(),
+        "ping".to_string(),
+    ];
+    let mut rng = Rng(0x5eed_cafe_f00d_d00d);
+    let mut sent = 0;
+    while sent < 3000 {
+        // Half the fuzzing connections authenticate first.
+        let mut fuzzer =
+            if rng.below(2) == 0 { app.server.connect_as(user()).await } else { app.server.connect_anonymous().await };
+        for _ in 0..100 {
+            let message = mutated_message(&mut rng, &seeds);
+            sent += 1;
+            if fuzzer.ws.send(message).await.is_err() {
+                break; // closed by the server (1008 for a bad auth): reconnect
+            }
+        }
+        let _ = fuzzer.ws.close(None).await;
+    }
+    app.writer.log(deployment, "still served").await;
+    let message = good.recv().await;
+    assert_eq!(message["data"]["logs"], "still served", "{message}");
+    good.send_text("ping").await;
+    good.recv_type("pong").await;
+    assert_eq!(app.server.get("/healthz").await.0, 200);
+}
+
+#[tokio::test]
+async fn shutdown_closes_clients_with_1001_and_every_task_ends() {
+    let mut app = spawn_app().await;
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        let mut client = app.server.connect_as(superuser()).await;
+        client.subscribe("deployment_events").await;
+        clients.push(client);
+    }
+    let mut anonymous = app.server.connect_anonymous().await;
+    let started = std::time::Instant::now();
+    app.server.stop().await; // fails if serve() reports lingering tasks
+    assert!(started.elapsed() < Duration::from_secs(5), "stopped in {:?}", started.elapsed());
+    for client in clients.iter_mut().chain([&mut anonymous]) {
+        assert_eq!(client.close_code().await, 1001);
+    }
+}
+
+#[tokio::test]
+async fn sigterm_closes_clients_and_exits_zero_within_5_seconds() {
+    let database = TestDatabase::create().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("postgres://postgres@127.0.0.1:5432/{}", database.name);
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_windflow-notify"))
+        .arg("serve")
+        .env("DATABASE_URL", &url)
+        .env("WINDFLOW_BIND", format!("127.0.0.1:{port}"))
+        .env("JWT_SECRET_KEY", SECRET)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    eventually("the server answers /healthz", || async {
+        tokio::net::TcpStream::connect(addr).await.is_ok() && http_get(addr, "/healthz", &[]).await.0 == 200
+    })
+    .await;
+    let server = TestServer { addr, shutdown: tokio_util::sync::CancellationToken::new(), handle: None };
+    let mut client = server.connect_as(user()).await;
+    let pid = child.id().unwrap().to_string();
+    let started = std::time::Instant::now();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert_eq!(client.close_code().await, 1001);
+    let status = tokio::time::timeout(Duration::from_secs(5), child.wait()).await.expect("exits within 5 s").unwrap();
+    assert!(status.success(), "{status}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_each_deliver_every_event_once() {
+    let app = spawn_app().await;
+    let second = TestServer::start(&app.database, |_| {}).await;
+    let org = Uuid::new_v4();
+    let owner = member_of(org);
+    let mut on_first = app.server.connect_as(owner).await;
+    let mut on_second = second.connect_as(owner).await;
+    let mut colleague = second.connect_as(member_of(org)).await;
+    colleague.subscribe("deployment_events").await;
+    let deployment = app.writer.create_deployment(owner.user_id, Some(org)).await;
+    for i in 0..50 {
+        app.writer.log(deployment, &format!("{i}")).await;
+    }
+    for client in [&mut on_first, &mut on_second, &mut colleague] {
+        receive_exactly_once(client, 51).await;
+    }
+    assert_nothing_more(&app.writer, &mut on_first, owner.user_id).await;
+}
+
+#[tokio::test]
+async fn a_resume_works_on_another_instance() {
+    let app = spawn_app().await;
+    let second = TestServer::start(&app.database, |_| {}).await;
+    let owner = user();
+    let mut first = app.server.connect_as(owner).await;
+    let deployment = app.writer.create_deployment(owner.user_id, None).await;
+    first.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
+    for i in 0..10 {
+        app.writer.log(deployment, &format!("{i}")).await;
+    }
+    let seen = receive_exactly_once(&mut first, 10).await;
+    let mut moved = second.connect_as(owner).await;
+    moved
+        .send(json!({"type": "subscribe", "topic": format!("deployment_logs_{deployment}"), "since": seen[3].0}))
+        .await;
+    moved.recv_type("subscribed").await;
+    let replayed = receive_exactly_once(&mut moved, 6).await;
+    assert_eq!(replayed[0].0, seen[4].0);
+}
+
+#[tokio::test]
+async fn refuses_to_start_against_a_standby() {
+    let primary = Cluster::start_new();
+    let standby = primary.start_standby();
+    let config: tokio_postgres::Config = standby.url("postgres").parse().unwrap();
+    let error = windflow_notify::db::migrate(&config).await.err().expect("refused");
+    assert!(error.to_string().contains("standby"), "{error}");
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_windflow-notify"))
+        .arg("serve")
+        .env("DATABASE_URL", standby.url("postgres"))
+        .env("JWT_SECRET_KEY", SECRET)
+        .env("WINDFLOW_BIND", "127.0.0.1:0")
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("pg_is_in_recovery"), "{stderr}");
+}
