@@ -1,0 +1,246 @@
+//! What every scenario needs: a clock shared with child processes, a
+//! fresh database, the real server as a child process, and /proc readings.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use uuid::Uuid;
+
+pub const SECRET: &str = "bench-secret";
+
+/// CLOCK_MONOTONIC in nanoseconds: one clock for writers, clients and the
+/// bare broadcaster (a child process), so their times can be subtracted.
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime only writes the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Raise RLIMIT_NOFILE to the hard limit (children inherit it); returns it.
+pub fn raise_nofile() -> u64 {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        limit.rlim_cur = limit.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+    }
+    limit.rlim_cur
+}
+
+pub fn admin_url() -> String {
+    std::env::var("BENCH_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+pub async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client> {
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.context("connect to PostgreSQL")?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            eprintln!("bench: database connection error: {e}");
+        }
+    });
+    Ok(client)
+}
+
+/// A database of our own, dropped by [`BenchDatabase::drop_now`].
+pub struct BenchDatabase {
+    pub name: String,
+    pub url: String,
+    pub config: tokio_postgres::Config,
+}
+
+impl BenchDatabase {
+    pub async fn create() -> Result<BenchDatabase> {
+        let name = format!("wf_bench_{}", Uuid::new_v4().simple());
+        let admin: tokio_postgres::Config = admin_url().parse().context("BENCH_DATABASE_URL")?;
+        connect(&admin).await?.batch_execute(&format!("CREATE DATABASE {name}")).await.context("create database")?;
+        let mut config = admin.clone();
+        config.dbname(&name);
+        let url = match admin_url().rsplit_once('/') {
+            Some((base, _)) => format!("{base}/{name}"),
+            None => bail!("BENCH_DATABASE_URL must end in /<database>"),
+        };
+        Ok(BenchDatabase { name, url, config })
+    }
+
+    pub async fn drop_now(&self) {
+        if let Ok(admin) = admin_url().parse::<tokio_postgres::Config>()
+            && let Ok(client) = connect(&admin).await
+            && let Err(e) = client.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).await
+        {
+            eprintln!("bench: could not drop {}: {e}", self.name);
+        }
+    }
+}
+
+/// The `windflow-notify` binary next to this one (same profile), unless
+/// `BENCH_SERVER_BIN` says otherwise.
+pub fn server_bin() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("BENCH_SERVER_BIN") {
+        return Ok(path.into());
+    }
+    let me = std::env::current_exe().context("current_exe")?;
+    let path = me.with_file_name("windflow-notify");
+    if !path.exists() {
+        bail!("{} not found: build it first (cargo build --release) or set BENCH_SERVER_BIN", path.display());
+    }
+    Ok(path)
+}
+
+pub fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("bind port 0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// A child process whose CPU time and RSS we read from /proc.
+pub struct Process {
+    pub child: Child,
+    pub pid: u32,
+    pub addr: SocketAddr,
+}
+
+impl Process {
+    /// `windflow-notify serve` on a free port, logging at warn to `log`.
+    pub async fn server(database: &BenchDatabase, log: &str) -> Result<Process> {
+        let port = free_port()?;
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let logfile = std::fs::File::create(log).with_context(|| format!("create {log}"))?;
+        let child = Command::new(server_bin()?)
+            .arg("serve")
+            .env("DATABASE_URL", &database.url)
+            .env("JWT_SECRET_KEY", SECRET)
+            .env("WINDFLOW_BIND", addr.to_string())
+            .env("RUST_LOG", std::env::var("BENCH_SERVER_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logfile)
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawn windflow-notify serve")?;
+        let pid = child.id().context("server pid")?;
+        let mut process = Process { child, pid, addr };
+        process.wait_healthy(log).await?;
+        Ok(process)
+    }
+
+    async fn wait_healthy(&mut self, log: &str) -> Result<()> {
+        for _ in 0..300 {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("server exited with {status} before it was healthy; see {log}");
+            }
+            if let Ok((200, _)) = http_get(self.addr, "/healthz").await {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("server not healthy within 30 s; see {log}")
+    }
+
+    /// SIGTERM, then wait (SPEC: exits within 5 s).
+    pub async fn stop(mut self) -> Result<()> {
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
+        match tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await {
+            Ok(status) => {
+                let status = status?;
+                if !status.success() {
+                    eprintln!("bench: process {} exited with {status}", self.pid);
+                }
+            }
+            Err(_) => {
+                eprintln!("bench: process {} did not exit within 10 s of SIGTERM; killing it", self.pid);
+                self.child.kill().await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// CPU seconds (user + system) and resident set of a process.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProcSample {
+    pub cpu_s: f64,
+    pub rss_kib: u64,
+}
+
+pub fn sample(pid: u32) -> ProcSample {
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let field = |i: usize| fields.get(i - 3).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    let cpu_s = (field(14) + field(15)) / ticks.max(1.0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    ProcSample { cpu_s, rss_kib }
+}
+
+/// Samples a process every 100 ms in the background: peak RSS.
+pub struct Sampler {
+    pub pid: u32,
+    start: ProcSample,
+    start_ns: u64,
+    peak_rss: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Sampler {
+    pub fn start(pid: u32) -> Sampler {
+        let peak_rss = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (peak, token) = (peak_rss.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(sample(pid).rss_kib, std::sync::atomic::Ordering::Relaxed);
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+        });
+        Sampler { pid, start: sample(pid), start_ns: now_ns(), peak_rss, stop }
+    }
+
+    /// (CPU % of one core over the window, peak RSS KiB, end RSS KiB).
+    pub fn finish(self) -> (f64, u64, u64) {
+        self.stop.cancel();
+        let end = sample(self.pid);
+        let wall = (now_ns() - self.start_ns) as f64 / 1e9;
+        let cpu = 100.0 * (end.cpu_s - self.start.cpu_s) / wall.max(1e-9);
+        let peak = self.peak_rss.load(std::sync::atomic::Ordering::Relaxed).max(end.rss_kib);
+        (cpu, peak, end.rss_kib)
+    }
+}
+
+/// A plain HTTP/1.1 GET: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response)).await??;
+    let response = String::from_utf8_lossy(&response).to_string();
+    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).context("no HTTP status")?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// One value from the server's /metrics.
+pub async fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
+    let (_, body) = http_get(addr, "/metrics").await.ok()?;
+    body.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' '))).and_then(|v| v.parse().ok())
+}

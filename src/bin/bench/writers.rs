@@ -1,0 +1,208 @@
+//! Writers (plain SQL, as WindFlow's API would write) and the bare LISTEN
+//! client that is the latency floor for the same writes.
+
+use std::future::poll_fn;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_postgres::AsyncMessage;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::clients::{find_marker, marker};
+use crate::harness::{connect, now_ns};
+
+/// One committed write: its marker, the deployment (index into the
+/// scenario's list) and when the commit returned to the writer.
+#[derive(Clone, Copy, Debug)]
+pub struct Written {
+    pub seq: u32,
+    pub deployment: u32,
+    pub commit_ns: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct WritePlan {
+    pub writers: usize,
+    /// Writes per second over all writers; None: as fast as they can.
+    pub rate: Option<f64>,
+    pub duration: Duration,
+    /// The deployments to write to, split between the writers.
+    pub deployments: Arc<Vec<Uuid>>,
+    /// Out of 5 writes: how many are status changes and progress updates;
+    /// the rest are log lines.
+    pub status_in_5: u32,
+    pub progress_in_5: u32,
+    /// Log lines are padded to this many bytes.
+    pub log_size: usize,
+}
+
+/// One writer's writes, failure count and first error.
+type WriterResult = (Vec<Written>, u64, Option<String>);
+
+pub struct WriteOutcome {
+    pub written: Vec<Written>,
+    pub failed: u64,
+    pub first_error: Option<String>,
+    pub wall_s: f64,
+}
+
+/// Run the plan; every write is its own transaction (autocommit).
+pub async fn run(config: &tokio_postgres::Config, plan: &WritePlan) -> Result<WriteOutcome> {
+    let seq = Arc::new(AtomicU32::new(0));
+    let start = now_ns() + 50_000_000;
+    let mut tasks: Vec<JoinHandle<Result<WriterResult>>> = Vec::new();
+    for writer in 0..plan.writers {
+        let client = connect(config).await?;
+        let (plan, seq) = (plan.clone(), seq.clone());
+        tasks.push(tokio::spawn(async move { write_loop(client, writer, plan, seq, start).await }));
+    }
+    let mut outcome = WriteOutcome { written: Vec::new(), failed: 0, first_error: None, wall_s: 0.0 };
+    for task in tasks {
+        let (written, failed, error) = task.await.context("writer task")??;
+        outcome.written.extend(written);
+        outcome.failed += failed;
+        outcome.first_error = outcome.first_error.or(error);
+    }
+    outcome.wall_s = (now_ns().saturating_sub(start)) as f64 / 1e9;
+    outcome.written.sort_by_key(|w| w.seq);
+    Ok(outcome)
+}
+
+async fn write_loop(
+    client: tokio_postgres::Client,
+    writer: usize,
+    plan: WritePlan,
+    seq: Arc<AtomicU32>,
+    start: u64,
+) -> Result<WriterResult> {
+    let status = client.prepare("UPDATE deployments SET status = $2, error_message = $3 WHERE id = $1").await?;
+    let progress = client.prepare("UPDATE deployments SET progress = $2, current_step = $3 WHERE id = $1").await?;
+    let log = client.prepare("INSERT INTO deployment_logs (deployment_id, message) VALUES ($1, $2)").await?;
+    // Each writer owns its share of deployments, so it knows their status
+    // and writers do not queue on each other's row locks.
+    let mine: Vec<u32> = (0..plan.deployments.len() as u32).filter(|d| *d as usize % plan.writers == writer).collect();
+    if mine.is_empty() {
+        return Ok((Vec::new(), 0, None));
+    }
+    let mut running = vec![false; mine.len()];
+    let end = start + plan.duration.as_nanos() as u64;
+    let interval_ns = plan.rate.map(|r| (plan.writers as f64 / r * 1e9) as u64);
+    let offset_ns = plan.rate.map(|r| (writer as f64 / r * 1e9) as u64).unwrap_or(0);
+    let (mut written, mut failed, mut first_error) = (Vec::new(), 0u64, None);
+    let mut padding = String::new();
+    for k in 0u64.. {
+        let due = start + offset_ns + interval_ns.map(|i| i * k).unwrap_or(0);
+        if due >= end || now_ns() >= end {
+            break;
+        }
+        let now = now_ns();
+        if due > now {
+            tokio::time::sleep(Duration::from_nanos(due - now)).await;
+        }
+        let n = seq.fetch_add(1, Relaxed);
+        let slot = k as usize % mine.len();
+        let deployment = mine[slot];
+        let id = plan.deployments[deployment as usize];
+        let mark = marker(n);
+        let kind = n % 5;
+        let result = if kind < plan.status_in_5 {
+            running[slot] = !running[slot];
+            let next = if running[slot] { "running" } else { "deploying" };
+            client.execute(&status, &[&id, &next, &mark]).await
+        } else if kind < plan.status_in_5 + plan.progress_in_5 {
+            client.execute(&progress, &[&id, &((n % 101) as i32), &mark]).await
+        } else {
+            let message = if plan.log_size > mark.len() {
+                if padding.len() != plan.log_size - mark.len() {
+                    padding = "x".repeat(plan.log_size - mark.len());
+                }
+                format!("{mark}{padding}")
+            } else {
+                mark
+            };
+            client.execute(&log, &[&id, &message]).await
+        };
+        match result {
+            Ok(_) => written.push(Written { seq: n, deployment, commit_ns: now_ns() }),
+            Err(e) => {
+                failed += 1;
+                first_error.get_or_insert_with(|| format!("{e:?}"));
+            }
+        }
+    }
+    Ok((written, failed, first_error))
+}
+
+/// The latency floor: one bare tokio-postgres connection LISTENing on
+/// `windflow_events`. Returns (seq, receive time) per notification.
+pub struct BareListener {
+    handle: JoinHandle<Result<()>>,
+    seen: Arc<std::sync::Mutex<Vec<(u32, u64)>>>,
+    stop: CancellationToken,
+}
+
+impl BareListener {
+    pub async fn start(config: &tokio_postgres::Config) -> Result<BareListener> {
+        let (client, mut connection) = config.connect(tokio_postgres::NoTls).await?;
+        let fetcher = connect(config).await?;
+        let (tx, mut rx) = mpsc::unbounded_channel::<(String, u64)>();
+        let stop = CancellationToken::new();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (token, record) = (stop.clone(), seen.clone());
+        let handle = tokio::spawn(async move {
+            let driver = async move {
+                while let Some(message) = poll_fn(|cx| connection.poll_message(cx)).await {
+                    if let Ok(AsyncMessage::Notification(n)) = message
+                        && tx.send((n.payload().to_string(), now_ns())).is_err()
+                    {
+                        break;
+                    }
+                }
+            };
+            let consume = async {
+                client.batch_execute("LISTEN windflow_events").await?;
+                while let Some((payload, at)) = rx.recv().await {
+                    let found = match find_marker(payload.as_bytes()) {
+                        Some((seq, _)) => Some((seq, at)),
+                        None => {
+                            // Over 8000 bytes: announced without data; read it as the server does.
+                            let id = serde_json::from_str::<serde_json::Value>(&payload)
+                                .ok()
+                                .and_then(|v| v["event_id"].as_i64())
+                                .context("bare listener: payload without event_id")?;
+                            let row = fetcher
+                                .query_one("SELECT data::text FROM windflow_events WHERE id = $1", &[&id])
+                                .await?;
+                            let data: String = row.get(0);
+                            find_marker(data.as_bytes()).map(|(seq, _)| (seq, now_ns()))
+                        }
+                    };
+                    if let Some(sample) = found {
+                        record.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.push(sample);
+                    }
+                }
+                anyhow::Ok(())
+            };
+            tokio::select! {
+                _ = driver => Ok(()),
+                outcome = consume => outcome,
+                _ = token.cancelled() => Ok(()),
+            }
+        });
+        // Make sure LISTEN has been executed before writes begin.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Ok(BareListener { handle, seen, stop })
+    }
+
+    pub async fn finish(self) -> Result<Vec<(u32, u64)>> {
+        self.stop.cancel();
+        self.handle.await.context("bare listener task")??;
+        let seen = std::mem::take(&mut *self.seen.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
+        Ok(seen)
+    }
+}
