@@ -52,7 +52,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 enum ListenerError {
     #[error(transparent)]
     Db(#[from] DbError),
-    #[error("connection lost: {0}")]
+    #[error("connection lost: {}", crate::db::describe(.0))]
     Lost(#[from] tokio_postgres::Error),
     #[error("connection closed by the server")]
     Closed,
@@ -202,7 +202,9 @@ impl Listener {
                         }
                         // A snapshot too long for a NOTIFY payload (thousands of
                         // open transactions): keep the previous marker.
-                        Err(e) if e.as_db_error().is_some() => warn!(error = %e, "marker not sent"),
+                        Err(e) if e.as_db_error().is_some() => {
+                            warn!(error = %crate::db::describe(&e), "marker not sent")
+                        }
                         Err(e) => return Err(e.into()),
                     }
                 }

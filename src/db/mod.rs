@@ -15,15 +15,26 @@ mod embedded {
     refinery::embed_migrations!("sql");
 }
 
+/// A tokio-postgres error with what PostgreSQL said, or the I/O cause:
+/// its own Display is only "db error" or "error connecting to server".
+pub fn describe(error: &tokio_postgres::Error) -> String {
+    use std::error::Error as _;
+    match (error.as_db_error(), error.source()) {
+        (Some(db), _) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
+        (None, Some(source)) => format!("{error}: {source}"),
+        (None, None) => error.to_string(),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("DATABASE_URL: {0}")]
+    #[error("DATABASE_URL: {}", describe(.0))]
     Url(tokio_postgres::Error),
-    #[error("cannot connect to PostgreSQL: {0}")]
+    #[error("cannot connect to PostgreSQL: {}", describe(.0))]
     Connect(tokio_postgres::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] refinery::Error),
-    #[error("database query failed: {0}")]
+    #[error("database query failed: {}", describe(.0))]
     Query(#[from] tokio_postgres::Error),
     #[error("database pool: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
@@ -62,7 +73,7 @@ pub async fn connect(config: &tokio_postgres::Config) -> Result<Client, DbError>
     let (client, connection) = config.connect(NoTls).await.map_err(DbError::Connect)?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
-            warn!(error = %e, "database connection ended with an error");
+            warn!(error = %describe(&e), "database connection ended with an error");
         }
     });
     Ok(client)
