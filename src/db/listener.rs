@@ -89,7 +89,7 @@ impl Listener {
 
     pub async fn run(self) {
         let mut marker: Option<String> = None;
-        let mut backoff = BACKOFF_FIRST;
+        let mut backoff = Backoff::default();
         loop {
             let mut became_up = false;
             let outcome = self.connection(&mut marker, &mut became_up).await;
@@ -99,14 +99,14 @@ impl Listener {
                 Err(e) => e,
             };
             if became_up {
-                backoff = BACKOFF_FIRST;
+                backoff = Backoff::default();
             }
-            warn!(error = %error, retry_in = ?backoff, "listener connection lost; reconnecting");
+            let delay = backoff.next_delay();
+            warn!(error = %error, retry_in = ?delay, "listener connection lost; reconnecting");
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(jittered(backoff)) => {}
+                _ = tokio::time::sleep(delay) => {}
             }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 
@@ -254,11 +254,43 @@ impl Listener {
     }
 }
 
-/// Up to a quarter of random slack, so instances that lost the database
-/// together do not come back in lockstep.
-fn jittered(delay: Duration) -> Duration {
-    let nanos = u64::from(
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos(),
-    );
-    delay + delay.mul_f64((nanos % 1000) as f64 / 4000.0)
+/// Exponential backoff between reconnects: 100 ms doubling to 5 s, so a
+/// database that is down is not stormed, with up to a quarter of random
+/// slack so instances that lost it together do not return in lockstep.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { next: BACKOFF_FIRST }
+    }
+}
+
+impl Backoff {
+    fn next_delay(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or_default();
+        base + base.mul_f64(f64::from(nanos % 1000) / 4000.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_a_ceiling_with_bounded_jitter() {
+        let mut backoff = Backoff::default();
+        let delays: Vec<Duration> = (0..10).map(|_| backoff.next_delay()).collect();
+        let bases = [100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000, 5000].map(Duration::from_millis);
+        for (delay, base) in delays.iter().zip(bases) {
+            assert!(*delay >= base && *delay <= base + base / 4, "{delay:?} for base {base:?}");
+        }
+    }
 }
