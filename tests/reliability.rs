@@ -468,7 +468,7 @@ async fn refuses_to_start_against_a_standby() {
     let primary = Cluster::start_new();
     let standby = primary.start_standby();
     let config: tokio_postgres::Config = standby.url("postgres").parse().unwrap();
-    let error = windflow_notify::db::migrate(&config).await.err().expect("refused");
+    let error = windflow_notify::db::migrate(&config).await.expect_err("refused");
     assert!(error.to_string().contains("standby"), "{error}");
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_windflow-notify"))
         .arg("serve")
@@ -481,4 +481,32 @@ async fn refuses_to_start_against_a_standby() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("pg_is_in_recovery"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_commit_with_a_smaller_id_across_a_listener_outage_arrives_once() {
+    let app = spawn_app().await;
+    let admin = superuser();
+    let mut client = app.server.connect_as(admin).await;
+    client.subscribe("deployment_events").await;
+    let (x, y) = (Uuid::new_v4(), Uuid::new_v4());
+    let late_deployment = app.writer.create_deployment(x, None).await;
+    let early_deployment = app.writer.create_deployment(y, None).await;
+    receive_exactly_once(&mut client, 2).await;
+    // A takes its event id first but commits last.
+    let slow = Writer::new(&app.database).await;
+    slow.execute("BEGIN").await;
+    slow.log(late_deployment, "late").await;
+    app.writer.log(early_deployment, "early").await;
+    let (_, early_id, data) = client.recv_event().await;
+    assert_eq!(data["logs"], "early");
+    // Cut the listener off and commit A: A comes from the event log (or
+    // live, if the listener is back first), though its id is below one
+    // already delivered.
+    assert_eq!(kill_listener(&app.database).await, 1);
+    slow.execute("COMMIT").await;
+    let (_, late_id, data) = client.recv_event().await;
+    assert_eq!(data["logs"], "late");
+    assert!(late_id < early_id, "the late commit has the smaller id");
+    assert_nothing_more(&app.writer, &mut client, admin.user_id).await;
 }
