@@ -75,6 +75,9 @@ export class WindflowClient {
    * `message` (every server message), `state`, `authenticated`, `subscribed`,
    * `resync`, `error` (server error replies) or `close` (socket closed, with its code).
    * Event callbacks get `(data, message)`; returns a function that removes the callback.
+   * @param {string} type
+   * @param {(...args: any[]) => void} callback
+   * @returns {() => void}
    */
   on(type, callback) {
     if (!this.listeners.has(type)) this.listeners.set(type, new Set())
@@ -85,6 +88,8 @@ export class WindflowClient {
   /**
    * Subscribe to `topic` now and after every reconnect. `since` replays the
    * events after that event id first (0: all the server's event log holds).
+   * @param {string} topic
+   * @param {{ since?: number | null }} [options]
    */
   subscribe(topic, { since = null } = {}) {
     const start = since ?? this.topics.get(topic) ?? this.lastEventId
@@ -92,6 +97,7 @@ export class WindflowClient {
     if (this.state === 'open') this.send(subscribeMessage(topic, since))
   }
 
+  /** @param {string} topic */
   unsubscribe(topic) {
     if (!this.topics.delete(topic)) return
     if (this.state === 'open') this.send({ type: 'unsubscribe', topic })
@@ -119,7 +125,10 @@ export class WindflowClient {
     this.setState('closed')
   }
 
-  /** Replace the token: re-authenticates now if connected, else on the next connection. */
+  /**
+   * Replace the token: re-authenticates now if connected, else on the next connection.
+   * @param {ClientOptions['token']} token
+   */
   setToken(token) {
     this.token = token
     if (this.state === 'open') this.authenticate()

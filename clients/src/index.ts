@@ -1,0 +1,3 @@
+export { useDeploymentWebSocket } from './useDeploymentWebSocket.js'
+export type { ConnectionState, DeploymentWebSocket, DeploymentWebSocketOptions } from './useDeploymentWebSocket.js'
+export type * from './messages.js'
