@@ -71,7 +71,7 @@ impl Event {
         frame.push_str(r#"","event_id":"#);
         frame.push_str(&id.to_string());
         frame.push_str(r#","data":"#);
-        frame.push_str(data);
+        push_compact(&mut frame, data);
         frame.push('}');
         Event {
             id,
@@ -83,6 +83,31 @@ impl Event {
             received_at: Instant::now(),
         }
     }
+}
+
+/// Append JSON text without the whitespace between tokens: PostgreSQL's
+/// `json_build_object` writes `{"a" : 1, "b" : 2}`. Strings are copied
+/// untouched; this runs once per event, not per recipient.
+fn push_compact(out: &mut String, json: &str) {
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut start = 0;
+    for (i, byte) in json.bytes().enumerate() {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+        } else if byte == b'"' {
+            in_string = true;
+        } else if matches!(byte, b' ' | b'\n' | b'\r' | b'\t') {
+            out.push_str(&json[start..i]);
+            start = i + 1;
+        }
+    }
+    out.push_str(&json[start..]);
 }
 
 /// A NOTIFY payload on `windflow_events`, as `windflow_emit` writes it.
@@ -110,6 +135,15 @@ mod tests {
         assert_eq!(value["type"], "DEPLOYMENT_PROGRESS");
         assert_eq!(value["event_id"], 42);
         assert_eq!(value["data"]["progress"], 75);
+    }
+
+    #[test]
+    fn whitespace_between_tokens_is_dropped_but_strings_are_kept() {
+        let mut out = String::new();
+        push_compact(&mut out, "{\"logs\" : \"a b \\\" c\\\\\", \"n\" : [1, 2],\n \"x\" : null}");
+        assert_eq!(out, r#"{"logs":"a b \" c\\","n":[1,2],"x":null}"#);
+        let value: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(value["logs"], "a b \" c\\");
     }
 
     #[test]
