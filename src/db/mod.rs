@@ -30,7 +30,7 @@ pub fn describe(error: &tokio_postgres::Error) -> String {
 pub enum DbError {
     #[error("DATABASE_URL: {}", describe(.0))]
     Url(tokio_postgres::Error),
-    #[error("cannot connect to PostgreSQL: {}", describe(.0))]
+    #[error("DATABASE_URL: cannot connect to PostgreSQL: {}", describe(.0))]
     Connect(tokio_postgres::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] refinery::Error),

@@ -1,0 +1,75 @@
+//! SPEC §8: a missing or wrong setting fails at start with one clear line
+//! naming it; a flag wins over its environment variable.
+
+use std::process::Command;
+
+/// Run `windflow-notify serve` with only these variables; returns (exit
+/// code, stderr).
+fn serve_with(env: &[(&str, &str)], args: &[&str]) -> (i32, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_windflow-notify"));
+    command.arg("serve").args(args).env_clear().env("RUST_LOG", "error");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let output = command.output().expect("run windflow-notify");
+    (output.status.code().unwrap_or(-1), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+fn assert_one_line_naming(env: &[(&str, &str)], args: &[&str], setting: &str) {
+    let (code, stderr) = serve_with(env, args);
+    assert_ne!(code, 0, "must fail: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line, got: {stderr}");
+    assert!(lines[0].contains(setting), "{setting} named in: {stderr}");
+}
+
+const SECRET: (&str, &str) = ("JWT_SECRET_KEY", "s");
+const NO_DATABASE: (&str, &str) = ("DATABASE_URL", "postgres://postgres@127.0.0.1:1/none");
+
+#[test]
+fn missing_secret_names_jwt_secret_key() {
+    assert_one_line_naming(&[NO_DATABASE], &[], "JWT_SECRET_KEY");
+}
+
+#[test]
+fn wrong_durations_and_counts_name_their_variable() {
+    for (name, value) in [
+        ("WINDFLOW_PING_INTERVAL", "soon"),
+        ("WINDFLOW_EVENT_RETENTION", "0s"),
+        ("WINDFLOW_MAX_CONNECTIONS", "0"),
+        ("WINDFLOW_CLIENT_QUEUE", "-5"),
+        ("WINDFLOW_HISTORY_SIZE", "lots"),
+        ("WINDFLOW_BIND", "localhost"),
+        ("JWT_ALGORITHM", "none"),
+    ] {
+        assert_one_line_naming(&[SECRET, NO_DATABASE, (name, value)], &[], name);
+    }
+}
+
+#[test]
+fn missing_public_key_file_names_it() {
+    assert_one_line_naming(&[NO_DATABASE, ("JWT_ALGORITHM", "ES256")], &[], "JWT_PUBLIC_KEY_FILE");
+    assert_one_line_naming(
+        &[NO_DATABASE, ("JWT_ALGORITHM", "RS256"), ("JWT_PUBLIC_KEY_FILE", "/nonexistent.pem")],
+        &[],
+        "JWT_PUBLIC_KEY_FILE",
+    );
+}
+
+#[test]
+fn bad_or_unreachable_database_names_database_url() {
+    assert_one_line_naming(&[SECRET, ("DATABASE_URL", "nope://")], &[], "DATABASE_URL");
+    assert_one_line_naming(&[SECRET, NO_DATABASE], &[], "DATABASE_URL");
+}
+
+#[test]
+fn a_flag_wins_over_its_variable() {
+    // The variable is wrong, the flag is right: the failure is now about
+    // the database, not the interval.
+    let (_, stderr) =
+        serve_with(&[SECRET, NO_DATABASE, ("WINDFLOW_PING_INTERVAL", "soon")], &["--ping-interval", "5s"]);
+    assert!(stderr.contains("DATABASE_URL") && !stderr.contains("ping"), "{stderr}");
+    // And a wrong flag is reported under the flag's name even when the variable is fine.
+    let (_, stderr) = serve_with(&[SECRET, NO_DATABASE, ("WINDFLOW_PING_INTERVAL", "5s")], &["--ping-interval", "x"]);
+    assert!(stderr.contains("--ping-interval"), "{stderr}");
+}
