@@ -79,9 +79,7 @@ async fn invalid_or_expired_token_in_url_gets_401() {
     )
     .unwrap();
     for bad in ["garbage".to_string(), expired] {
-        let url = format!("{}?token={bad}", app.server.ws_url());
-        let error = Client::connect(url.into_client_request().unwrap()).await.err().expect("refused");
-        assert_eq!(status_of(error), 401);
+        app.server.assert_refused_in_url(&bad).await;
     }
 }
 
@@ -92,9 +90,7 @@ async fn token_signed_with_another_secret_or_algorithm_is_refused() {
     let other_secret = auth::sign(&request, Algorithm::HS256, Some("not-the-secret"), None).unwrap();
     let other_algorithm = auth::sign(&request, Algorithm::HS512, Some(SECRET), None).unwrap();
     for bad in [other_secret, other_algorithm] {
-        let url = format!("{}?token={bad}", app.server.ws_url());
-        let error = Client::connect(url.into_client_request().unwrap()).await.err().expect("refused");
-        assert_eq!(status_of(error), 401);
+        app.server.assert_refused_in_url(&bad).await;
     }
 }
 
@@ -105,9 +101,7 @@ async fn unsigned_alg_none_token_is_refused() {
     let claims = real.split('.').nth(1).unwrap();
     // {"alg":"none","typ":"JWT"}
     let unsigned = format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{claims}.");
-    let url = format!("{}?token={unsigned}", app.server.ws_url());
-    let error = Client::connect(url.into_client_request().unwrap()).await.err().expect("refused");
-    assert_eq!(status_of(error), 401);
+    app.server.assert_refused_in_url(&unsigned).await;
 }
 
 #[tokio::test]
@@ -177,9 +171,7 @@ async fn audience_and_issuer_are_enforced_when_configured() {
     for bad in
         [with(None, Some("windflow-api")), with(Some("windflow"), None), with(Some("other"), Some("windflow-api"))]
     {
-        let url = format!("{}?token={bad}", server.ws_url());
-        let error = Client::connect(url.into_client_request().unwrap()).await.err().expect("refused");
-        assert_eq!(status_of(error), 401);
+        server.assert_refused_in_url(&bad).await;
     }
 }
 
@@ -202,9 +194,7 @@ async fn asymmetric_round_trip(algorithm: Algorithm, private: &str, public: &str
     // algorithm-confusion attack.
     let public_pem = std::fs::read_to_string(key(public)).unwrap();
     let confused = auth::sign(&request, Algorithm::HS256, Some(&public_pem), None).unwrap();
-    let url = format!("{}?token={confused}", server.ws_url());
-    let error = Client::connect(url.into_client_request().unwrap()).await.err().expect("refused");
-    assert_eq!(status_of(error), 401);
+    server.assert_refused_in_url(&confused).await;
 }
 
 #[tokio::test]

@@ -7,7 +7,8 @@ use std::process::Command;
 /// code, stderr).
 fn serve_with(env: &[(&str, &str)], args: &[&str]) -> (i32, String) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_windflow-notify"));
-    command.arg("serve").args(args).env_clear().env("RUST_LOG", "error");
+    // Port 0: a busy port 8000 must not be what fails.
+    command.arg("serve").args(args).env_clear().env("RUST_LOG", "error").env("WINDFLOW_BIND", "127.0.0.1:0");
     for (key, value) in env {
         command.env(key, value);
     }

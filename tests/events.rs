@@ -34,10 +34,7 @@ async fn insert_deployment_makes_status_changed_with_null_old_status() {
 #[tokio::test]
 async fn status_update_makes_status_changed_with_old_status() {
     let app = spawn_app().await;
-    let owner = user();
-    let mut client = app.server.connect_as(owner).await;
-    let deployment = app.writer.create_deployment(owner.user_id, None).await;
-    client.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
+    let (_, mut client, deployment) = app.owner_with_deployment().await;
     app.writer
         .execute(&format!("UPDATE deployments SET status = 'failed', error_message = 'boom' WHERE id = '{deployment}'"))
         .await;
@@ -50,10 +47,7 @@ async fn status_update_makes_status_changed_with_old_status() {
 #[tokio::test]
 async fn progress_update_carries_the_row_after_the_update() {
     let app = spawn_app().await;
-    let owner = user();
-    let mut client = app.server.connect_as(owner).await;
-    let deployment = app.writer.create_deployment(owner.user_id, None).await;
-    client.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
+    let (_, mut client, deployment) = app.owner_with_deployment().await;
     app.writer
         .execute(&format!(
             "UPDATE deployments SET progress = 75, current_step = 'Starting containers', total_steps = 100 WHERE id = '{deployment}'"
@@ -70,10 +64,7 @@ async fn progress_update_carries_the_row_after_the_update() {
 #[tokio::test]
 async fn each_of_current_step_and_total_steps_alone_makes_progress() {
     let app = spawn_app().await;
-    let owner = user();
-    let mut client = app.server.connect_as(owner).await;
-    let deployment = app.writer.create_deployment(owner.user_id, None).await;
-    client.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
+    let (_, mut client, deployment) = app.owner_with_deployment().await;
     app.writer.execute(&format!("UPDATE deployments SET current_step = 'pull' WHERE id = '{deployment}'")).await;
     assert_eq!(client.recv_type("DEPLOYMENT_PROGRESS").await["data"]["current_step"], "pull");
     app.writer.execute(&format!("UPDATE deployments SET total_steps = 7 WHERE id = '{deployment}'")).await;
@@ -83,10 +74,7 @@ async fn each_of_current_step_and_total_steps_alone_makes_progress() {
 #[tokio::test]
 async fn status_and_progress_in_one_update_make_both_status_first() {
     let app = spawn_app().await;
-    let owner = user();
-    let mut client = app.server.connect_as(owner).await;
-    let deployment = app.writer.create_deployment(owner.user_id, None).await;
-    client.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
+    let (_, mut client, deployment) = app.owner_with_deployment().await;
     app.writer
         .execute(&format!("UPDATE deployments SET status = 'deploying', progress = 10 WHERE id = '{deployment}'"))
         .await;
@@ -100,10 +88,7 @@ async fn status_and_progress_in_one_update_make_both_status_first() {
 #[tokio::test]
 async fn update_of_other_columns_makes_no_event() {
     let app = spawn_app().await;
-    let owner = user();
-    let mut client = app.server.connect_as(owner).await;
-    let deployment = app.writer.create_deployment(owner.user_id, None).await;
-    client.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
+    let (_, mut client, deployment) = app.owner_with_deployment().await;
     app.writer.execute(&format!("UPDATE deployments SET name = 'renamed' WHERE id = '{deployment}'")).await;
     app.writer
         .execute(&format!("UPDATE deployments SET status = status, progress = progress WHERE id = '{deployment}'"))
@@ -118,10 +103,7 @@ async fn update_of_other_columns_makes_no_event() {
 #[tokio::test]
 async fn log_insert_makes_logs_update_one_per_row() {
     let app = spawn_app().await;
-    let owner = user();
-    let mut client = app.server.connect_as(owner).await;
-    let deployment = app.writer.create_deployment(owner.user_id, None).await;
-    client.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
+    let (_, mut client, deployment) = app.owner_with_deployment().await;
     app.writer
         .execute(&format!(
             "INSERT INTO deployment_logs (deployment_id, message) VALUES ('{deployment}', 'one'), ('{deployment}', 'two')"
@@ -139,10 +121,7 @@ async fn log_insert_makes_logs_update_one_per_row() {
 #[tokio::test]
 async fn identical_log_rows_in_one_transaction_are_two_events() {
     let app = spawn_app().await;
-    let owner = user();
-    let mut client = app.server.connect_as(owner).await;
-    let deployment = app.writer.create_deployment(owner.user_id, None).await;
-    client.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
+    let (_, mut client, deployment) = app.owner_with_deployment().await;
     app.writer
         .execute(&format!(
             "BEGIN;
@@ -161,10 +140,7 @@ async fn identical_log_rows_in_one_transaction_are_two_events() {
 #[tokio::test]
 async fn rolled_back_transaction_emits_nothing() {
     let app = spawn_app().await;
-    let owner = user();
-    let mut client = app.server.connect_as(owner).await;
-    let deployment = app.writer.create_deployment(owner.user_id, None).await;
-    client.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
+    let (_, mut client, deployment) = app.owner_with_deployment().await;
     app.writer
         .execute(&format!(
             "BEGIN;
@@ -181,10 +157,7 @@ async fn rolled_back_transaction_emits_nothing() {
 #[tokio::test]
 async fn events_arrive_at_commit_not_before() {
     let app = spawn_app().await;
-    let owner = user();
-    let mut client = app.server.connect_as(owner).await;
-    let deployment = app.writer.create_deployment(owner.user_id, None).await;
-    client.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
+    let (owner, mut client, deployment) = app.owner_with_deployment().await;
     let other = Writer::new(&app.database).await;
     app.writer.execute("BEGIN").await;
     app.writer.log(deployment, "inside").await;
@@ -199,10 +172,7 @@ async fn events_arrive_at_commit_not_before() {
 #[tokio::test]
 async fn one_mebibyte_log_line_arrives_intact() {
     let app = spawn_app().await;
-    let owner = user();
-    let mut client = app.server.connect_as(owner).await;
-    let deployment = app.writer.create_deployment(owner.user_id, None).await;
-    client.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
+    let (_, mut client, deployment) = app.owner_with_deployment().await;
     // Varied content (not one repeated byte), with characters JSON escapes.
     let line: String = (0..1_048_576usize)
         .map(|i| match i % 97 {

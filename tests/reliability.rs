@@ -181,10 +181,7 @@ async fn resume_with_since_replays_then_goes_live_without_gap_or_duplicate() {
 #[tokio::test]
 async fn resume_older_than_the_history_reads_the_event_log() {
     let app = spawn_app_with(|settings| settings.history_size = 10).await;
-    let owner = user();
-    let mut reference = app.server.connect_as(owner).await;
-    let deployment = app.writer.create_deployment(owner.user_id, None).await;
-    reference.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
+    let (owner, mut reference, deployment) = app.owner_with_deployment().await;
     for i in 0..40 {
         app.writer.log(deployment, &format!("{i}")).await;
     }
@@ -209,10 +206,7 @@ async fn retention_prunes_and_a_resume_from_pruned_events_gets_resync_first() {
         settings.history_size = 1;
     })
     .await;
-    let owner = user();
-    let mut reference = app.server.connect_as(owner).await;
-    let deployment = app.writer.create_deployment(owner.user_id, None).await;
-    reference.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
+    let (owner, mut reference, deployment) = app.owner_with_deployment().await;
     for i in 0..5 {
         app.writer.log(deployment, &format!("old {i}")).await;
     }
@@ -339,10 +333,7 @@ fn mutated_message(rng: &mut Rng, seeds: &[String]) -> Message {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousands_of_random_and_mutated_messages_leave_a_good_client_served() {
     let app = spawn_app().await;
-    let owner = user();
-    let mut good = app.server.connect_as(owner).await;
-    let deployment = app.writer.create_deployment(owner.user_id, None).await;
-    good.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
+    let (_, mut good, deployment) = app.owner_with_deployment().await;
     let seeds = vec![
         json!({"type": "auth", "token": token(user())}).to_string(),
         json!({"type": "subscribe", "topic": "deployment_events", "since": 1}).to_string(),
@@ -446,10 +437,7 @@ async fn two_instances_each_deliver_every_event_once() {
 async fn a_resume_works_on_another_instance() {
     let app = spawn_app().await;
     let second = TestServer::start(&app.database, |_| {}).await;
-    let owner = user();
-    let mut first = app.server.connect_as(owner).await;
-    let deployment = app.writer.create_deployment(owner.user_id, None).await;
-    first.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
+    let (owner, mut first, deployment) = app.owner_with_deployment().await;
     for i in 0..10 {
         app.writer.log(deployment, &format!("{i}")).await;
     }

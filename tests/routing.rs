@@ -167,10 +167,7 @@ async fn organization_member_may_subscribe_to_a_colleagues_deployment() {
 #[tokio::test]
 async fn an_event_matching_several_subscriptions_arrives_once() {
     let app = spawn_app().await;
-    let owner = user();
-    let mut client = app.server.connect_as(owner).await;
-    let deployment = app.writer.create_deployment(owner.user_id, None).await;
-    client.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
+    let (_, mut client, deployment) = app.owner_with_deployment().await;
     client.subscribe("deployment_events").await;
     client.subscribe(&format!("deployment_logs_{deployment}")).await;
     app.writer.log(deployment, "once").await;
@@ -218,10 +215,7 @@ async fn subscribing_twice_is_one_subscription() {
 #[tokio::test]
 async fn topic_with_uppercase_uuid_is_answered_in_lowercase() {
     let app = spawn_app().await;
-    let owner = user();
-    let mut client = app.server.connect_as(owner).await;
-    let deployment = app.writer.create_deployment(owner.user_id, None).await;
-    client.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
+    let (_, mut client, deployment) = app.owner_with_deployment().await;
     let upper = format!("deployment_logs_{}", deployment.to_string().to_uppercase());
     client.send(json!({"type": "subscribe", "topic": upper})).await;
     assert_eq!(client.recv_type("subscribed").await["data"]["topic"], format!("deployment_logs_{deployment}"));
@@ -230,10 +224,7 @@ async fn topic_with_uppercase_uuid_is_answered_in_lowercase() {
 #[tokio::test]
 async fn events_of_one_deployment_arrive_in_commit_order() {
     let app = spawn_app().await;
-    let owner = user();
-    let mut client = app.server.connect_as(owner).await;
-    let deployment = app.writer.create_deployment(owner.user_id, None).await;
-    client.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
+    let (_, mut client, deployment) = app.owner_with_deployment().await;
     // Four writers race on one deployment.
     let mut writers = Vec::new();
     for w in 0..4 {

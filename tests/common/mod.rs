@@ -186,6 +186,16 @@ impl TestServer {
         self.connect(&token(viewer)).await
     }
 
+    /// Expect the upgrade with `?token=` to be refused with 401.
+    pub async fn assert_refused_in_url(&self, token: &str) {
+        let url = format!("{}?token={token}", self.ws_url());
+        match Client::connect(url.into_client_request().expect("request")).await {
+            Err(tungstenite::Error::Http(response)) => assert_eq!(response.status().as_u16(), 401),
+            Err(other) => panic!("expected HTTP 401, got {other}"),
+            Ok(_) => panic!("token {token:.20}… was accepted"),
+        }
+    }
+
     pub async fn metric(&self, name: &str) -> f64 {
         let (_, body) = self.get("/metrics").await;
         body.lines()
@@ -375,6 +385,23 @@ pub struct TestApp {
     pub server: TestServer,
     pub writer: Writer,
     pub database: TestDatabase,
+}
+
+impl TestApp {
+    /// A user connected with one deployment of their own, its creation
+    /// event already read.
+    pub async fn owner_with_deployment(&self) -> (Viewer, Client, Uuid) {
+        let owner = user();
+        let mut client = self.server.connect_as(owner).await;
+        let deployment = self.writer.create_deployment(owner.user_id, None).await;
+        client.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
+        (owner, client, deployment)
+    }
+
+    /// Expect the upgrade with `?token=` to be refused with 401.
+    pub async fn assert_refused_in_url(&self, token: &str) {
+        self.server.assert_refused_in_url(token).await;
+    }
 }
 
 pub async fn spawn_app() -> TestApp {
