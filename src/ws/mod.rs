@@ -22,8 +22,19 @@ use crate::metrics::Metrics;
 /// SPEC §6: a message over 64 KiB closes the connection with 1009.
 pub const MAX_MESSAGE_SIZE: usize = 64 * 1024;
 
+/// tungstenite's buffers, sized for many mostly idle connections (S3 in
+/// BENCHMARKS.md). The read buffer is allocated and zero-filled up to its
+/// full size on every read, so its size is resident per connection: at the
+/// default 128 KiB an idle connection cost 141 KiB of RSS, at 512 bytes 13 KiB.
+/// Client messages are small (auth, subscribe); a larger frame grows the
+/// buffer to the frame's length. The write buffer collects a batch of
+/// frames into one write(2) up to 8 KiB.
 pub fn websocket_config() -> WebSocketConfig {
-    WebSocketConfig::default().max_message_size(Some(MAX_MESSAGE_SIZE)).max_frame_size(Some(MAX_MESSAGE_SIZE))
+    WebSocketConfig::default()
+        .read_buffer_size(512)
+        .write_buffer_size(8 * 1024)
+        .max_message_size(Some(MAX_MESSAGE_SIZE))
+        .max_frame_size(Some(MAX_MESSAGE_SIZE))
 }
 
 /// A token from `Authorization: Bearer T` or `?token=T`; `Err` when the
