@@ -70,8 +70,15 @@ pub enum Command {
 #[derive(Debug)]
 pub enum Outbound {
     Event(Arc<Event>),
-    Subscribed { topic: Topic, replay: Option<Replay> },
-    Unsubscribed { topic: Topic },
+    /// The replay is boxed: every queue slot is the size of this enum,
+    /// and a subscription's replay is rare.
+    Subscribed {
+        topic: Topic,
+        replay: Option<Box<Replay>>,
+    },
+    Unsubscribed {
+        topic: Topic,
+    },
 }
 
 /// The events a `subscribe` with `since` owes the client, oldest first.
@@ -311,7 +318,7 @@ impl Hub {
                 self.count_subscriptions(1);
             }
         }
-        self.queue(conn, Outbound::Subscribed { topic, replay });
+        self.queue(conn, Outbound::Subscribed { topic, replay: replay.map(Box::new) });
     }
 
     /// What `subscribe` with `since` owes: the history after `since`'s

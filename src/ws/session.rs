@@ -397,7 +397,9 @@ impl Session {
                 Outbound::Subscribed { topic, replay } => {
                     self.write_events(&mut pending, Some(protocol::topic_reply("subscribed", topic))).await?;
                     if let Some(replay) = replay {
-                        self.replay(topic, replay).await?;
+                        // Boxed: a replay's future (event log queries) is large
+                        // and rare; inline it would enlarge every session task.
+                        Box::pin(self.replay(topic, *replay)).await?;
                     }
                 }
                 Outbound::Unsubscribed { topic } => {
