@@ -146,7 +146,10 @@ impl Session {
                 // and when it stops for shutdown.
                 Wake::Outbound(None) if self.kicked.is_cancelled() => Err(Interrupted::Kicked),
                 Wake::Outbound(None) => Err(Interrupted::Shutdown),
-                Wake::Frame(frame) => self.on_frame(frame).await,
+                // Boxed: client requests are rare next to events, and their
+                // futures (auth, permission queries) would otherwise be
+                // inlined into every idle session task.
+                Wake::Frame(frame) => Box::pin(self.on_frame(frame)).await,
                 Wake::Outbound(Some(message)) => self.deliver(message).await,
                 Wake::PingTick => self.on_ping_tick(interval).await,
                 Wake::Deadline => self.on_deadline().await,
