@@ -27,14 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Apply pending migrations, then serve.
-    Serve {
-        #[command(flatten)]
-        database: DatabaseArgs,
-        #[command(flatten)]
-        jwt: JwtArgs,
-        #[command(flatten)]
-        server: ServerArgs,
-    },
+    Serve(ServeArgs),
     /// Apply pending migrations and exit.
     Migrate {
         #[command(flatten)]
@@ -45,14 +38,18 @@ enum Command {
     /// Print each message of a topic as one JSON line; reconnects and resumes by itself.
     Tail(windflow_notify::tail::TailArgs),
     /// Create the database if missing, serve, and simulate deployments: a first look.
-    Demo {
-        #[command(flatten)]
-        database: DatabaseArgs,
-        #[command(flatten)]
-        jwt: JwtArgs,
-        #[command(flatten)]
-        server: ServerArgs,
-    },
+    Demo(ServeArgs),
+}
+
+/// What `serve` and `demo` both take.
+#[derive(clap::Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    database: DatabaseArgs,
+    #[command(flatten)]
+    jwt: JwtArgs,
+    #[command(flatten)]
+    server: ServerArgs,
 }
 
 #[derive(clap::Args)]
@@ -117,7 +114,7 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Serve { database, jwt, server } => {
+        Command::Serve(ServeArgs { database, jwt, server }) => {
             let database = db::parse_url(&database.database_url)?;
             let verifier = Verifier::from_args(&jwt)?;
             let listener = tokio::net::TcpListener::bind(server.bind)
@@ -162,7 +159,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             windflow_notify::tail::run(args, shutdown).await?;
             Ok(())
         }
-        Command::Demo { database, jwt, server } => {
+        Command::Demo(ServeArgs { database, jwt, server }) => {
             let database = db::parse_url(&database.database_url)?;
             let shutdown = CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));
