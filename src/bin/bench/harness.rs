@@ -113,7 +113,12 @@ impl Process {
         let port = free_port()?;
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
         let logfile = std::fs::File::create(log).with_context(|| format!("create {log}"))?;
-        let child = Command::new(server_bin()?)
+        // Run the binary through a private symlink: other people's
+        // `pkill windflow-notify` on a shared machine must not stop our run.
+        let link = std::env::temp_dir().join(format!("{}-{port}-server", database.name));
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(server_bin()?, &link).with_context(|| format!("symlink {}", link.display()))?;
+        let child = Command::new(&link)
             .arg("serve")
             .env("DATABASE_URL", &database.url)
             .env("JWT_SECRET_KEY", SECRET)
