@@ -233,11 +233,11 @@ impl Fleet {
     }
 }
 
-/// Loopback source addresses 127.0.0.1, 127.0.0.2, …: each has its own
-/// range of ephemeral ports, so more connections fit on one host.
-pub fn source_ip(i: usize, per_ip: usize) -> IpAddr {
-    let n = (i / per_ip.max(1)) as u32 + 1;
-    IpAddr::V4(std::net::Ipv4Addr::from(0x7f00_0000u32 + n))
+/// Loopback source addresses 127.0.0.1 … 127.0.0.32, round robin: each has
+/// its own range of ephemeral ports, so tens of thousands of connections
+/// (and the TIME_WAIT sockets of the previous run) fit on one host.
+pub fn source_ip(i: usize) -> IpAddr {
+    IpAddr::V4(std::net::Ipv4Addr::from(0x7f00_0001u32 + (i % 32) as u32))
 }
 
 #[cfg(test)]

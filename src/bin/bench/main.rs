@@ -327,7 +327,7 @@ fn write_json(o: &writers::WriteOutcome) -> Value {
 }
 
 fn spec(servers: &[Process], i: usize, token: Option<String>, subscribe: Vec<String>) -> ClientSpec {
-    ClientSpec { target: servers[i % servers.len()].addr, source: source_ip(i, 20_000), token, subscribe, min_len: 0 }
+    ClientSpec { target: servers[i % servers.len()].addr, source: source_ip(i), token, subscribe, min_len: 0 }
 }
 
 async fn s1(
@@ -450,7 +450,7 @@ async fn bare_broadcast(conns: usize, events: u32, rate: f64, size: usize) -> Re
         None => bail!("bare broadcaster exited at start"),
     };
     let specs: Vec<ClientSpec> = (0..conns)
-        .map(|i| ClientSpec { target: addr, source: source_ip(i, 20_000), token: None, subscribe: vec![], min_len: 0 })
+        .map(|i| ClientSpec { target: addr, source: source_ip(i), token: None, subscribe: vec![], min_len: 0 })
         .collect();
     let fleet = Fleet::connect(specs, 256).await?;
     let sampler = Sampler::start(pid);
@@ -573,7 +573,7 @@ async fn hold(plan: &str, first_source: usize) -> Result<()> {
         let token = parts.next().context("plan: token")?.to_string();
         specs.push(ClientSpec {
             target,
-            source: source_ip(first_source + i, 20_000),
+            source: source_ip(first_source + i),
             token: Some(token),
             subscribe: parts.map(str::to_string).collect(),
             min_len: 0,
