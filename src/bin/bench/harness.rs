@@ -249,3 +249,37 @@ pub async fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
     let (_, body) = http_get(addr, "/metrics").await.ok()?;
     body.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' '))).and_then(|v| v.parse().ok())
 }
+
+/// A current-thread runtime on its own OS thread. Writers and the bare
+/// LISTEN client run on these, so their timestamps are not delayed behind
+/// thousands of busy client tasks (and writers keep their pace).
+pub struct SideRuntime {
+    pub handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SideRuntime {
+    pub fn new(name: &str) -> Result<SideRuntime> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new().name(name.into()).spawn(move || {
+            runtime.block_on(async {
+                let _ = stopped.await;
+            });
+        })?;
+        Ok(SideRuntime { handle, stop: Some(stop), thread: Some(thread) })
+    }
+}
+
+impl Drop for SideRuntime {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

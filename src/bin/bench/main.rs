@@ -33,7 +33,7 @@ use uuid::Uuid;
 use windflow_notify::auth::{self, TokenRequest, Viewer};
 
 use crate::clients::{ClientSpec, Fleet, source_ip};
-use crate::harness::{BenchDatabase, Process, Sampler, now_ns};
+use crate::harness::{BenchDatabase, Process, Sampler, SideRuntime, now_ns};
 use crate::report::{Delivery, Owed, analyse, print_table, round};
 use crate::writers::{BareListener, WritePlan};
 
@@ -275,9 +275,11 @@ async fn deliver(
     let started = now_ns();
     let fleet = Fleet::connect(specs, 256).await?;
     eprintln!("bench: {n} clients connected in {:.1} s", (now_ns() - started) as f64 / 1e9);
-    let bare = BareListener::start(&db.config).await?;
+    let (listen_side, write_side) = (SideRuntime::new("bare-listen")?, SideRuntime::new("writers")?);
+    let config = db.config.clone();
+    let bare = listen_side.handle.spawn(async move { BareListener::start(&config).await }).await??;
     let samplers: Vec<Sampler> = servers.iter().map(|s| Sampler::start(s.pid)).collect();
-    let outcome = writers::run(&db.config, plan).await?;
+    let outcome = run_writes(&write_side, db, plan).await?;
     if let Some(error) = &outcome.first_error {
         eprintln!("bench: {} writes failed; first: {error}", outcome.failed);
     }
@@ -306,7 +308,8 @@ async fn deliver(
     tokio::time::sleep(Duration::from_millis(300)).await;
     let usage: Vec<(f64, u64, u64)> = samplers.into_iter().map(Sampler::finish).collect();
     let logs = fleet.finish().await;
-    let bare_seen = bare.finish().await?;
+    let bare_seen = listen_side.handle.spawn(bare.finish()).await??;
+    drop((listen_side, write_side));
     let ended_early = logs.iter().filter(|l| l.ended.is_some()).count();
     if ended_early > 0 {
         let why = logs.iter().find_map(|l| l.ended.clone()).unwrap_or_default();
@@ -320,6 +323,11 @@ async fn deliver(
         clients::ClientLog { samples: bare_seen.into_iter().map(|(s, t)| (s, t, 0)).collect(), ..Default::default() };
     let bare_row = analyse("bare LISTEN (floor)", &outcome.written, &[(Owed::All, &bare_log)], false);
     Ok((windflow, bare_row, outcome))
+}
+
+async fn run_writes(side: &SideRuntime, db: &BenchDatabase, plan: &WritePlan) -> Result<writers::WriteOutcome> {
+    let (config, plan) = (db.config.clone(), plan.clone());
+    side.handle.spawn(async move { writers::run(&config, &plan).await }).await?
 }
 
 fn write_json(o: &writers::WriteOutcome) -> Value {
@@ -632,7 +640,7 @@ async fn s4(writers: usize, duration: u64) -> Result<Value> {
                  ALTER TABLE deployment_logs DISABLE TRIGGER deployment_logs_events;",
             )
             .await?;
-        let without = writers::run(&db.config, &plan).await?;
+        let without = run_writes(&SideRuntime::new("writers")?, &db, &plan).await?;
         let with_rate = with.written.len() as f64 / with.wall_s;
         let without_rate = without.written.len() as f64 / without.wall_s;
         print_table(
