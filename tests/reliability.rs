@@ -133,6 +133,10 @@ async fn database_restart_loses_and_duplicates_nothing() {
     cluster.stop();
     eventually("healthz 503 while the database is down", || async { server.get("/healthz").await.0 == 503 }).await;
     assert_eq!(server.metric("windflow_listener_up").await, 0.0);
+    // The outage itself: a few seconds of reconnect attempts against a
+    // database that is not there.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(server.get("/healthz").await.0, 503);
     cluster.start();
     // Written as soon as the database is back, likely before the listener
     // is: these come from the event log.
