@@ -76,6 +76,8 @@ struct Session {
     topics: HashSet<Topic>,
     last_heard: Instant,
     deadline: Instant,
+    /// `deliver`'s batch, kept to reuse its allocation.
+    pending: Vec<Arc<Event>>,
 }
 
 pub async fn run(ws: HyperWebsocketStream, app: Arc<App>, conn: ConnId, claims: Option<Claims>, remote: SocketAddr) {
@@ -90,6 +92,7 @@ pub async fn run(ws: HyperWebsocketStream, app: Arc<App>, conn: ConnId, claims: 
         topics: HashSet::new(),
         last_heard: now,
         deadline: now + AUTH_TIMEOUT,
+        pending: Vec::new(),
     };
     info!(conn, %remote, authenticated = claims.is_some(), "websocket connected");
     let reason = session.serve(claims).await;
@@ -105,6 +108,12 @@ async fn next_outbound(outbound: &mut Option<mpsc::Receiver<Outbound>>) -> Optio
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
+}
+
+/// A fn item, not a closure: a closure here trips the compiler's `Send`
+/// inference for the session future.
+fn event_frame(event: &Arc<Event>) -> Message {
+    Message::Text(event.frame.clone())
 }
 
 fn text(s: String) -> Message {
@@ -390,7 +399,8 @@ impl Session {
     /// Write one message from the hub and whatever else is already queued,
     /// with one flush.
     async fn deliver(&mut self, first: Outbound) -> Step {
-        let mut pending: Vec<Arc<Event>> = Vec::new();
+        // Reused across deliveries, so a wake-up does not allocate.
+        let mut pending = std::mem::take(&mut self.pending);
         let mut next = Some(first);
         let mut taken = 0;
         while let Some(message) = next.take() {
@@ -414,6 +424,7 @@ impl Session {
             }
         }
         self.write_events(&mut pending, None).await?;
+        self.pending = pending;
         Ok(Next::Continue)
     }
 
@@ -422,9 +433,8 @@ impl Session {
         if events.is_empty() && after.is_none() {
             return Ok(());
         }
-        let frames: Vec<Message> =
-            events.iter().map(|e| Message::Text(e.frame.clone())).chain(after.map(text)).collect();
-        self.write(frames).await?;
+        // Fed straight from the shared frames: no allocation per recipient.
+        self.write(events.iter().map(event_frame).chain(after.map(text))).await?;
         let metrics = &self.app.metrics;
         metrics.messages_sent_total.fetch_add(events.len() as u64, Relaxed);
         for event in events.drain(..) {
