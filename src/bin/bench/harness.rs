@@ -105,6 +105,7 @@ pub struct Process {
     pub child: Child,
     pub pid: u32,
     pub addr: SocketAddr,
+    link: PathBuf,
 }
 
 impl Process {
@@ -131,7 +132,7 @@ impl Process {
             .spawn()
             .context("spawn windflow-notify serve")?;
         let pid = child.id().context("server pid")?;
-        let mut process = Process { child, pid, addr };
+        let mut process = Process { child, pid, addr, link };
         process.wait_healthy(log).await?;
         Ok(process)
     }
@@ -165,6 +166,7 @@ impl Process {
                 self.child.kill().await?;
             }
         }
+        let _ = std::fs::remove_file(&self.link);
         Ok(())
     }
 }
