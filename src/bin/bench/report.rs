@@ -146,3 +146,31 @@ pub fn print_table(title: &str, rows: &[Delivery]) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn written(n: u32) -> Vec<Written> {
+        (0..n).map(|seq| Written { seq, deployment: seq % 2, commit_ns: 1_000 }).collect()
+    }
+
+    #[test]
+    fn lost_duplicated_and_misrouted_events_are_counted() {
+        let all = ClientLog { samples: vec![(0, 2_000, 0), (1, 2_000, 0), (1, 2_500, 0)], ..Default::default() };
+        let owner = ClientLog { samples: vec![(1, 3_000, 0)], ..Default::default() };
+        let d = analyse("x", &written(4), &[(Owed::All, &all), (Owed::Deployment(0), &owner)], false);
+        assert_eq!(d.duplicated, 1);
+        assert_eq!(d.lost, 2 + 2, "seqs 2 and 3 for the first client, 0 and 2 for the owner of deployment 0");
+        assert_eq!(d.unexpected, 1, "seq 1 belongs to deployment 1");
+        assert!(d.failed());
+    }
+
+    #[test]
+    fn a_complete_delivery_passes() {
+        let all = ClientLog { samples: (0..4).map(|s| (s, 2_000, 0)).collect(), ..Default::default() };
+        let d = analyse("x", &written(4), &[(Owed::All, &all)], false);
+        assert!(!d.failed());
+        assert_eq!(d.p50_ms, 0.001);
+    }
+}
