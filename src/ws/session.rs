@@ -94,7 +94,7 @@ pub async fn run(ws: HyperWebsocketStream, app: Arc<App>, conn: ConnId, claims: 
         deadline: now + AUTH_TIMEOUT,
         pending: Vec::new(),
     };
-    info!(conn, %remote, authenticated = claims.is_some(), "websocket connected");
+    debug!(conn, %remote, authenticated = claims.is_some(), "websocket connected");
     let reason = session.serve(claims).await;
     if session.outbound.is_some() {
         session.app.hub.send(Command::Unregister { conn }).await;
