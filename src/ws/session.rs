@@ -9,7 +9,6 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::{SinkExt, StreamExt};
@@ -435,11 +434,8 @@ impl Session {
         }
         // Fed straight from the shared frames: no allocation per recipient.
         self.write(events.iter().map(event_frame).chain(after.map(text))).await?;
-        let metrics = &self.app.metrics;
-        metrics.messages_sent_total.fetch_add(events.len() as u64, Relaxed);
-        for event in events.drain(..) {
-            metrics.observe_delivery(event.received_at.elapsed());
-        }
+        let now = Instant::now();
+        self.app.metrics.observe_deliveries(events.drain(..).map(|event| now - event.received_at));
         Ok(())
     }
 
