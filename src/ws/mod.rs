@@ -1,6 +1,7 @@
 //! The WebSocket endpoint: the gate before the upgrade (token, connection
 //! limit), then one [`session`] task per client.
 
+pub mod fragments;
 pub mod protocol;
 pub mod session;
 

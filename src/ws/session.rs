@@ -25,6 +25,7 @@ use crate::auth::{AuthError, Claims};
 use crate::db::events;
 use crate::event::{Event, EventKind};
 use crate::hub::{Command, ConnId, LogReplay, Outbound, Replay};
+use crate::ws::fragments::{Fragments, fragments};
 use crate::ws::protocol::{self, BadRequest, ClientMessage, ErrorCode, Topic};
 
 /// SPEC §6: without a token on the upgrade, `auth` must come within this.
@@ -111,8 +112,8 @@ async fn next_outbound(outbound: &mut Option<mpsc::Receiver<Outbound>>) -> Optio
 
 /// A fn item, not a closure: a closure here trips the compiler's `Send`
 /// inference for the session future.
-fn event_frame(event: &Arc<Event>) -> Message {
-    Message::Text(event.frame.clone())
+fn event_messages(event: &Arc<Event>) -> Fragments {
+    fragments(&event.frame)
 }
 
 fn text(s: String) -> Message {
@@ -220,12 +221,19 @@ impl Session {
         let drain = async {
             if let Some(rx) = self.outbound.as_mut() {
                 while let Ok(message) = rx.try_recv() {
-                    let frame = match message {
-                        Outbound::Event(event) => Message::Text(event.frame.clone()),
-                        Outbound::Subscribed { topic, .. } => text(protocol::topic_reply("subscribed", topic)),
-                        Outbound::Unsubscribed { topic } => text(protocol::topic_reply("unsubscribed", topic)),
-                    };
-                    self.ws.feed(frame).await?;
+                    match message {
+                        Outbound::Event(event) => {
+                            for fragment in event_messages(&event) {
+                                self.ws.feed(fragment).await?;
+                            }
+                        }
+                        Outbound::Subscribed { topic, .. } => {
+                            self.ws.feed(text(protocol::topic_reply("subscribed", topic))).await?
+                        }
+                        Outbound::Unsubscribed { topic } => {
+                            self.ws.feed(text(protocol::topic_reply("unsubscribed", topic))).await?
+                        }
+                    }
                 }
             }
             let frame =
@@ -433,7 +441,7 @@ impl Session {
             return Ok(());
         }
         // Fed straight from the shared frames: no allocation per recipient.
-        self.write(events.iter().map(event_frame).chain(after.map(text))).await?;
+        self.write(events.iter().flat_map(event_messages).chain(after.map(text))).await?;
         let now = Instant::now();
         self.app.metrics.observe_deliveries(events.drain(..).map(|event| now - event.received_at));
         Ok(())
