@@ -25,7 +25,7 @@ use crate::auth::{AuthError, Claims};
 use crate::db::events;
 use crate::event::{Event, EventKind};
 use crate::hub::{Command, ConnId, LogReplay, Outbound, Replay};
-use crate::ws::fragments::{Fragments, fragments};
+use crate::ws::fragments::{FRAGMENT_SIZE, Fragments, fragments};
 use crate::ws::protocol::{self, BadRequest, ClientMessage, ErrorCode, Topic};
 
 /// SPEC §6: without a token on the upgrade, `auth` must come within this.
@@ -110,8 +110,12 @@ async fn next_outbound(outbound: &mut Option<mpsc::Receiver<Outbound>>) -> Optio
     }
 }
 
-/// A fn item, not a closure: a closure here trips the compiler's `Send`
+/// Fn items, not closures: a closure here trips the compiler's `Send`
 /// inference for the session future.
+fn event_frame(event: &Arc<Event>) -> Message {
+    Message::Text(event.frame.clone())
+}
+
 fn event_messages(event: &Arc<Event>) -> Fragments {
     fragments(&event.frame)
 }
@@ -218,7 +222,9 @@ impl Session {
     /// the connection if that cannot be done within 10 s.
     async fn close_slow_consumer(&mut self) -> String {
         let conn = self.conn;
-        let drain = async {
+        // Boxed: a path taken once per slow consumer should not size the
+        // future of every session.
+        let drain = Box::pin(async {
             if let Some(rx) = self.outbound.as_mut() {
                 while let Ok(message) = rx.try_recv() {
                     match message {
@@ -239,7 +245,7 @@ impl Session {
             let frame =
                 CloseFrame { code: CloseCode::Again, reason: "slow consumer: queue full; resume with since".into() };
             self.ws.close(Some(frame)).await
-        };
+        });
         match tokio::time::timeout(SLOW_CLOSE_TIMEOUT, drain).await {
             Ok(_) => "slow consumer: closed with 1013".into(),
             Err(_) => {
@@ -441,7 +447,14 @@ impl Session {
             return Ok(());
         }
         // Fed straight from the shared frames: no allocation per recipient.
-        self.write(events.iter().flat_map(event_messages).chain(after.map(text))).await?;
+        if events.iter().any(|event| event.frame.len() > FRAGMENT_SIZE) {
+            // Rare, and its iterator is larger: boxed, so it does not grow
+            // the future every idle session keeps (measured: +0.5 KiB per
+            // connection in bench S3 when inline).
+            Box::pin(self.write(events.iter().flat_map(event_messages).chain(after.map(text)))).await?;
+        } else {
+            self.write(events.iter().map(event_frame).chain(after.map(text))).await?;
+        }
         let now = Instant::now();
         self.app.metrics.observe_deliveries(events.drain(..).map(|event| now - event.received_at));
         Ok(())
