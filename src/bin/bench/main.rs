@@ -362,15 +362,7 @@ async fn s1(
             let subscribe = vec!["deployment_events".to_string()];
             clients.push((spec(&servers, owners.len() + i, Some(token(viewer)?), subscribe), Owed::All));
         }
-        let plan = WritePlan {
-            writers,
-            rate: Some(rate),
-            duration: Duration::from_secs(duration),
-            deployments: Arc::new(deployments),
-            status_in_5: 1,
-            progress_in_5: 2,
-            log_size: 0,
-        };
+        let plan = WritePlan::mixed(writers, Some(rate), Duration::from_secs(duration), Arc::new(deployments));
         let outcome = deliver(&db, &servers, clients, &plan).await;
         stop_all(servers).await;
         let (windflow, bare, writes) = outcome?;
@@ -410,15 +402,7 @@ async fn s2(
             let subscribe = vec!["deployment_events".to_string()];
             clients.push((spec(&servers, i, Some(token(viewer)?), subscribe), Owed::All));
         }
-        let plan = WritePlan {
-            writers,
-            rate: Some(rate),
-            duration: Duration::from_secs(duration),
-            deployments: Arc::new(deployments),
-            status_in_5: 1,
-            progress_in_5: 2,
-            log_size: 0,
-        };
+        let plan = WritePlan::mixed(writers, Some(rate), Duration::from_secs(duration), Arc::new(deployments));
         let outcome = deliver(&db, &servers, clients, &plan).await;
         stop_all(servers).await;
         let (windflow, bare, writes) = outcome?;
@@ -602,15 +586,7 @@ async fn s4(writers: usize, duration: u64) -> Result<Value> {
         let servers = start_servers(&db, 1).await?;
         let viewer = Viewer { is_superuser: true, ..user(Uuid::new_v4()) };
         let clients = vec![(spec(&servers, 0, Some(token(viewer)?), vec!["deployment_events".into()]), Owed::All)];
-        let plan = WritePlan {
-            writers,
-            rate: None,
-            duration: Duration::from_secs(duration),
-            deployments: deployments.clone(),
-            status_in_5: 1,
-            progress_in_5: 2,
-            log_size: 0,
-        };
+        let plan = WritePlan::mixed(writers, None, Duration::from_secs(duration), deployments.clone());
         // pg_notification_queue_usage() sampled every 100 ms throughout.
         let probe = harness::connect(&db.config).await?;
         let stop = tokio_util::sync::CancellationToken::new();

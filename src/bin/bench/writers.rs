@@ -41,6 +41,14 @@ pub struct WritePlan {
     pub log_size: usize,
 }
 
+impl WritePlan {
+    /// The S1/S2/S4 mix: 1 status change, 2 progress updates and 2 log
+    /// lines in every 5 writes; `rate` None writes as fast as it can.
+    pub fn mixed(writers: usize, rate: Option<f64>, duration: Duration, deployments: Arc<Vec<Uuid>>) -> Self {
+        WritePlan { writers, rate, duration, deployments, status_in_5: 1, progress_in_5: 2, log_size: 0 }
+    }
+}
+
 /// One writer's writes, failure count and first error.
 type WriterResult = (Vec<Written>, u64, Option<String>);
 
