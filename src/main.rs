@@ -17,8 +17,9 @@ use windflow_notify::db;
     about = "Real-time WindFlow deployment events: PostgreSQL in, WebSocket out"
 )]
 struct Cli {
-    /// Log filter (tracing's EnvFilter syntax), e.g. `info` or `windflow_notify=debug`.
-    #[arg(long, env = "RUST_LOG", value_name = "RUST_LOG", default_value = "info", global = true)]
+    /// Log filter (tracing's EnvFilter syntax). The default keeps PostgreSQL NOTICEs (relayed by
+    /// tokio-postgres at info, e.g. "relation already exists, skipping" at every start) out of the log.
+    #[arg(long, env = "RUST_LOG", value_name = "RUST_LOG", default_value = "info,tokio_postgres=warn", global = true)]
     rust_log: String,
     #[command(subcommand)]
     command: Command,
