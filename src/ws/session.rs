@@ -32,8 +32,9 @@ use crate::ws::protocol::{self, BadRequest, ClientMessage, ErrorCode, Topic};
 const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 /// SPEC §6: a slow consumer's close must be written within this.
 const SLOW_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Closing on shutdown must leave time to exit within 5 s.
-const SHUTDOWN_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a close frame may take to write; on shutdown this must leave
+/// time to exit within 5 s.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 pub const MAX_SUBSCRIPTIONS: usize = 256;
 /// Queued messages written per flush.
 const BATCH: usize = 64;
@@ -169,7 +170,7 @@ impl Session {
             };
             match step {
                 Ok(Next::Continue) => {}
-                Ok(Next::Close(code, reason)) => return self.close(code, reason, SHUTDOWN_CLOSE_TIMEOUT).await,
+                Ok(Next::Close(code, reason)) => return self.close(code, reason, CLOSE_TIMEOUT).await,
                 Ok(Next::End(reason)) => return reason,
                 Err(stop) => return self.interrupted(stop).await,
             }
@@ -179,7 +180,7 @@ impl Session {
     async fn interrupted(&mut self, stop: Interrupted) -> String {
         match stop {
             Interrupted::Socket(e) => format!("socket error: {e}"),
-            Interrupted::Shutdown => self.close(CloseCode::Away, "server shutting down", SHUTDOWN_CLOSE_TIMEOUT).await,
+            Interrupted::Shutdown => self.close(CloseCode::Away, "server shutting down", CLOSE_TIMEOUT).await,
             Interrupted::Kicked => self.close_slow_consumer().await,
         }
     }
