@@ -21,7 +21,7 @@ use tracing::{debug, warn};
 use uuid::Uuid;
 
 use crate::auth::Viewer;
-use crate::event::{Event, EventKind};
+use crate::event::Event;
 use crate::metrics::Metrics;
 use crate::ws::protocol::Topic;
 
@@ -380,11 +380,7 @@ impl Hub {
         if let Some(members) = event.organization_id.and_then(|org| self.feed_by_org.get(&org)) {
             recipients.extend(members);
         }
-        let topic = match event.kind {
-            EventKind::LogsUpdate => Some(Topic::Logs(event.deployment_id)),
-            EventKind::Progress => Some(Topic::Progress(event.deployment_id)),
-            EventKind::StatusChanged => None,
-        };
+        let topic = Topic::of_event(event.kind, event.deployment_id);
         if let Some(subscribers) = topic.and_then(|topic| self.topic_subscribers.get(&topic)) {
             for conn in subscribers {
                 if self.conns.get(conn).is_some_and(|c| c.viewer.can_see(event.owner, event.organization_id)) {
@@ -487,6 +483,7 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::EventKind;
 
     fn viewer(user: Uuid) -> Viewer {
         Viewer { user_id: user, organization_id: None, is_superuser: false }

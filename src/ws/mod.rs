@@ -16,9 +16,9 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tracing::{info, warn};
 
 use crate::app::App;
-use crate::auth::AuthError;
 use crate::http::{Body, json_response};
 use crate::metrics::Metrics;
+use crate::ws::protocol::ErrorCode;
 
 /// SPEC §6: a message over 64 KiB closes the connection with 1009.
 pub const MAX_MESSAGE_SIZE: usize = 64 * 1024;
@@ -93,8 +93,7 @@ pub fn upgrade(mut request: Request<Incoming>, app: Arc<App>, remote: SocketAddr
             Ok(claims) => Some(claims),
             Err(e) => {
                 warn!(%remote, reason = %e, "upgrade refused: 401");
-                let code = if e == AuthError::Expired { "token_expired" } else { "unauthorized" };
-                return refuse(StatusCode::UNAUTHORIZED, code, &e.to_string());
+                return refuse(StatusCode::UNAUTHORIZED, ErrorCode::for_auth(&e).as_str(), &e.to_string());
             }
         },
     };

@@ -6,6 +6,7 @@ use std::time::SystemTime;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use crate::auth::AuthError;
 use crate::event::EventKind;
 
 /// A topic a connection may subscribe to.
@@ -48,6 +49,24 @@ impl Topic {
         match self {
             Topic::DeploymentEvents => None,
             Topic::Logs(id) | Topic::Progress(id) => Some(id),
+        }
+    }
+
+    /// The one event type a per-deployment topic carries.
+    pub fn kind(self) -> Option<EventKind> {
+        match self {
+            Topic::DeploymentEvents => None,
+            Topic::Logs(_) => Some(EventKind::LogsUpdate),
+            Topic::Progress(_) => Some(EventKind::Progress),
+        }
+    }
+
+    /// The per-deployment topic an event belongs to, if any.
+    pub fn of_event(kind: EventKind, deployment_id: Uuid) -> Option<Topic> {
+        match kind {
+            EventKind::LogsUpdate => Some(Topic::Logs(deployment_id)),
+            EventKind::Progress => Some(Topic::Progress(deployment_id)),
+            EventKind::StatusChanged => None,
         }
     }
 
@@ -154,6 +173,14 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// The code a refused token gets, in-band or on the upgrade.
+    pub fn for_auth(error: &AuthError) -> ErrorCode {
+        match error {
+            AuthError::Expired => ErrorCode::TokenExpired,
+            AuthError::Invalid(_) => ErrorCode::Unauthorized,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::BadRequest => "bad_request",
@@ -235,6 +262,11 @@ mod tests {
         assert!(!Topic::Logs(id).carries(EventKind::LogsUpdate, Uuid::new_v4()));
         assert!(Topic::Progress(id).carries(EventKind::Progress, id));
         assert!(Topic::DeploymentEvents.carries(EventKind::StatusChanged, id));
+        for kind in [EventKind::StatusChanged, EventKind::LogsUpdate, EventKind::Progress] {
+            let topic = Topic::of_event(kind, id);
+            assert_eq!(topic.and_then(Topic::kind), if kind == EventKind::StatusChanged { None } else { Some(kind) });
+            assert!(topic.is_none_or(|t| t.carries(kind, id)));
+        }
     }
 
     #[test]

@@ -21,9 +21,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::app::App;
-use crate::auth::{AuthError, Claims};
+use crate::auth::Claims;
 use crate::db::events;
-use crate::event::{Event, EventKind};
+use crate::event::Event;
 use crate::hub::{Command, ConnId, LogReplay, Outbound, Replay};
 use crate::ws::fragments::{FRAGMENT_SIZE, Fragments, fragments};
 use crate::ws::protocol::{self, BadRequest, ClientMessage, ErrorCode, Topic};
@@ -123,14 +123,6 @@ fn event_messages(event: &Arc<Event>) -> Fragments {
 
 fn text(s: String) -> Message {
     Message::Text(Utf8Bytes::from(s))
-}
-
-fn kind_of(topic: Topic) -> Option<EventKind> {
-    match topic {
-        Topic::DeploymentEvents => None,
-        Topic::Logs(_) => Some(EventKind::LogsUpdate),
-        Topic::Progress(_) => Some(EventKind::Progress),
-    }
 }
 
 impl Session {
@@ -312,7 +304,7 @@ impl Session {
         match self.app.verifier.verify(token) {
             Ok(claims) => self.accept_token(claims).await,
             Err(e) => {
-                let code = if e == AuthError::Expired { ErrorCode::TokenExpired } else { ErrorCode::Unauthorized };
+                let code = ErrorCode::for_auth(&e);
                 warn!(conn = self.conn, reason = %e, authenticated = self.claims.is_some(), "auth refused");
                 self.error(code, &e.to_string(), None).await?;
                 if self.claims.is_none() {
@@ -490,7 +482,7 @@ impl Session {
         }
         let filter = events::LogFilter {
             deployment: topic.deployment(),
-            kind: kind_of(topic),
+            kind: topic.kind(),
             snapshot: log.snapshot.as_deref(),
             also: &log.evicted,
         };

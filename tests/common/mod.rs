@@ -397,11 +397,6 @@ impl TestApp {
         client.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
         (owner, client, deployment)
     }
-
-    /// Expect the upgrade with `?token=` to be refused with 401.
-    pub async fn assert_refused_in_url(&self, token: &str) {
-        self.server.assert_refused_in_url(token).await;
-    }
 }
 
 pub async fn spawn_app() -> TestApp {
