@@ -24,6 +24,7 @@ pub mod config;
 pub mod db;
 pub mod demo;
 pub mod event;
+pub mod history;
 pub mod http;
 pub mod hub;
 pub mod metrics;
@@ -74,7 +75,7 @@ pub async fn serve(
     db::migrate(database).await?;
     let metrics = Arc::new(Metrics::default());
     let tasks = TaskTracker::new();
-    let (hub, hub_handle, feed) = Hub::new(Arc::clone(&metrics), settings.history_size);
+    let (hub, hub_handle, feed) = Hub::new(Arc::clone(&metrics), settings.history_size, settings.history_bytes);
     let (up_tx, mut up) = watch::channel(false);
     tasks.spawn(hub.run(shutdown.clone()));
     tasks.spawn(Listener::new(database, feed, Arc::clone(&metrics), up_tx, shutdown.clone()).run());

@@ -212,6 +212,11 @@ pub fn authenticated(user_id: Uuid, expires_at: SystemTime) -> String {
         .to_string()
 }
 
+/// `subscribed`, with the subscription's resume cursor.
+pub fn subscribed(topic: Topic, cursor: i64) -> String {
+    json!({"type": "subscribed", "data": {"topic": topic.to_string(), "event_id": cursor}}).to_string()
+}
+
 pub fn topic_reply(kind: &str, topic: Topic) -> String {
     json!({"type": kind, "data": {"topic": topic.to_string()}}).to_string()
 }
