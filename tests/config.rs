@@ -1,5 +1,8 @@
-//! SPEC §8: a missing or wrong setting fails at start with one clear line
-//! naming it; a flag wins over its environment variable.
+//! Settings and what the operator sees: a missing or wrong setting fails at
+//! start with one clear line naming it (and what to do); a flag wins over
+//! its environment variable; logs are plain text off a terminal, or JSON.
+
+mod common;
 
 use std::process::Command;
 
@@ -73,4 +76,47 @@ fn a_flag_wins_over_its_variable() {
     // And a wrong flag is reported under the flag's name even when the variable is fine.
     let (_, stderr) = serve_with(&[SECRET, NO_DATABASE, ("WINDFLOW_PING_INTERVAL", "5s")], &["--ping-interval", "x"]);
     assert!(stderr.contains("--ping-interval"), "{stderr}");
+}
+
+/// `windflow-notify migrate` on a fresh database, stderr piped (not a
+/// terminal); returns its stderr lines.
+async fn migrate_logs(env: &[(&str, &str)], args: &[&str]) -> Vec<String> {
+    let database = common::TestDatabase::create().await;
+    let admin = common::admin_url();
+    let server = admin.rsplit_once('/').map_or(admin.as_str(), |(server, _)| server);
+    let url = format!("{server}/{}", database.name);
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_windflow-notify"))
+        .args(args)
+        .arg("migrate")
+        .env_clear()
+        .env("DATABASE_URL", &url)
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .expect("run windflow-notify migrate");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "migrate failed: {stderr}");
+    stderr.lines().map(str::to_string).collect()
+}
+
+#[tokio::test]
+async fn logs_to_a_pipe_carry_no_colour_codes() {
+    let lines = migrate_logs(&[], &[]).await;
+    assert!(lines.iter().any(|l| l.contains("migration applied")), "{lines:?}");
+    assert!(!lines.iter().any(|l| l.contains('\u{1b}')), "no ANSI escape codes: {lines:?}");
+}
+
+#[tokio::test]
+async fn log_format_json_writes_one_object_a_line_by_flag_or_variable() {
+    for (env, args) in [(vec![], vec!["--log-format", "json"]), (vec![("WINDFLOW_LOG_FORMAT", "json")], vec![])] {
+        let lines = migrate_logs(&env, &args).await;
+        assert!(!lines.is_empty());
+        let applied = lines
+            .iter()
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|e| panic!("{line}: {e}")))
+            .find(|entry| entry["message"] == "migration applied")
+            .unwrap_or_else(|| panic!("a `migration applied` entry: {lines:?}"));
+        assert_eq!(applied["level"], "INFO");
+        assert!(applied["migration"].is_string(), "fields are keys of the object: {applied}");
+    }
 }
