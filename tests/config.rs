@@ -120,3 +120,26 @@ async fn log_format_json_writes_one_object_a_line_by_flag_or_variable() {
         assert!(applied["migration"].is_string(), "fields are keys of the object: {applied}");
     }
 }
+
+#[test]
+fn a_url_of_another_database_says_what_is_expected() {
+    let (code, stderr) = serve_with(&[SECRET, ("DATABASE_URL", "mysql://root@localhost/app")], &[]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("`mysql://` is not a PostgreSQL URL") && stderr.contains("postgres://"), "{stderr}");
+}
+
+#[test]
+fn a_missing_database_says_how_to_create_it() {
+    let admin = common::admin_url();
+    let server = admin.rsplit_once('/').map_or(admin.as_str(), |(server, _)| server);
+    let url = format!("{server}/wf_missing_{}", uuid::Uuid::new_v4().simple());
+    let (code, stderr) = serve_with(&[SECRET, ("DATABASE_URL", &url)], &[]);
+    assert_ne!(code, 0);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    assert!(
+        lines[0].contains("does not exist") && lines[0].contains("createdb") && lines[0].contains("demo"),
+        "{stderr}"
+    );
+    assert!(!lines[0].contains("3D000"), "words, not the SQLSTATE: {stderr}");
+}
