@@ -19,8 +19,15 @@ use windflow_notify::db;
 )]
 struct Cli {
     /// Log filter (tracing's EnvFilter syntax). The default keeps PostgreSQL NOTICEs (relayed by
-    /// tokio-postgres at info, e.g. "relation already exists, skipping" at every start) out of the log.
-    #[arg(long, env = "RUST_LOG", value_name = "RUST_LOG", default_value = "info,tokio_postgres=warn", global = true)]
+    /// tokio-postgres at info, e.g. "relation already exists, skipping" at every start) and
+    /// refinery's own account of each migration run out of the log: we log each migration applied.
+    #[arg(
+        long,
+        env = "RUST_LOG",
+        value_name = "RUST_LOG",
+        default_value = "info,tokio_postgres=warn,refinery_core=warn",
+        global = true
+    )]
     rust_log: String,
     /// Log lines as text (coloured only on a terminal) or as JSON objects, one a line, for log collectors.
     #[arg(

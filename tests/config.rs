@@ -143,3 +143,39 @@ fn a_missing_database_says_how_to_create_it() {
     );
     assert!(!lines[0].contains("3D000"), "words, not the SQLSTATE: {stderr}");
 }
+
+#[tokio::test]
+async fn demo_logs_each_migration_once_and_names_the_dashboard() {
+    use tokio::io::AsyncBufReadExt;
+    let database = common::TestDatabase::create().await;
+    let admin = common::admin_url();
+    let server = admin.rsplit_once('/').map_or(admin.as_str(), |(server, _)| server);
+    let mut demo = tokio::process::Command::new(env!("CARGO_BIN_EXE_windflow-notify"))
+        .arg("demo")
+        .env_clear()
+        .env("DATABASE_URL", format!("{server}/{}", database.name))
+        .env("WINDFLOW_BIND", "127.0.0.1:0")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start windflow-notify demo");
+    let mut stderr = tokio::io::BufReader::new(demo.stderr.take().expect("piped stderr")).lines();
+    let mut seen = Vec::new();
+    let start = loop {
+        let line = tokio::time::timeout(common::WAIT, stderr.next_line())
+            .await
+            .expect("demo starts in time")
+            .expect("read stderr")
+            .unwrap_or_else(|| panic!("demo exited early: {seen:?}"));
+        if line.contains("serving") {
+            break line;
+        }
+        seen.push(line);
+    };
+    assert!(start.contains("dashboard") && start.contains("http://127.0.0.1:"), "{start}");
+    for migration in ["V1__schema", "V2__events"] {
+        let mentions = seen.iter().filter(|line| line.contains(migration)).count();
+        assert_eq!(mentions, 1, "{migration} logged once: {seen:#?}");
+    }
+}
