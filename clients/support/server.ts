@@ -148,7 +148,7 @@ export function withTimeout<T>(promise: Promise<T>, what: string, timeout = WAIT
   ]).finally(() => clearTimeout(timer))
 }
 
-/** An HS256 JWT with the claims WindFlow's API issues (SPEC §5). */
+/** An HS256 JWT with the claims WindFlow's API issues. */
 export function token(sub: string, { organizationId, ttl = 3600 }: { organizationId?: string; ttl?: number } = {}): string {
   const encode = (value: object) => Buffer.from(JSON.stringify(value)).toString('base64url')
   const claims: Record<string, unknown> = { sub, exp: Math.floor(Date.now() / 1000) + ttl }
