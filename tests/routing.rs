@@ -151,6 +151,14 @@ async fn subscribing_to_a_missing_deployment_is_forbidden_except_for_superusers(
     assert_eq!(client.recv_type("error").await["data"]["code"], "forbidden");
     let mut admin = app.server.connect_as(superuser()).await;
     admin.subscribe(&topic).await;
+    // The subscription stands: once the deployment exists, its events arrive.
+    app.writer
+        .db
+        .execute("INSERT INTO deployments (id, user_id, name) VALUES ($1, $2, 'late')", &[&missing, &Uuid::new_v4()])
+        .await
+        .expect("insert the deployment");
+    app.writer.log(missing, "now it exists").await;
+    assert_eq!(admin.recv_type("DEPLOYMENT_LOGS_UPDATE").await["data"]["logs"], "now it exists");
 }
 
 #[tokio::test]
