@@ -1,4 +1,4 @@
-//! SPEC §4–§5: topics and who receives what — including what a user must
+//! Topics and who receives what — including what a user must
 //! not receive. Negative checks write a "fence" event the client must get
 //! next: anything it should not have received would arrive before it.
 
