@@ -1,6 +1,7 @@
 //! PostgreSQL: the pool, migrations, and the queries on the event log.
 //! The dedicated LISTEN connection lives in [`listener`].
 
+pub mod announcement;
 pub mod events;
 pub mod listener;
 pub mod retention;
@@ -52,6 +53,11 @@ pub enum DbError {
         "the database is a standby (pg_is_in_recovery() is true): LISTEN cannot work there; point DATABASE_URL at the primary"
     )]
     Standby,
+    #[error(
+        "cannot read the event signing key (windflow_notify_key): {}; run the server as the role that ran the migrations, or GRANT SELECT ON windflow_notify_key to its role",
+        describe(.0)
+    )]
+    SigningKey(tokio_postgres::Error),
 }
 
 pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, DbError> {
