@@ -264,3 +264,29 @@ async fn tail_defaults_its_url_to_windflow_bind_and_waits_for_the_server() {
     assert_eq!(tail.next_of("authenticated").await["data"]["user_id"], owner.user_id.to_string());
     tail.next_of("subscribed").await;
 }
+
+/// A fresh subscriber whose first reconnect comes before any event: the
+/// `event_id` of its `subscribed` reply is where it resumes, so a
+/// deployment created while the server was down still reaches it.
+#[tokio::test]
+#[ignore = "needs the server to send event_id in subscribed; un-ignore when that lands"]
+async fn tail_resumes_from_subscribed_when_no_event_came_before_the_restart() {
+    let database = TestDatabase::create().await;
+    let writer = Writer::new(&database).await;
+    let mut server = TestServer::start(&database, |_| {}).await;
+    let addr = server.addr;
+    // A superuser: no owner feed, only what deployment_events carries.
+    let mut tail = Tail::start(addr, &token(superuser()), &["--topic", "deployment_events"]);
+    tail.next_of("authenticated").await;
+    let subscribed = tail.next_of("subscribed").await;
+    assert!(subscribed["data"]["event_id"].is_i64(), "subscribed carries the resume cursor: {subscribed}");
+
+    server.stop().await;
+    let deployment = writer.create_deployment(user().user_id, None).await;
+    let _server = server_on(addr, &database).await;
+
+    tail.next_of("authenticated").await;
+    tail.next_of("subscribed").await;
+    let missed = tail.next_of("DEPLOYMENT_STATUS_CHANGED").await;
+    assert_eq!(missed["data"]["deployment_id"], deployment.to_string(), "written while tail was reconnecting");
+}
