@@ -290,3 +290,15 @@ async fn tail_resumes_from_subscribed_when_no_event_came_before_the_restart() {
     let missed = tail.next_of("DEPLOYMENT_STATUS_CHANGED").await;
     assert_eq!(missed["data"]["deployment_id"], deployment.to_string(), "written while tail was reconnecting");
 }
+
+#[tokio::test]
+async fn tail_retries_a_full_server_and_gets_in_once_a_slot_frees() {
+    let app = spawn_app_with(|settings| settings.max_connections = 1).await;
+    let occupant = app.server.connect_as(user()).await;
+    let owner = user();
+    let mut tail = Tail::start(app.server.addr, &token(owner), &["--topic", "deployment_events"]);
+    let said = tail.stderr_line("cannot connect; will retry").await;
+    assert!(said.contains("503"), "HTTP 503 is worth retrying: {said}");
+    drop(occupant);
+    assert_eq!(tail.next_of("authenticated").await["data"]["user_id"], owner.user_id.to_string());
+}
