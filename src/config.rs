@@ -126,7 +126,7 @@ pub struct ServerArgs {
 }
 
 impl ServerArgs {
-    /// The defaults of SPEC §8, for tests and embedding.
+    /// The documented defaults (README's settings table), for tests and embedding.
     pub fn with_bind(bind: SocketAddr) -> Self {
         ServerArgs {
             bind,

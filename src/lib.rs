@@ -49,7 +49,7 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 
 /// How long shutdown waits for the server's tasks, so the process exits
-/// within the 5 s SPEC §7 allows.
+/// within the 5 s a SIGTERM allows.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
 
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +89,11 @@ pub async fn serve(
     let app = App::new(settings, verifier, pool, hub_handle, metrics, up, shutdown.clone(), tasks.clone());
     if !shutdown.is_cancelled() {
         if let Ok(address) = listener.local_addr() {
-            info!(%address, "serving /ws, /healthz and /metrics");
+            info!(
+                dashboard = %format!("http://{address}/"),
+                websocket = %format!("ws://{address}/ws"),
+                "serving the dashboard at /, the WebSocket at /ws, /healthz and /metrics"
+            );
         }
         http::accept_loop(listener, Arc::clone(&app)).await;
     }

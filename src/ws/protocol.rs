@@ -1,4 +1,4 @@
-//! Client and server messages of SPEC §3–§4, and topic names.
+//! Client and server messages (docs/protocol.md), and topic names.
 
 use std::fmt;
 use std::time::SystemTime;
@@ -159,7 +159,7 @@ fn truncate(s: &str, max: usize) -> &str {
     }
 }
 
-/// The error codes of SPEC §3.
+/// The error codes of docs/protocol.md.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorCode {
     BadRequest,
