@@ -269,7 +269,6 @@ async fn tail_defaults_its_url_to_windflow_bind_and_waits_for_the_server() {
 /// `event_id` of its `subscribed` reply is where it resumes, so a
 /// deployment created while the server was down still reaches it.
 #[tokio::test]
-#[ignore = "needs the server to send event_id in subscribed; un-ignore when that lands"]
 async fn tail_resumes_from_subscribed_when_no_event_came_before_the_restart() {
     let database = TestDatabase::create().await;
     let writer = Writer::new(&database).await;
