@@ -97,7 +97,22 @@ struct TokenArgs {
     jwt: JwtArgs,
 }
 
+/// Make glibc serve every allocation of 128 KiB or more with its own
+/// mmap, so that memory freed by large events (a 1 MiB log line leaving
+/// the history) goes back to the system. By default glibc raises this
+/// threshold each time such a block is freed, after which large blocks
+/// come from its heaps and stay resident when freed.
+fn return_large_frees_to_the_system() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning; called once, before
+    // any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 fn main() -> ExitCode {
+    return_large_frees_to_the_system();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {

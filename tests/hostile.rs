@@ -135,3 +135,366 @@ async fn a_status_change_waits_for_a_repeatable_read_log_writer_so_ids_follow_co
     assert_eq!(kind, "DEPLOYMENT_STATUS_CHANGED");
     assert!(status_id > log_id, "the later commit has the larger id");
 }
+
+// ---------------------------------------------------------------------
+// Clients that stop reading, pipeline, send garbage, resume from odd places.
+// ---------------------------------------------------------------------
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{WebSocketStream, client_async};
+
+type RawSocket = WebSocketStream<tokio::net::TcpStream>;
+
+/// A WebSocket over a socket with a tiny receive buffer, for a client
+/// that stops reading: the server's writes block almost at once.
+async fn tiny_buffer_client(server: &TestServer, token: &str) -> RawSocket {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(server.addr).await.unwrap();
+    let mut request = server.ws_url().into_client_request().unwrap();
+    request.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    client_async(request, stream).await.expect("upgrade").0
+}
+
+/// Send text frames without waiting for anything.
+async fn pipeline(ws: &mut RawSocket, messages: &[serde_json::Value]) {
+    for message in messages {
+        ws.feed(Message::Text(message.to_string().into())).await.unwrap();
+    }
+    ws.flush().await.unwrap();
+}
+
+/// Every text message until the server closes (or the stream ends): the
+/// JSON values, and the close code if a close frame came.
+async fn read_to_close(ws: &mut RawSocket) -> (Vec<serde_json::Value>, Option<u16>, Option<tungstenite::Error>) {
+    let mut messages = Vec::new();
+    loop {
+        match tokio::time::timeout(WAIT * 2, ws.next()).await.expect("the server ends the connection") {
+            Some(Ok(Message::Text(text))) => messages.push(serde_json::from_str(text.as_str()).unwrap()),
+            Some(Ok(Message::Close(frame))) => return (messages, frame.map(|f| u16::from(f.code)), None),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return (messages, None, Some(e)),
+            None => return (messages, None, None),
+        }
+    }
+}
+
+fn event_ids(messages: &[serde_json::Value]) -> Vec<i64> {
+    messages.iter().filter_map(|m| m["event_id"].as_i64().filter(|_| m["type"] != "subscribed")).collect()
+}
+
+async fn ids_after(writer: &Writer, deployment: Uuid, after: i64) -> Vec<i64> {
+    writer
+        .db
+        .query("SELECT id FROM windflow_events WHERE deployment_id = $1 AND id > $2 ORDER BY id", &[&deployment, &after])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kicked_slow_consumer_got_a_gap_free_prefix_and_resumes_without_loss() {
+    let app = spawn_app_with(|s| s.client_queue = 4).await;
+    let owner = user();
+    let deployment = app.writer.create_deployment(owner.user_id, None).await;
+    app.writer.log(deployment, "before").await;
+    let since = *ids_after(&app.writer, deployment, 0).await.last().unwrap();
+    let line = "r".repeat(30_000);
+    for _ in 0..200 {
+        app.writer.log(deployment, &line).await;
+    }
+    let watcher = superuser();
+    let mut slow = tiny_buffer_client(&app.server, &token(watcher)).await;
+    let topic = format!("deployment_logs_{deployment}");
+    pipeline(&mut slow, &[json!({"type": "subscribe", "topic": topic, "since": since})]).await;
+    // Live events larger than a fragment, while the replay is stuck.
+    let big = "L".repeat(200_000);
+    for _ in 0..10 {
+        app.writer.log(deployment, &big).await;
+    }
+    eventually("the slow consumer is kicked", || async {
+        app.server.metric("windflow_slow_consumer_disconnects_total").await >= 1.0
+    })
+    .await;
+    let (messages, _, error) = read_to_close(&mut slow).await;
+    if let Some(tungstenite::Error::Protocol(e)) = &error {
+        assert_eq!(
+            *e,
+            tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+            "framing broken: {e}"
+        );
+    }
+    let owed = ids_after(&app.writer, deployment, since).await;
+    let received = event_ids(&messages);
+    assert!(received.len() < owed.len(), "the client was kicked before it had everything");
+    assert_eq!(received, owed[..received.len()], "what a kicked client got is a prefix of what it was owed");
+    // Resume from the last event it saw.
+    let resume_from = received.last().copied().unwrap_or(since);
+    let mut again = app.server.connect_as(watcher).await;
+    again.send(json!({"type": "subscribe", "topic": topic, "since": resume_from})).await;
+    again.recv_type("subscribed").await;
+    let mut rest = Vec::new();
+    while rest.len() < owed.len() - received.len() {
+        rest.push(again.recv_event().await.1);
+    }
+    assert_eq!(rest, owed[received.len()..], "the resume delivers exactly the rest");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayers_that_never_read_neither_starve_others_nor_outlive_the_ping_timeout() {
+    let database = TestDatabase::create().await;
+    // The log fills before the server starts: its history is empty, so
+    // every `since 0` replays from the log.
+    let writer = Writer::new(&database).await;
+    {
+        let _migrated = TestServer::start(&database, |_| {}).await;
+    }
+    let heavy = writer.create_deployment(Uuid::new_v4(), None).await;
+    let line = "h".repeat(500_000);
+    for _ in 0..20 {
+        writer.log(heavy, &line).await;
+    }
+    let server = TestServer::start(&database, |s| s.ping_interval = Duration::from_secs(1)).await;
+    let mut hostile = Vec::new();
+    for _ in 0..16 {
+        let mut ws = tiny_buffer_client(&server, &token(superuser())).await;
+        pipeline(&mut ws, &[json!({"type": "subscribe", "topic": "deployment_events", "since": 0})]).await;
+        hostile.push(ws);
+    }
+    // Another user is served meanwhile: a permission check, a subscribe, an event.
+    let owner = user();
+    let mut good = server.connect_as(owner).await;
+    let own = writer.create_deployment(owner.user_id, None).await;
+    good.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
+    good.subscribe(&format!("deployment_logs_{own}")).await;
+    let mut replayer = server.connect_as(superuser()).await;
+    replayer.send(json!({"type": "subscribe", "topic": "deployment_events", "since": 0})).await;
+    replayer.recv_type("subscribed").await;
+    writer.log(own, "served").await;
+    assert_eq!(good.recv_event().await.2["logs"], "served");
+    // A well-behaved replayer of the same log gets it all, in order.
+    let mut replayed = Vec::new();
+    while !replayed.iter().any(|(_, d): &(i64, serde_json::Value)| d["logs"] == "served") {
+        let (_, id, data) = replayer.recv_event().await;
+        replayed.push((id, data));
+    }
+    assert_eq!(replayed.len(), 1 + 20 + 1 + 1, "heavy deployment, its 20 lines, own deployment, the line");
+    // The non-readers are dropped by the ping timeout, replay or not.
+    eventually("silent replayers dropped", || async { server.metric("windflow_connections").await == 2.0 }).await;
+    drop(hostile);
+}
+
+#[tokio::test]
+async fn a_resume_above_the_highest_id_seen_after_a_restart_gets_the_late_and_the_missed_events() {
+    let database = TestDatabase::create().await;
+    let writer = Writer::new(&database).await;
+    let mut server = TestServer::start(&database, |_| {}).await;
+    let watcher = superuser();
+    let mut client = server.connect_as(watcher).await;
+    client.subscribe("deployment_events").await;
+    let (d1, d2) =
+        (writer.create_deployment(Uuid::new_v4(), None).await, writer.create_deployment(Uuid::new_v4(), None).await);
+    client.recv_event().await;
+    client.recv_event().await;
+    let open = Writer::new(&database).await;
+    open.execute("BEGIN").await;
+    open.log(d1, "late").await;
+    writer.log(d2, "seen").await;
+    let (_, seen, _) = client.recv_event().await;
+    server.stop().await;
+    writer.log(d2, "missed").await;
+    let server = TestServer::start(&database, |_| {}).await;
+    open.execute("COMMIT").await;
+    let mut resumed = server.connect_as(watcher).await;
+    resumed.send(json!({"type": "subscribe", "topic": "deployment_events", "since": seen})).await;
+    resumed.recv_type("subscribed").await;
+    let logs: Vec<String> = [resumed.recv_event().await, resumed.recv_event().await]
+        .into_iter()
+        .map(|(_, _, data)| data["logs"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(logs, ["missed", "late"], "both, in commit order");
+}
+
+#[tokio::test]
+async fn a_fresh_subscriber_resumes_from_the_cursor_in_subscribed() {
+    let database = TestDatabase::create().await;
+    let writer = Writer::new(&database).await;
+    let mut server = TestServer::start(&database, |_| {}).await;
+    let watcher = superuser();
+    let mut client = server.connect_as(watcher).await;
+    client.send(json!({"type": "subscribe", "topic": "deployment_events"})).await;
+    let cursor = client.recv_type("subscribed").await["data"]["event_id"].as_i64().expect("event_id in subscribed");
+    server.stop().await;
+    let missed = writer.create_deployment(Uuid::new_v4(), None).await;
+    let server = TestServer::start(&database, |_| {}).await;
+    let mut client = server.connect_as(watcher).await;
+    client.send(json!({"type": "subscribe", "topic": "deployment_events", "since": cursor})).await;
+    client.recv_type("subscribed").await;
+    assert_eq!(client.recv_event().await.2["deployment_id"], missed.to_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_resuming_before_authenticated_arrives_gets_its_deployment_in_commit_order() {
+    let app = spawn_app().await;
+    let owner = user();
+    let deployment = app.writer.create_deployment(owner.user_id, None).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writing = {
+        let (writer, stop) = (Writer::new(&app.database).await, std::sync::Arc::clone(&stop));
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(Duration::from_millis(10));
+            for n in 0..6000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                interval.tick().await;
+                writer.log(deployment, &format!("line {n}")).await;
+            }
+        })
+    };
+    let topic = format!("deployment_logs_{deployment}");
+    eventually("a dozen lines written", || async { ids_after(&app.writer, deployment, 0).await.len() > 12 }).await;
+    for attempt in 0..20 {
+        let latest = *ids_after(&app.writer, deployment, 0).await.last().unwrap();
+        let since = latest - 10;
+        let mut request = app.server.ws_url().into_client_request().unwrap();
+        request.headers_mut().insert("authorization", format!("Bearer {}", token(owner)).parse().unwrap());
+        let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+        // Sent before `authenticated` is read.
+        pipeline_on(&mut ws, json!({"type": "subscribe", "topic": topic, "since": since})).await;
+        let mut ids = Vec::new();
+        while ids.len() < 20 {
+            let message = match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
+                Some(Ok(Message::Text(text))) => serde_json::from_str::<serde_json::Value>(text.as_str()).unwrap(),
+                Some(Ok(_)) => continue,
+                other => panic!("attempt {attempt}: {other:?}"),
+            };
+            if let Some(id) = message["event_id"].as_i64().filter(|_| message["type"] != "subscribed") {
+                ids.push(id);
+            }
+        }
+        let mut sorted = ids.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(ids, sorted, "attempt {attempt}: out of commit order or repeated");
+        assert_eq!(ids[0], since + 1, "attempt {attempt}: starts right after since: {ids:?}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writing.await.unwrap();
+}
+
+async fn pipeline_on(
+    ws: &mut WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    message: serde_json::Value,
+) {
+    ws.send(Message::Text(message.to_string().into())).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_bad_auth_followed_at_once_by_requests_still_gets_its_error_and_close() {
+    let app = spawn_app().await;
+    for attempt in 0..4 {
+        let socket = tokio::net::TcpStream::connect(app.server.addr).await.unwrap();
+        let (mut ws, _) = client_async(app.server.ws_url(), socket).await.unwrap();
+        let mut burst = vec![json!({"type": "auth", "token": "not-a-token"})];
+        burst.extend((0..50).map(|i| json!({"type": "subscribe", "topic": format!("deployment_events{i}")})));
+        pipeline(&mut ws, &burst).await;
+        let (messages, code, error) = read_to_close(&mut ws).await;
+        assert_eq!(messages.first().map(|m| m["data"]["code"].clone()), Some(json!("unauthorized")), "attempt {attempt}");
+        assert_eq!(code, Some(1008), "attempt {attempt}: a close frame, not a reset ({error:?})");
+    }
+}
+
+#[tokio::test]
+async fn an_expired_token_closes_with_a_handshake_while_the_client_pings() {
+    let app = spawn_app().await;
+    let mut client = app.server.connect(&token_for(user(), Duration::from_secs(2))).await;
+    let mut messages = Vec::new();
+    let code = loop {
+        client.ws.feed(Message::Text(r#"{"type":"ping"}"#.into())).await.ok();
+        client.ws.flush().await.ok();
+        match tokio::time::timeout(Duration::from_millis(50), client.ws.next()).await {
+            Err(_) => continue,
+            Ok(Some(Ok(Message::Text(text)))) => messages.push(serde_json::from_str::<serde_json::Value>(text.as_str()).unwrap()),
+            Ok(Some(Ok(Message::Close(frame)))) => break frame.map(|f| u16::from(f.code)),
+            Ok(Some(Ok(_))) => {}
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(code, Some(1008));
+    assert!(messages.iter().any(|m| m["data"]["code"] == "token_expired"));
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_request_order() {
+    let app = spawn_app().await;
+    let mut client = app.server.connect_as(superuser()).await;
+    let mut burst: Vec<serde_json::Value> = Vec::new();
+    burst.push(json!({"type": "subscribe", "topic": "deployment_events"}));
+    burst.push(json!({"type": "ping"}));
+    let topics: Vec<String> = (0..256).map(|_| format!("deployment_logs_{}", Uuid::new_v4())).collect();
+    burst.extend(topics.iter().map(|t| json!({"type": "subscribe", "topic": t})));
+    burst.push(json!({"type": "ping"}));
+    for message in &burst {
+        client.ws.feed(Message::Text(message.to_string().into())).await.unwrap();
+    }
+    client.ws.flush().await.unwrap();
+    let mut kinds = Vec::new();
+    for _ in 0..burst.len() {
+        let reply = client.recv().await;
+        let kind = match reply["type"].as_str().unwrap() {
+            "error" => reply["data"]["code"].as_str().unwrap().to_string(),
+            other => other.to_string(),
+        };
+        kinds.push(kind);
+    }
+    let mut expected = vec!["subscribed".to_string(), "pong".to_string()];
+    expected.extend(std::iter::repeat_n("subscribed".to_string(), 255));
+    expected.push("too_many_subscriptions".into());
+    expected.push("pong".into());
+    assert_eq!(kinds, expected);
+}
+
+#[tokio::test]
+async fn a_text_frame_that_is_not_utf8_closes_with_1007() {
+    let app = spawn_app().await;
+    let mut client = app.server.connect_as(user()).await;
+    let frame = Frame::message(vec![b'{', 0xff, 0xfe, b'}'], OpCode::Data(Data::Text), true);
+    client.ws.send(Message::Frame(frame)).await.unwrap();
+    assert_eq!(client.close_code().await, 1007);
+}
+
+#[tokio::test]
+async fn the_history_is_bounded_in_bytes_and_a_resume_past_it_reads_the_log() {
+    let app = spawn_app_with(|s| s.history_bytes = 1 << 20).await;
+    let (_, mut owner, deployment) = app.owner_with_deployment().await;
+    let line = "b".repeat(200_000);
+    for _ in 0..20 {
+        app.writer.log(deployment, &line).await;
+    }
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(owner.recv_event().await.1);
+    }
+    let held = app.server.metric("windflow_history_bytes").await;
+    assert!(held > 0.0 && held <= (1 << 20) as f64, "history holds {held} bytes");
+    let mut resumed = app.server.connect_as(superuser()).await;
+    resumed.send(json!({"type": "subscribe", "topic": format!("deployment_logs_{deployment}"), "since": ids[0]})).await;
+    resumed.recv_type("subscribed").await;
+    let mut replayed = Vec::new();
+    for _ in 1..20 {
+        replayed.push(resumed.recv_event().await.1);
+    }
+    assert_eq!(replayed, ids[1..], "the evicted part from the log, then the history, no gap");
+    let unique: HashSet<i64> = replayed.iter().copied().collect();
+    assert_eq!(unique.len(), replayed.len());
+}
