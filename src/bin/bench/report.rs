@@ -28,6 +28,8 @@ pub struct Delivery {
     pub duplicated: u64,
     pub unexpected: u64,
     pub short_frames: u64,
+    /// Clients whose connection ended before the run did (closed, kicked, reset).
+    pub ended_early: u64,
     pub cpu_pct: Option<f64>,
     pub rss_peak_kib: Option<u64>,
 }
@@ -38,7 +40,7 @@ impl Delivery {
             "name": self.name, "messages": self.messages, "msgs_per_s": round(self.msgs_per_s),
             "latency_ms": {"p50": round(self.p50_ms), "p99": round(self.p99_ms), "p99_9": round(self.p999_ms), "max": round(self.max_ms)},
             "lost": self.lost, "duplicated": self.duplicated, "unexpected": self.unexpected,
-            "short_frames": self.short_frames,
+            "short_frames": self.short_frames, "ended_early": self.ended_early,
             "cpu_pct": self.cpu_pct.map(round), "rss_peak_kib": self.rss_peak_kib,
         })
     }
