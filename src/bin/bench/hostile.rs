@@ -46,9 +46,10 @@ use crate::{connect_fleet, create_deployments, deliver_to, s1_clients, token, us
 const SETUP_PARALLEL: usize = 64;
 /// Bound on any one hostile client's setup, and on a probe.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long slow consumers are read after the run, to see how they ended:
-/// longer than the server's 10 s bound on a kicked client's close (SPEC §6).
-const DRAIN_FOR: Duration = Duration::from_secs(12);
+/// How long hostile sockets are read after the run, to see how they ended:
+/// longer than the server's 10 s bound on a kicked client's close (SPEC §6),
+/// with room to read what the kernel buffered for each (megabytes).
+const DRAIN_FOR: Duration = Duration::from_secs(30);
 /// The first probe: this long after the hostile clients connected, before the writes.
 const PROBE_SETTLE: Duration = Duration::from_secs(1);
 /// Probes during the writes: the first this long into the writes, then one every PROBE_EVERY
@@ -151,10 +152,8 @@ struct Phase {
     rss_end_kib: u64,
     kicked: Option<f64>,
     connections_at_end: Option<f64>,
-    connections_after_drain: Option<f64>,
     replayers: Setup,
     slow: Setup,
-    slow_end: SlowEnd,
     probes: Vec<Probe>,
     shutdown: Option<harness::Stopped>,
 }
@@ -166,46 +165,50 @@ impl Phase {
 
     fn print(&self) {
         let mib = |k: u64| k as f64 / 1024.0;
-        let probe_ms: Vec<String> =
-            self.probes.iter().map(|p| format!("{} in {:.0} ms at {:+.1} s", p.outcome, p.ms, p.at_s)).collect();
+        let unread = |v: Option<f64>| v.map(|k| k.to_string()).unwrap_or_else(|| "unread".into());
         println!(
-            "{}: server RSS {:.1} -> peak {:.1} MiB (end {:.1}); slow-consumer kicks (metric) {}; \
-             replayers {}/{} set up, slow consumers {}/{}; connections open once the good clients left {}, \
-             and once the slow consumers were read too {}",
+            "{}: server RSS {:.1} -> peak {:.1} MiB (end of run {:.1}); slow-consumer kicks (metric) {}; \
+             connections open once the good clients left {}",
             self.name,
             mib(self.rss_start_kib),
             mib(self.rss_peak_kib),
             mib(self.rss_end_kib),
-            self.kicked.map(|k| k.to_string()).unwrap_or_else(|| "unread".into()),
-            self.replayers.connected,
-            self.replayers.connected + self.replayers.failed,
-            self.slow.connected,
-            self.slow.connected + self.slow.failed,
-            self.connections_at_end.map(|k| k.to_string()).unwrap_or_else(|| "unread".into()),
-            self.connections_after_drain.map(|k| k.to_string()).unwrap_or_else(|| "unread".into()),
+            unread(self.kicked),
+            unread(self.connections_at_end),
         );
-        if self.slow.connected > 0 {
-            let e = &self.slow_end;
+        for (what, setup) in [("replayers", &self.replayers), ("slow consumers", &self.slow)] {
+            if setup.connected + setup.failed == 0 {
+                continue;
+            }
+            let e = &setup.ends;
             println!(
-                "  slow consumers read after the run: {} saw close 1013, {} another close, {} ended without a close, \
-                 {} still open; {} events received in all",
-                e.close_1013, e.other_close, e.no_close, e.still_open, e.events
+                "  {what}: {} of {} set up; read after the run: {} saw close 1013, {} another close, \
+                 {} ended without a close, {} still open after {} s; {} messages read",
+                setup.connected,
+                setup.connected + setup.failed,
+                e.close_1013,
+                e.other_close,
+                e.no_close,
+                e.still_open,
+                DRAIN_FOR.as_secs(),
+                e.messages
             );
-        }
-        for (what, setup) in [("replayer", &self.replayers), ("slow consumer", &self.slow)] {
             if let Some(error) = &setup.first_error {
-                println!("  {} {what} setups failed; first: {error}", setup.failed);
+                println!("  {} {what} failed to set up; first: {error}", setup.failed);
             }
         }
+        let probes: Vec<String> =
+            self.probes.iter().map(|p| format!("{} in {:.0} ms at {:+.1} s", p.outcome, p.ms, p.at_s)).collect();
         println!(
-            "  another user's subscribe to its deployment's logs topic (time from the writes' start): {} of {} subscribed ({})",
+            "  another user's subscribe to its deployment's logs topic (time from the writes' start): \
+             {} of {} subscribed ({})",
             self.subscribed_probes(),
             self.probes.len(),
-            probe_ms.join(", ")
+            probes.join(", ")
         );
         if let Some(s) = &self.shutdown {
             let status = s.status.map(|s| s.to_string()).unwrap_or_else(|| "killed after 10 s".into());
-            println!("  SIGTERM (hostile clients, if any, still connected): {status} after {:.1} s", s.seconds);
+            println!("  SIGTERM: {status} after {:.1} s", s.seconds);
         }
     }
 
@@ -215,13 +218,7 @@ impl Phase {
             "good": self.good.json(), "bare_listen": self.bare.json(), "writes": self.writes,
             "server_rss_kib": {"start": self.rss_start_kib, "peak": self.rss_peak_kib, "end": self.rss_end_kib},
             "slow_consumer_disconnects": self.kicked, "connections_at_end": self.connections_at_end,
-            "connections_after_slow_consumers_read": self.connections_after_drain,
-            "replayers": self.replayers.json(),
-            "slow_consumers": {
-                "setup": self.slow.json(), "close_1013": self.slow_end.close_1013,
-                "other_close": self.slow_end.other_close, "ended_without_close": self.slow_end.no_close,
-                "still_open": self.slow_end.still_open, "events_received": self.slow_end.events,
-            },
+            "replayers": self.replayers.json(), "slow_consumers": self.slow.json(),
             "other_user_subscribe": {
                 "subscribed": self.subscribed_probes(), "tries": self.probes.len(),
                 "all_subscribed": !self.probes.is_empty() && self.subscribed_probes() == self.probes.len(),
@@ -249,11 +246,7 @@ async fn phase(args: &Args, hostile: bool) -> Result<Phase> {
         let env = [("WINDFLOW_CLIENT_QUEUE", args.client_queue.to_string())];
         let log = format!("/tmp/{}-server0.log", db.name);
         let server = Process::server_with(&db, &log, &env).await?;
-        let sampler = Sampler::start(server.pid);
-        let rss_start_kib = harness::sample(server.pid).rss_kib;
         let driven = drive(&args, &db, &server, hostile, owners, deployments, (probe_owner, others[1])).await;
-        let (_, rss_peak_kib, _) = sampler.finish();
-        // The hostile clients stay connected through the SIGTERM.
         let shutdown = match server.stop().await {
             Ok(stopped) => Some(stopped),
             Err(e) => {
@@ -261,19 +254,15 @@ async fn phase(args: &Args, hostile: bool) -> Result<Phase> {
                 None
             }
         };
-        let (mut phase, hostiles) = driven?;
-        drop(hostiles);
-        phase.rss_start_kib = rss_start_kib;
-        // Two samplers (the phase's and the writes'), 100 ms apart each: the higher.
-        phase.rss_peak_kib = rss_peak_kib.max(phase.rss_end_kib).max(phase.good.rss_peak_kib.unwrap_or(0));
+        let mut phase = driven?;
         phase.shutdown = shutdown;
         Ok(phase)
     })
     .await
 }
 
-/// Clients, writes and probes against a running server. Returns the phase
-/// and the hostile sockets (kept open until the server has stopped).
+/// Clients, writes and probes against a running server, then the hostile
+/// sockets read to see how they ended.
 async fn drive(
     args: &Args,
     db: &BenchDatabase,
@@ -282,13 +271,15 @@ async fn drive(
     owners: Vec<Uuid>,
     deployments: Vec<Uuid>,
     (probe_owner, probe_deployment): (Uuid, Uuid),
-) -> Result<(Phase, Vec<Ws>)> {
+) -> Result<Phase> {
+    let rss_start_kib = harness::sample(server.pid).rss_kib;
+    let sampler = Sampler::start(server.pid);
     let servers = std::slice::from_ref(server);
     let clients = s1_clients(servers, &owners, &deployments, args.superusers)?;
     let (specs, owed): (Vec<ClientSpec>, Vec<Owed>) = clients.into_iter().unzip();
     let first_source = specs.len();
     let fleet = connect_fleet(specs).await?;
-    let (slow, replayers) = if hostile {
+    let (mut slow, mut replayers) = if hostile {
         // Slow consumers first: once the replays hold the database, a
         // subscribe that needs it may be refused.
         let slow = connect_hostile(server.addr, first_source, args.hostile, Role::Slow, args.recv_buffer).await?;
@@ -319,27 +310,29 @@ async fn drive(
     let kicked = harness::metric(server.addr, "windflow_slow_consumer_disconnects_total").await;
     let connections_at_end = harness::metric(server.addr, "windflow_connections").await;
     let rss_end_kib = harness::sample(server.pid).rss_kib;
-    let Setup { sockets: slow_sockets, connected, failed, first_error, .. } = slow;
-    let slow_end = drain(slow_sockets).await;
-    let connections_after_drain = harness::metric(server.addr, "windflow_connections").await;
-    let phase = Phase {
+    // Before the hostile sockets are read: reading lets stuck replays go on.
+    let (_, rss_peak_kib, _) = sampler.finish();
+    let deadline = Instant::now() + DRAIN_FOR;
+    (slow.ends, replayers.ends) = tokio::join!(
+        drain(std::mem::take(&mut slow.sockets), deadline),
+        drain(std::mem::take(&mut replayers.sockets), deadline)
+    );
+    Ok(Phase {
         name: if hostile { "hostile" } else { "baseline" },
+        writes: write_json(&writes),
+        rss_start_kib,
+        // Two samplers (the phase's and the writes'), 100 ms apart each: the higher.
+        rss_peak_kib: rss_peak_kib.max(rss_end_kib).max(good.rss_peak_kib.unwrap_or(0)),
+        rss_end_kib,
         good,
         bare,
-        writes: write_json(&writes),
-        rss_start_kib: 0,
-        rss_peak_kib: 0,
-        rss_end_kib,
         kicked,
         connections_at_end,
-        connections_after_drain,
-        slow: Setup { sockets: Vec::new(), connected, failed, first_error },
-        replayers: Setup { sockets: Vec::new(), ..replayers },
-        slow_end,
+        replayers,
+        slow,
         probes,
         shutdown: None,
-    };
-    Ok((phase, replayers.sockets))
+    })
 }
 
 /// `rows` log lines of `bytes` bytes (hex, so TOAST cannot compress them
@@ -375,11 +368,20 @@ struct Setup {
     connected: usize,
     failed: usize,
     first_error: Option<String>,
+    /// How the connections ended, read after the run.
+    ends: Ends,
 }
 
 impl Setup {
     fn json(&self) -> Value {
-        json!({"connected": self.connected, "failed": self.failed, "first_error": self.first_error})
+        let e = &self.ends;
+        json!({
+            "connected": self.connected, "failed": self.failed, "first_error": self.first_error,
+            "after_the_run": {
+                "close_1013": e.close_1013, "other_close": e.other_close, "ended_without_close": e.no_close,
+                "still_open": e.still_open, "messages_read": e.messages,
+            },
+        })
     }
 }
 
@@ -463,14 +465,14 @@ async fn hostile_setup(spec: &ClientSpec, role: Role, recv_buffer: u32) -> Resul
     Ok(ws)
 }
 
-/// How the slow consumers ended, read after the run.
+/// How hostile connections ended, read after the run.
 #[derive(Debug, Default)]
-struct SlowEnd {
+struct Ends {
     close_1013: usize,
     other_close: usize,
     no_close: usize,
     still_open: usize,
-    events: u64,
+    messages: u64,
 }
 
 enum Ending {
@@ -480,42 +482,41 @@ enum Ending {
     StillOpen,
 }
 
-/// Read every slow consumer for at most DRAIN_FOR: what it was still owed,
-/// then how its connection ended.
-async fn drain(sockets: Vec<Ws>) -> SlowEnd {
-    let deadline = Instant::now() + DRAIN_FOR;
+/// Read every socket until `deadline`: what it was still sent, then how
+/// its connection ended.
+async fn drain(sockets: Vec<Ws>, deadline: Instant) -> Ends {
     let tasks: Vec<_> = sockets
         .into_iter()
         .map(|mut ws| {
             tokio::spawn(async move {
-                let mut events = 0u64;
+                let mut messages = 0u64;
                 loop {
                     match tokio::time::timeout_at(deadline, ws.next()).await {
-                        Err(_) => return (Ending::StillOpen, events),
+                        Err(_) => return (Ending::StillOpen, messages),
                         Ok(Some(Ok(Message::Close(Some(frame))))) if frame.code == CloseCode::Again => {
-                            return (Ending::Close1013, events);
+                            return (Ending::Close1013, messages);
                         }
-                        Ok(Some(Ok(Message::Close(_)))) => return (Ending::OtherClose, events),
-                        Ok(Some(Ok(Message::Text(_)))) => events += 1,
+                        Ok(Some(Ok(Message::Close(_)))) => return (Ending::OtherClose, messages),
+                        Ok(Some(Ok(Message::Text(_)))) => messages += 1,
                         Ok(Some(Ok(_))) => {}
-                        Ok(Some(Err(_))) | Ok(None) => return (Ending::NoClose, events),
+                        Ok(Some(Err(_))) | Ok(None) => return (Ending::NoClose, messages),
                     }
                 }
             })
         })
         .collect();
-    let mut end = SlowEnd::default();
+    let mut ends = Ends::default();
     for task in tasks {
-        let (ending, events) = task.await.unwrap_or((Ending::NoClose, 0));
-        end.events += events;
+        let (ending, messages) = task.await.unwrap_or((Ending::NoClose, 0));
+        ends.messages += messages;
         match ending {
-            Ending::Close1013 => end.close_1013 += 1,
-            Ending::OtherClose => end.other_close += 1,
-            Ending::NoClose => end.no_close += 1,
-            Ending::StillOpen => end.still_open += 1,
+            Ending::Close1013 => ends.close_1013 += 1,
+            Ending::OtherClose => ends.other_close += 1,
+            Ending::NoClose => ends.no_close += 1,
+            Ending::StillOpen => ends.still_open += 1,
         }
     }
-    end
+    ends
 }
 
 /// One try of another user subscribing to its own deployment's logs topic.
