@@ -167,9 +167,13 @@ impl Phase {
         let mib = |k: u64| k as f64 / 1024.0;
         let unread = |v: Option<f64>| v.map(|k| k.to_string()).unwrap_or_else(|| "unread".into());
         println!(
-            "{}: server RSS {:.1} -> peak {:.1} MiB (end of run {:.1}); slow-consumer kicks (metric) {}; \
+            "{}: good clients lost {} events, {} of them owed to the {} good connections that ended early \
+             (kicked or closed; resumable with since)",
+            self.name, self.good.lost, self.good.lost_ended, self.good.ended_early
+        );
+        println!(
+            "  server RSS {:.1} -> peak {:.1} MiB (end of run {:.1}); slow-consumer kicks (metric) {}; \
              connections open once the good clients left {}",
-            self.name,
             mib(self.rss_start_kib),
             mib(self.rss_peak_kib),
             mib(self.rss_end_kib),
