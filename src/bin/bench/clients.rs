@@ -82,10 +82,19 @@ pub fn client_config() -> WebSocketConfig {
         .max_frame_size(Some(16 << 20))
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+pub type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
 async fn open(spec: &ClientSpec) -> Result<Ws> {
+    open_with(spec, None).await
+}
+
+/// Connect and do the WebSocket handshake; `recv_buffer` sets SO_RCVBUF
+/// before connecting (a client that reads slowly, or never).
+pub async fn open_with(spec: &ClientSpec, recv_buffer: Option<u32>) -> Result<Ws> {
     let socket = TcpSocket::new_v4()?;
+    if let Some(size) = recv_buffer {
+        socket.set_recv_buffer_size(size).context("SO_RCVBUF")?;
+    }
     socket.bind(SocketAddr::new(spec.source, 0)).with_context(|| format!("bind {}", spec.source))?;
     let stream = socket.connect(spec.target).await.with_context(|| format!("connect {}", spec.target))?;
     stream.set_nodelay(true)?;
@@ -99,7 +108,8 @@ async fn open(spec: &ClientSpec) -> Result<Ws> {
     Ok(ws)
 }
 
-async fn next_json(ws: &mut Ws) -> Result<Value> {
+/// The next text frame as JSON (pings and pongs skipped), within 30 s.
+pub async fn next_json(ws: &mut Ws) -> Result<Value> {
     loop {
         let frame = tokio::time::timeout(Duration::from_secs(30), ws.next())
             .await

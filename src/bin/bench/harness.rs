@@ -111,6 +111,11 @@ pub struct Process {
 impl Process {
     /// `windflow-notify serve` on a free port, logging at warn to `log`.
     pub async fn server(database: &BenchDatabase, log: &str) -> Result<Process> {
+        Process::server_with(database, log, &[]).await
+    }
+
+    /// The same, with extra environment variables (`WINDFLOW_CLIENT_QUEUE`...).
+    pub async fn server_with(database: &BenchDatabase, log: &str, env: &[(&str, String)]) -> Result<Process> {
         let port = free_port()?;
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
         let logfile = std::fs::File::create(log).with_context(|| format!("create {log}"))?;
@@ -125,6 +130,7 @@ impl Process {
             .env("JWT_SECRET_KEY", SECRET)
             .env("WINDFLOW_BIND", addr.to_string())
             .env("RUST_LOG", std::env::var("BENCH_SERVER_LOG").unwrap_or_else(|_| "warn".into()))
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(logfile)
@@ -150,25 +156,36 @@ impl Process {
         bail!("server not healthy within 30 s; see {log}")
     }
 
-    /// SIGTERM, then wait (it must exit within 5 s).
-    pub async fn stop(mut self) -> Result<()> {
+    /// SIGTERM, then wait (it must exit within 5 s); killed after 10 s.
+    pub async fn stop(mut self) -> Result<Stopped> {
+        let started = now_ns();
         // SAFETY: signalling our own child by pid.
         unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
-        match tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await {
+        let status = match tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await {
             Ok(status) => {
                 let status = status?;
                 if !status.success() {
                     eprintln!("bench: process {} exited with {status}", self.pid);
                 }
+                Some(status)
             }
             Err(_) => {
                 eprintln!("bench: process {} did not exit within 10 s of SIGTERM; killing it", self.pid);
                 self.child.kill().await?;
+                None
             }
-        }
+        };
         let _ = std::fs::remove_file(&self.link);
-        Ok(())
+        Ok(Stopped { status, seconds: (now_ns() - started) as f64 / 1e9 })
     }
+}
+
+/// How a process took its SIGTERM.
+#[derive(Clone, Copy, Debug)]
+pub struct Stopped {
+    /// None: still running after 10 s, so killed.
+    pub status: Option<std::process::ExitStatus>,
+    pub seconds: f64,
 }
 
 /// CPU seconds (user + system) and resident set of a process.

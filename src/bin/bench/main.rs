@@ -16,6 +16,7 @@
 mod bare;
 mod clients;
 mod harness;
+mod hostile;
 mod report;
 mod writers;
 
@@ -106,6 +107,8 @@ enum Scenario {
         #[arg(long, default_value_t = 1 << 20)]
         size: usize,
     },
+    /// Hostile clients beside S1's good ones: never-reading `since 0` replayers and slow consumers (issue 8).
+    Hostile(hostile::Args),
     /// CI smoke: a few hundred clients for a few seconds; fails on any lost or duplicated event.
     Smoke,
     /// (internal) The bare WebSocket broadcaster, as a child process.
@@ -177,6 +180,7 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool> {
         Scenario::S3 { conns, instances } => s3(&conns, instances, nofile).await?,
         Scenario::S4 { writers, duration } => s4(writers, duration).await?,
         Scenario::S5 { conns, rate, duration, size } => s5(conns, rate, duration, size).await?,
+        Scenario::Hostile(args) => hostile::run(&args).await?,
         Scenario::Smoke => s1(300, 10, 300.0, 3, 2, 1).await?,
     };
     let ok = result.get("ok").and_then(Value::as_bool).unwrap_or(true);
@@ -247,10 +251,10 @@ async fn stop_all(servers: Vec<Process>) {
 }
 
 /// Runs `body` with a fresh database, dropped afterwards whatever happens.
-async fn with_database<F, Fut>(body: F) -> Result<Value>
+async fn with_database<T, F, Fut>(body: F) -> Result<T>
 where
     F: FnOnce(Arc<BenchDatabase>) -> Fut,
-    Fut: std::future::Future<Output = Result<Value>>,
+    Fut: std::future::Future<Output = Result<T>>,
 {
     let db = Arc::new(BenchDatabase::create().await?);
     let outcome = async {
@@ -271,15 +275,38 @@ async fn deliver(
     plan: &WritePlan,
 ) -> Result<(Delivery, Delivery, writers::WriteOutcome)> {
     let (specs, owed): (Vec<ClientSpec>, Vec<Owed>) = clients.into_iter().unzip();
+    let fleet = connect_fleet(specs).await?;
+    let (windflow, bare, outcome, ()) = deliver_to(db, servers, fleet, &owed, plan, async {}).await?;
+    Ok((windflow, bare, outcome))
+}
+
+/// Connect and set up every client (authenticated, subscribed).
+async fn connect_fleet(specs: Vec<ClientSpec>) -> Result<Fleet> {
     let n = specs.len();
     let started = now_ns();
     let fleet = Fleet::connect(specs, 256).await?;
     eprintln!("bench: {n} clients connected in {:.1} s", (now_ns() - started) as f64 / 1e9);
+    Ok(fleet)
+}
+
+/// Run the writes to a connected fleet (`owed[i]` is what client i is
+/// owed), with `during` running alongside the writes; wait for delivery
+/// and analyse. Returns the windflow row, the bare LISTEN row, the write
+/// outcome and what `during` returned.
+async fn deliver_to<F: std::future::Future>(
+    db: &BenchDatabase,
+    servers: &[Process],
+    fleet: Fleet,
+    owed: &[Owed],
+    plan: &WritePlan,
+    during: F,
+) -> Result<(Delivery, Delivery, writers::WriteOutcome, F::Output)> {
     let (listen_side, write_side) = (SideRuntime::new("bare-listen")?, SideRuntime::new("writers")?);
     let config = db.config.clone();
     let bare = listen_side.handle.spawn(async move { BareListener::start(&config).await }).await??;
     let samplers: Vec<Sampler> = servers.iter().map(|s| Sampler::start(s.pid)).collect();
-    let outcome = run_writes(&write_side, db, plan).await?;
+    let (outcome, extra) = tokio::join!(run_writes(&write_side, db, plan), during);
+    let outcome = outcome?;
     if let Some(error) = &outcome.first_error {
         eprintln!("bench: {} writes failed; first: {error}", outcome.failed);
     }
@@ -319,10 +346,11 @@ async fn deliver(
     let mut windflow = analyse("windflow-notify", &outcome.written, &pairs, false);
     windflow.cpu_pct = Some(usage.iter().map(|u| u.0).sum());
     windflow.rss_peak_kib = Some(usage.iter().map(|u| u.1).sum());
+    windflow.ended_early = ended_early as u64;
     let bare_log =
         clients::ClientLog { samples: bare_seen.into_iter().map(|(s, t)| (s, t, 0)).collect(), ..Default::default() };
     let bare_row = analyse("bare LISTEN (floor)", &outcome.written, &[(Owed::All, &bare_log)], false);
-    Ok((windflow, bare_row, outcome))
+    Ok((windflow, bare_row, outcome, extra))
 }
 
 async fn run_writes(side: &SideRuntime, db: &BenchDatabase, plan: &WritePlan) -> Result<writers::WriteOutcome> {
@@ -338,6 +366,30 @@ fn spec(servers: &[Process], i: usize, token: Option<String>, subscribe: Vec<Str
     ClientSpec { target: servers[i % servers.len()].addr, source: source_ip(i), token, subscribe, min_len: 0 }
 }
 
+/// S1's clients: each owner watching its deployment (`deployments[i]` is
+/// `owners[i]`'s, and owed `Owed::Deployment(i)`), plus `superusers` on
+/// `deployment_events`, owed everything.
+fn s1_clients(
+    servers: &[Process],
+    owners: &[Uuid],
+    deployments: &[Uuid],
+    superusers: usize,
+) -> Result<Vec<(ClientSpec, Owed)>> {
+    let mut clients = Vec::new();
+    for (i, (owner, deployment)) in owners.iter().zip(deployments).enumerate() {
+        // The owner gets its events without subscribing; the logs
+        // subscription also makes the hub deduplicate owner + topic.
+        let subscribe = vec![format!("deployment_logs_{deployment}")];
+        clients.push((spec(servers, i, Some(token(user(*owner))?), subscribe), Owed::Deployment(i as u32)));
+    }
+    for i in 0..superusers {
+        let viewer = Viewer { is_superuser: true, ..user(Uuid::new_v4()) };
+        let subscribe = vec!["deployment_events".to_string()];
+        clients.push((spec(servers, owners.len() + i, Some(token(viewer)?), subscribe), Owed::All));
+    }
+    Ok(clients)
+}
+
 async fn s1(
     conns: usize,
     superusers: usize,
@@ -350,18 +402,7 @@ async fn s1(
         let owners: Vec<Uuid> = (0..conns.saturating_sub(superusers)).map(|_| Uuid::new_v4()).collect();
         let deployments = create_deployments(&db, &owners, None).await?;
         let servers = start_servers(&db, instances).await?;
-        let mut clients = Vec::new();
-        for (i, (owner, deployment)) in owners.iter().zip(&deployments).enumerate() {
-            // The owner gets its events without subscribing; the logs
-            // subscription also makes the hub deduplicate owner + topic.
-            let subscribe = vec![format!("deployment_logs_{deployment}")];
-            clients.push((spec(&servers, i, Some(token(user(*owner))?), subscribe), Owed::Deployment(i as u32)));
-        }
-        for i in 0..superusers {
-            let viewer = Viewer { is_superuser: true, ..user(Uuid::new_v4()) };
-            let subscribe = vec!["deployment_events".to_string()];
-            clients.push((spec(&servers, owners.len() + i, Some(token(viewer)?), subscribe), Owed::All));
-        }
+        let clients = s1_clients(&servers, &owners, &deployments, superusers)?;
         let plan = WritePlan::mixed(writers, Some(rate), Duration::from_secs(duration), Arc::new(deployments));
         let outcome = deliver(&db, &servers, clients, &plan).await;
         stop_all(servers).await;
@@ -683,4 +724,24 @@ async fn s5(conns: usize, rate: f64, duration: u64, size: usize) -> Result<Value
         }))
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn hostile_defaults_are_the_issue_8_scenario() {
+        let cli = Cli::try_parse_from(["bench", "hostile", "--hostile", "200"]);
+        let Ok(Cli { scenario: Scenario::Hostile(args), .. }) = cli else { panic!("hostile did not parse") };
+        assert_eq!((args.hostile, args.good, args.log_rows, args.log_bytes), (200, 1000, 20, 500_000));
+        assert_eq!((args.client_queue, args.duration), (64, 15));
+    }
 }

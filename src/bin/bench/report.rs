@@ -25,9 +25,14 @@ pub struct Delivery {
     pub p999_ms: f64,
     pub max_ms: f64,
     pub lost: u64,
+    /// Of `lost`, those owed to clients whose connection ended early
+    /// (kicked, closed): a real client would resume them with `since`.
+    pub lost_ended: u64,
     pub duplicated: u64,
     pub unexpected: u64,
     pub short_frames: u64,
+    /// Clients whose connection ended before the run did (closed, kicked, reset).
+    pub ended_early: u64,
     pub cpu_pct: Option<f64>,
     pub rss_peak_kib: Option<u64>,
 }
@@ -37,8 +42,8 @@ impl Delivery {
         json!({
             "name": self.name, "messages": self.messages, "msgs_per_s": round(self.msgs_per_s),
             "latency_ms": {"p50": round(self.p50_ms), "p99": round(self.p99_ms), "p99_9": round(self.p999_ms), "max": round(self.max_ms)},
-            "lost": self.lost, "duplicated": self.duplicated, "unexpected": self.unexpected,
-            "short_frames": self.short_frames,
+            "lost": self.lost, "lost_on_ended_connections": self.lost_ended, "duplicated": self.duplicated, "unexpected": self.unexpected,
+            "short_frames": self.short_frames, "ended_early": self.ended_early,
             "cpu_pct": self.cpu_pct.map(round), "rss_peak_kib": self.rss_peak_kib,
         })
     }
@@ -101,6 +106,9 @@ pub fn analyse(name: &str, written: &[Written], logs: &[(Owed, &ClientLog)], emb
             Owed::Deployment(dep) => by_deployment.get(dep).copied().unwrap_or(0),
         };
         d.lost += owed_count.saturating_sub(got);
+        if log.ended.is_some() {
+            d.lost_ended += owed_count.saturating_sub(got);
+        }
         for &(seq, received, sent) in &log.samples {
             let start = if embedded { Some(sent) } else { commit.get(&seq).map(|w| w.commit_ns) };
             if let Some(start) = start {
@@ -163,7 +171,16 @@ mod tests {
         assert_eq!(d.duplicated, 1);
         assert_eq!(d.lost, 2 + 2, "seqs 2 and 3 for the first client, 0 and 2 for the owner of deployment 0");
         assert_eq!(d.unexpected, 1, "seq 1 belongs to deployment 1");
+        assert_eq!(d.lost_ended, 0, "both connections lasted the run");
         assert!(d.failed());
+    }
+
+    #[test]
+    fn losses_on_connections_that_ended_are_told_apart() {
+        let kicked = ClientLog { samples: vec![(0, 2_000, 0)], ended: Some("kicked".into()), ..Default::default() };
+        let fine = ClientLog { samples: vec![(0, 2_000, 0), (1, 2_000, 0)], ..Default::default() };
+        let d = analyse("x", &written(4), &[(Owed::All, &kicked), (Owed::All, &fine)], false);
+        assert_eq!((d.lost, d.lost_ended), (3 + 2, 3));
     }
 
     #[test]
