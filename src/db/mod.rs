@@ -1,9 +1,14 @@
 //! PostgreSQL: the pool, migrations, and the queries on the event log.
-//! The dedicated LISTEN connection lives in [`listener`].
+//! The event sources live in [`listener`] (NOTIFY, the default) and
+//! [`replication`] (logical replication); [`source`] says which a database
+//! uses.
 
 pub mod events;
 pub mod listener;
+pub mod pgoutput;
+pub mod replication;
 pub mod retention;
+pub mod source;
 
 use std::time::Duration;
 
@@ -42,6 +47,8 @@ pub enum DbError {
         "the database is a standby (pg_is_in_recovery() is true): LISTEN cannot work there; point DATABASE_URL at the primary"
     )]
     Standby,
+    #[error(transparent)]
+    NotReady(#[from] source::NotReady),
 }
 
 pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, DbError> {
