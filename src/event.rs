@@ -6,8 +6,6 @@
 
 use std::time::Instant;
 
-use serde::Deserialize;
-use serde_json::value::RawValue;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use uuid::Uuid;
 
@@ -110,20 +108,6 @@ fn push_compact(out: &mut String, json: &str) {
     out.push_str(&json[start..]);
 }
 
-/// A NOTIFY payload on `windflow_events`, as `windflow_emit` writes it.
-/// `data` is absent when the event did not fit in 8000 bytes.
-#[derive(Debug, Deserialize)]
-pub struct Announcement<'a> {
-    pub event_id: i64,
-    #[serde(rename = "type")]
-    pub kind: &'a str,
-    pub deployment_id: Uuid,
-    pub user_id: Uuid,
-    pub organization_id: Option<Uuid>,
-    #[serde(borrow, default)]
-    pub data: Option<&'a RawValue>,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,18 +128,5 @@ mod tests {
         assert_eq!(out, r#"{"logs":"a b \" c\\","n":[1,2],"x":null}"#);
         let value: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(value["logs"], "a b \" c\\");
-    }
-
-    #[test]
-    fn announcement_without_data_parses() {
-        let payload = format!(
-            r#"{{"event_id" : 7, "type" : "DEPLOYMENT_LOGS_UPDATE", "deployment_id" : "{}", "user_id" : "{}", "organization_id" : null}}"#,
-            Uuid::new_v4(),
-            Uuid::new_v4()
-        );
-        let announcement: Announcement = serde_json::from_str(&payload).unwrap();
-        assert_eq!(announcement.event_id, 7);
-        assert!(announcement.data.is_none());
-        assert_eq!(EventKind::parse(announcement.kind), Some(EventKind::LogsUpdate));
     }
 }

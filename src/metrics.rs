@@ -19,6 +19,7 @@ pub struct Metrics {
     pub listener_reconnects_total: AtomicU64,
     pub slow_consumer_disconnects_total: AtomicU64,
     pub notification_queue_usage: AtomicU64, // f64 bits
+    pub forged_notifications_total: AtomicU64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_nanos: AtomicU64,
@@ -110,6 +111,12 @@ impl Metrics {
             "pg_notification_queue_usage() as last sampled (0 to 1).",
             f64::from_bits(self.notification_queue_usage.load(Relaxed)).to_string(),
         );
+        metric(
+            "windflow_forged_notifications_total",
+            "counter",
+            "Notifications on windflow_events without a valid trigger signature, ignored.",
+            self.forged_notifications_total.load(Relaxed).to_string(),
+        );
         let name = "windflow_delivery_latency_seconds";
         let _ = writeln!(
             out,
@@ -157,6 +164,7 @@ mod tests {
             "windflow_listener_up 0",
             "windflow_listener_reconnects_total 0",
             "windflow_slow_consumer_disconnects_total 0",
+            "windflow_forged_notifications_total 0",
             "windflow_delivery_latency_seconds_count 0",
         ] {
             assert!(text.contains(name), "{name} missing");

@@ -32,8 +32,9 @@ use tokio_postgres::{AsyncMessage, Client, NoTls, Notification};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::db::announcement::SigningKey;
 use crate::db::{DbError, events, quote_identifier, refuse_standby};
-use crate::event::{Announcement, Event, EventKind};
+use crate::event::{Event, EventKind};
 use crate::hub::Feed;
 use crate::metrics::Metrics;
 
@@ -151,6 +152,7 @@ impl Listener {
         became_up: &mut bool,
     ) -> Result<(), ListenerError> {
         refuse_standby(client).await?;
+        let key = SigningKey::load(client).await?;
         client
             .batch_execute(&format!("LISTEN {EVENTS_CHANNEL}; LISTEN {}", quote_identifier(&self.marker_channel)))
             .await?;
@@ -163,18 +165,29 @@ impl Listener {
             self.metrics.listener_reconnects_total.fetch_add(1, Relaxed);
         }
         let mut tick = tokio::time::interval(MARKER_EVERY);
-        let mut marker_sent: Option<Instant> = None;
+        // The nonce and send time of the marker awaited.
+        let mut marker_sent: Option<(String, Instant)> = None;
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(()),
                 notification = notifications.recv() => {
                     let Some(notification) = notification else { return Err(ListenerError::Closed) };
                     if notification.channel() == EVENTS_CHANNEL {
-                        self.on_announcement(client, notification.payload()).await?;
+                        self.on_announcement(client, &key, notification.payload()).await?;
                     } else if notification.channel() == self.marker_channel {
+                        // Only the marker this connection sent counts: its
+                        // payload starts with the nonce it was sent with.
+                        let Some(snapshot) = marker_sent
+                            .as_ref()
+                            .and_then(|(nonce, _)| notification.payload().strip_prefix(nonce.as_str()))
+                        else {
+                            warn!(payload = %truncated(notification.payload()), "ignoring a marker this listener did not send");
+                            continue;
+                        };
+                        let snapshot = snapshot.to_string();
                         marker_sent = None;
-                        *marker = Some(notification.payload().to_string());
-                        self.hand_over(Feed::Marker(notification.payload().to_string())).await?;
+                        *marker = Some(snapshot.clone());
+                        self.hand_over(Feed::Marker(snapshot)).await?;
                         if !*became_up {
                             *became_up = true;
                             self.set_up(true);
@@ -183,22 +196,23 @@ impl Listener {
                     }
                 }
                 _ = tick.tick() => {
-                    if let Some(sent) = marker_sent {
+                    if let Some((_, sent)) = &marker_sent {
                         if sent.elapsed() > MARKER_TIMEOUT {
                             return Err(ListenerError::Stalled);
                         }
                         continue;
                     }
+                    let nonce = format!("{} ", uuid::Uuid::new_v4().simple());
                     match client
                         .query_one(
-                            "SELECT pg_notification_queue_usage(), pg_notify($1, pg_current_snapshot()::text)",
-                            &[&self.marker_channel],
+                            "SELECT pg_notification_queue_usage(), pg_notify($1, $2 || pg_current_snapshot()::text)",
+                            &[&self.marker_channel, &nonce],
                         )
                         .await
                     {
                         Ok(row) => {
                             self.metrics.set_notification_queue_usage(row.get(0));
-                            marker_sent = Some(Instant::now());
+                            marker_sent = Some((nonce, Instant::now()));
                         }
                         // A snapshot too long for a NOTIFY payload (thousands of
                         // open transactions): keep the previous marker.
@@ -212,12 +226,13 @@ impl Listener {
         }
     }
 
-    async fn on_announcement(&self, client: &Client, payload: &str) -> Result<(), ListenerError> {
-        let announcement: Announcement = match serde_json::from_str(payload) {
+    async fn on_announcement(&self, client: &Client, key: &SigningKey, payload: &str) -> Result<(), ListenerError> {
+        let announcement = match key.verify(payload) {
             Ok(a) => a,
-            Err(e) => {
-                warn!(error = %e, payload = %payload.chars().take(200).collect::<String>(),
-                    "ignoring a notification on windflow_events that no trigger wrote");
+            Err(why) => {
+                self.metrics.forged_notifications_total.fetch_add(1, Relaxed);
+                warn!(reason = %why, payload = %truncated(payload),
+                    "ignoring a notification on windflow_events that no trigger signed");
                 return Ok(());
             }
         };
@@ -252,6 +267,11 @@ impl Listener {
     async fn hand_over(&self, feed: Feed) -> Result<(), ListenerError> {
         self.feed.send(feed).await.map_err(|_| ListenerError::HubGone)
     }
+}
+
+/// The start of an untrusted payload, for a log line.
+fn truncated(payload: &str) -> String {
+    payload.chars().take(200).collect()
 }
 
 /// Exponential backoff between reconnects: 100 ms doubling to 5 s, so a

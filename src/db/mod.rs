@@ -3,6 +3,7 @@
 //! [`replication`] (logical replication); [`source`] says which a database
 //! uses.
 
+pub mod announcement;
 pub mod events;
 pub mod listener;
 pub mod pgoutput;
@@ -49,6 +50,11 @@ pub enum DbError {
     Standby,
     #[error(transparent)]
     NotReady(#[from] source::NotReady),
+    #[error(
+        "cannot read the event signing key (windflow_notify_key): {}; run the server as the role that ran the migrations, or GRANT SELECT ON windflow_notify_key to its role",
+        describe(.0)
+    )]
+    SigningKey(tokio_postgres::Error),
 }
 
 pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, DbError> {
