@@ -87,6 +87,17 @@ pub async fn configured(client: &impl GenericClient) -> Result<EventSource, DbEr
     EventSource::parse(&name).ok_or_else(|| NotReady::UnknownSource(name).into())
 }
 
+/// The database's event source, refused when the database is not ready
+/// for it.
+pub async fn at_startup(config: &tokio_postgres::Config) -> Result<EventSource, DbError> {
+    let client = super::connect(config).await?;
+    let source = configured(&client).await?;
+    if source == EventSource::Logical {
+        check_logical_ready(&client).await?;
+    }
+    Ok(source)
+}
+
 /// What the database lacks for logical mode, without the publication check
 /// ([`switch`] creates the publication).
 async fn logical_prerequisites(client: &Client) -> Result<(), DbError> {
