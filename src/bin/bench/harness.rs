@@ -346,7 +346,11 @@ impl LogicalCluster {
             ]),
             "initdb",
         )?;
-        let options = format!("-p {port} -k {} -c listen_addresses=127.0.0.1 -c wal_level=logical", root.display());
+        // As the machine's cluster is configured (autovacuum off), but logical.
+        let options = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c wal_level=logical -c autovacuum=off",
+            root.display()
+        );
         run_tool(
             as_postgres(&cluster.bin.join("pg_ctl"))
                 .arg("-D")

@@ -349,7 +349,7 @@ async fn deliver(
     clients: Vec<(ClientSpec, Owed)>,
     plan: &WritePlan,
 ) -> Result<(Delivery, Delivery, writers::WriteOutcome)> {
-    deliver_from(db, servers, clients, plan, EventSource::Notify).await
+    deliver_from(db, servers, clients, plan, EventSource::Notify, false).await
 }
 
 async fn deliver_from(
@@ -358,6 +358,7 @@ async fn deliver_from(
     clients: Vec<(ClientSpec, Owed)>,
     plan: &WritePlan,
     source: EventSource,
+    skip_logical_floor: bool,
 ) -> Result<(Delivery, Delivery, writers::WriteOutcome)> {
     let (specs, owed): (Vec<ClientSpec>, Vec<Owed>) = clients.into_iter().unzip();
     let n = specs.len();
@@ -367,7 +368,8 @@ async fn deliver_from(
     let (listen_side, write_side) = (SideRuntime::new("bare-listen")?, SideRuntime::new("writers")?);
     let config = db.config.clone();
     let logical = source == EventSource::Logical;
-    let bare = listen_side.handle.spawn(async move { Floor::start(&config, logical).await }).await??;
+    let wanted = !(logical && skip_logical_floor);
+    let bare = listen_side.handle.spawn(async move { Floor::start(&config, logical, wanted).await }).await??;
     let floor_label = bare.label();
     let samplers: Vec<Sampler> = servers.iter().map(|s| Sampler::start(s.pid)).collect();
     let outcome = run_writes(&write_side, db, plan).await?;
@@ -457,7 +459,7 @@ async fn s1(
             clients.push((spec(&servers, owners.len() + i, Some(token(viewer)?), subscribe), Owed::All));
         }
         let plan = WritePlan::mixed(writers, Some(rate), Duration::from_secs(duration), Arc::new(deployments));
-        let outcome = deliver_from(&db, &servers, clients, &plan, source).await;
+        let outcome = deliver_from(&db, &servers, clients, &plan, source, false).await;
         stop_all(servers).await;
         let (windflow, bare, writes) = outcome?;
         print_table(
@@ -697,7 +699,8 @@ async fn s4(admin: String, source: EventSource, writers: usize, duration: u64) -
                 }
             }
         });
-        let outcome = deliver_from(&db, &servers, clients, &plan, source).await;
+        let logical = source == EventSource::Logical;
+        let outcome = deliver_from(&db, &servers, clients, &plan, source, true).await;
         stop.cancel();
         let max_usage = usage.await.unwrap_or(f64::NAN);
         stop_all(servers).await;
@@ -715,7 +718,7 @@ async fn s4(admin: String, source: EventSource, writers: usize, duration: u64) -
         let without_rate = without.written.len() as f64 / without.wall_s;
         print_table(
             &format!("S4 ingest ({source}): {writers} writers as fast as they can for {duration} s, notifier attached"),
-            &[windflow.clone(), bare.clone()],
+            &if logical { vec![windflow.clone()] } else { vec![windflow.clone(), bare.clone()] },
         );
         println!(
             "writes/s with triggers {with_rate:.0}, without {without_rate:.0}: triggers cost {:.1} %; \
@@ -726,7 +729,8 @@ async fn s4(admin: String, source: EventSource, writers: usize, duration: u64) -
             "scenario": "S4", "source": source.as_str(), "writers": writers, "duration_s": duration,
             "with_triggers": write_json(&with), "without_triggers": write_json(&without),
             "trigger_cost_pct": round(100.0 * (1.0 - with_rate / without_rate)),
-            "max_notification_queue_usage": max_usage, "windflow": windflow.json(), "bare_listen": bare.json(),
+            "max_notification_queue_usage": max_usage, "windflow": windflow.json(),
+            "bare_listen": if logical { Value::Null } else { bare.json() },
             "target_met": max_usage == 0.0 && !windflow.failed(), "ok": !windflow.failed(),
         }))
     })

@@ -292,14 +292,17 @@ impl BareReplication {
 pub enum Floor {
     Listen(BareListener),
     Replication(BareReplication),
+    /// None: a second slot would decode all of the WAL a second time, on
+    /// the same two cores, and S4 measures what writers get.
+    Skipped,
 }
 
 impl Floor {
-    pub async fn start(config: &tokio_postgres::Config, logical: bool) -> Result<Floor> {
-        Ok(if logical {
-            Floor::Replication(BareReplication::start(config).await?)
-        } else {
-            Floor::Listen(BareListener::start(config).await?)
+    pub async fn start(config: &tokio_postgres::Config, logical: bool, wanted: bool) -> Result<Floor> {
+        Ok(match (wanted, logical) {
+            (false, _) => Floor::Skipped,
+            (true, true) => Floor::Replication(BareReplication::start(config).await?),
+            (true, false) => Floor::Listen(BareListener::start(config).await?),
         })
     }
 
@@ -307,6 +310,7 @@ impl Floor {
         match self {
             Floor::Listen(_) => "bare LISTEN (floor)",
             Floor::Replication(_) => "bare pgoutput (floor)",
+            Floor::Skipped => "(no floor)",
         }
     }
 
@@ -314,6 +318,7 @@ impl Floor {
         match self {
             Floor::Listen(floor) => floor.finish().await,
             Floor::Replication(floor) => floor.finish().await,
+            Floor::Skipped => Ok(Vec::new()),
         }
     }
 }
