@@ -77,10 +77,19 @@ struct WireClaims {
     is_superuser: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     organization_id: Option<String>,
+    /// A string or an array of strings (RFC 7519 §4.1.3); the library
+    /// checks it against `JWT_AUDIENCE`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    aud: Option<String>,
+    aud: Option<Audience>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     iss: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+enum Audience {
+    One(String),
+    Many(Vec<String>),
 }
 
 pub struct Verifier {
@@ -132,6 +141,8 @@ impl Verifier {
         // SPEC §6: no leeway; `exp` itself is checked again in `verify`
         // because the library still accepts a token at its `exp` second.
         validation.leeway = 0;
+        // A token is not valid before its `nbf`, when it has one.
+        validation.validate_nbf = true;
         // A configured audience or issuer is required, not only checked
         // when present.
         let mut required = vec!["exp", "sub"];
@@ -217,7 +228,7 @@ pub fn sign(
         exp: unix_now() + request.ttl.as_secs(),
         is_superuser: Some(request.viewer.is_superuser),
         organization_id: request.viewer.organization_id.map(|o| o.to_string()),
-        aud: request.audience.clone(),
+        aud: request.audience.clone().map(Audience::One),
         iss: request.issuer.clone(),
     };
     jsonwebtoken::encode(&Header::new(algorithm), &claims, &key).map_err(|e| key_error("token", e))

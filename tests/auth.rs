@@ -175,6 +175,49 @@ async fn audience_and_issuer_are_enforced_when_configured() {
     }
 }
 
+/// A token with hand-written claims, signed with the test secret.
+fn raw_token(claims: serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn in_an_hour() -> u64 {
+    auth::unix_now() + 3600
+}
+
+#[tokio::test]
+async fn an_audience_array_is_accepted_and_checked() {
+    let database = TestDatabase::create().await;
+    let open = TestServer::start(&database, |_| {}).await;
+    let sub = user().user_id;
+    let aud = |aud: serde_json::Value| raw_token(json!({"sub": sub, "exp": in_an_hour(), "aud": aud}));
+    open.connect(&aud(json!(["windflow", "billing"]))).await;
+    open.connect(&aud(json!("anything"))).await;
+    let mut jwt = jwt_args();
+    jwt.jwt_audience = Some("windflow".into());
+    let strict = TestServer::start_with_jwt(&database, jwt, |_| {}).await;
+    strict.connect(&aud(json!(["billing", "windflow"]))).await;
+    strict.assert_refused_in_url(&aud(json!(["billing", "other"]))).await;
+    strict.assert_refused_in_url(&aud(json!([]))).await;
+}
+
+#[tokio::test]
+async fn a_token_is_refused_before_its_nbf() {
+    let server = spawn_app().await.server;
+    let sub = user().user_id;
+    let future = raw_token(json!({"sub": sub, "exp": in_an_hour(), "nbf": auth::unix_now() + 600}));
+    server.assert_refused_in_url(&future).await;
+    let mut client = server.connect_anonymous().await;
+    client.send(json!({"type": "auth", "token": future})).await;
+    assert_eq!(client.recv_type("error").await["data"]["code"], "unauthorized");
+    assert_eq!(client.close_code().await, 1008);
+    server.connect(&raw_token(json!({"sub": sub, "exp": in_an_hour(), "nbf": auth::unix_now() - 5}))).await;
+}
+
 fn key(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/keys").join(name)
 }
