@@ -329,7 +329,7 @@ where
         logical["pct_of_without_triggers"] = json!(round(100.0 * with / without));
         logical["target_met"] = json!(with >= 2.0 * notify_with && with >= 0.6 * without);
     } else {
-        let p99 = |v: &Value, row: &str| v[row]["p99_ms"].as_f64().unwrap_or(f64::NAN);
+        let p99 = |v: &Value, row: &str| v[row]["latency_ms"]["p99"].as_f64().unwrap_or(f64::NAN);
         let gap = p99(&logical, "windflow") - p99(&notify, "bare_listen");
         println!("\nS1 logical p99 over the bare LISTEN floor (notify run): {gap:+.3} ms (target: within 2 ms)");
         logical["p99_over_bare_listen_ms"] = json!(round(gap));
