@@ -9,8 +9,9 @@
 //
 // It authenticates with an `auth` message (the token never appears in a
 // URL), re-subscribes after every reconnect with `since` set to the last
-// event of that topic it saw (SPEC §4), drops events it already delivered,
-// and backs off exponentially with jitter between attempts.
+// `event_id` of that topic it saw (from an event, or from the `subscribed`
+// reply), drops events it already delivered, and backs off exponentially
+// with jitter between attempts.
 
 /** @typedef {'connecting' | 'open' | 'reconnecting' | 'unauthorized' | 'closed'} ConnectionState */
 
@@ -29,11 +30,12 @@
 const EVENT_TYPES = ['DEPLOYMENT_STATUS_CHANGED', 'DEPLOYMENT_LOGS_UPDATE', 'DEPLOYMENT_PROGRESS']
 /** Event ids remembered to drop duplicates; older ones can no longer arrive twice. */
 const SEEN_CAPACITY = 5000
-/** Close codes after which retrying with the same token cannot help (SPEC §6). */
+/** The close code after which retrying with the same token cannot help. */
 const POLICY_VIOLATION = 1008
 
-/** Does `topic` carry `message`? Mirrors SPEC §4's topic table. */
+/** Does `topic` carry `message`? Mirrors the topic table of docs/protocol.md. */
 export function topicCarries(topic, message) {
+  topic = topic.toLowerCase()
   if (topic === 'deployment_events') return EVENT_TYPES.includes(message.type)
   const id = message.data && message.data.deployment_id
   if (topic === `deployment_logs_${id}`) return message.type === 'DEPLOYMENT_LOGS_UPDATE'
@@ -216,6 +218,9 @@ export class WindflowClient {
         break
       }
       case 'subscribed':
+        this.subscribed(message.data)
+        this.emit('subscribed', message.data)
+        break
       case 'unsubscribed':
       case 'pong':
         this.emit(message.type, message.data)
@@ -244,6 +249,19 @@ export class WindflowClient {
     // last one is where it resumes, even while another topic replays.
     for (const topic of this.topics.keys()) {
       if (topicCarries(topic, message)) this.topics.set(topic, id)
+    }
+  }
+
+  /**
+   * `subscribed` carries the subscription's resume cursor (`event_id`): until
+   * an event of the topic arrives, that is where a reconnect resumes, so a
+   * drop right after subscribing loses nothing. A server that sends no
+   * `event_id` leaves the resume point as it was.
+   */
+  subscribed(data) {
+    if (!data || typeof data.event_id !== 'number' || typeof data.topic !== 'string') return
+    for (const topic of this.topics.keys()) {
+      if (topic.toLowerCase() === data.topic) this.topics.set(topic, data.event_id)
     }
   }
 

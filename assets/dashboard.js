@@ -18,6 +18,34 @@ const $ = (id) => document.getElementById(id)
 const deployments = new Map()
 let selected = null
 let client = null
+/** The token's claims (`is_superuser`, `organization_id`), read for labels only: the server verifies it. */
+let viewer = {}
+
+/** The claims of a JWT, without verifying it; {} when it is not one. */
+function claimsOf(token) {
+  try {
+    const payload = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/')
+    return JSON.parse(atob(payload)) ?? {}
+  } catch {
+    return {}
+  }
+}
+
+/**
+ * Why this user sees `deployment`: they own it; or they are a superuser;
+ * or else it belongs to their organization, the only other way an event
+ * reaches them. (Events do not carry the organization, so a superuser's
+ * own organization is not told apart from any other.)
+ */
+function relation(deployment) {
+  if (!deployment.userId) return null
+  if (deployment.userId === client?.userId) return { kind: 'yours', text: 'yours' }
+  if (viewer.is_superuser === true) return { kind: 'superuser', text: 'visible as superuser' }
+  return { kind: 'organization', text: 'your organization' }
+}
+
+/** Enough of the id to tell two deployments of one name apart. */
+const shortId = (id) => id.slice(0, 8)
 
 function takeToken() {
   const params = new URLSearchParams(location.search)
@@ -37,6 +65,7 @@ function start(token) {
   client?.close()
   $('token-form').hidden = true
   const scheme = location.protocol === 'https:' ? 'wss' : 'ws'
+  viewer = claimsOf(token)
   client = new WindflowClient({ url: `${scheme}://${location.host}/ws`, token })
   client.on('state', showState)
   client.on('authenticated', (data) => {
@@ -93,7 +122,7 @@ function card(deployment) {
   item.className = 'deployment'
   item.dataset.deploymentId = deployment.id
   item.innerHTML = `
-    <div class="top"><span class="name"></span><span class="owner" hidden>team</span><span class="status"></span></div>
+    <div class="top"><span class="name"></span><code class="short-id"></code><span class="owner" hidden></span><span class="status"></span></div>
     <div class="progress"><div class="progress-bar"></div></div>
     <div class="step"><span class="current-step"></span><span class="percent"></span></div>
     <div class="failure" hidden></div>`
@@ -105,8 +134,14 @@ function render(deployment) {
   const item = document.querySelector(`[data-deployment-id="${deployment.id}"]`)
   if (!item) return
   item.querySelector('.name').textContent = deployment.name
+  const shortIdElement = item.querySelector('.short-id')
+  shortIdElement.textContent = shortId(deployment.id)
+  shortIdElement.title = deployment.id
   const owner = item.querySelector('.owner')
-  owner.hidden = !deployment.userId || deployment.userId === client?.userId
+  const seenAs = relation(deployment)
+  owner.hidden = !seenAs
+  owner.textContent = seenAs?.text ?? ''
+  owner.dataset.relation = seenAs?.kind ?? ''
   const status = item.querySelector('.status')
   status.textContent = deployment.status.replace('_', ' ')
   status.dataset.status = deployment.status
@@ -119,8 +154,10 @@ function render(deployment) {
   const failure = item.querySelector('.failure')
   failure.hidden = !(deployment.status === 'failed' && deployment.error)
   failure.textContent = deployment.error ?? ''
-  if (deployment.id === selected) $('logs-title').textContent = `· ${deployment.name}`
+  if (deployment.id === selected) $('logs-title').textContent = logsTitle(deployment)
 }
+
+const logsTitle = (deployment) => `· ${deployment.name} (${shortId(deployment.id)})`
 
 function select(id) {
   if (selected === id) return
@@ -130,7 +167,7 @@ function select(id) {
     item.classList.toggle('selected', item.dataset.deploymentId === id)
   }
   const deployment = deployments.get(id)
-  $('logs-title').textContent = `· ${deployment.name}`
+  $('logs-title').textContent = logsTitle(deployment)
   $('logs').replaceChildren()
   for (const line of deployment.logs) appendLog(line)
   // The log topic of this one deployment, from the start of its history:

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use deadpool_postgres::Pool;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -25,8 +25,19 @@ pub struct App {
     pub shutdown: CancellationToken,
     /// Every task the server spawns, so shutdown can wait for all of them.
     pub tasks: TaskTracker,
+    /// Replays from the event log share these: at most this many queries
+    /// at once (of the pool's 16 connections, so permission checks and
+    /// retention always find one)...
+    pub replay_queries: Semaphore,
+    /// ...and this many KiB of pages in memory at once.
+    pub replay_memory: Semaphore,
     next_conn: AtomicU64,
 }
+
+/// Concurrent replay queries; see [`App::replay_queries`].
+pub const REPLAY_QUERIES: usize = 4;
+/// KiB of replay pages held at once across the server (64 MiB).
+pub const REPLAY_MEMORY_KIB: usize = 64 * 1024;
 
 impl App {
     #[allow(clippy::too_many_arguments)]
@@ -49,6 +60,8 @@ impl App {
             listener_up,
             shutdown,
             tasks,
+            replay_queries: Semaphore::new(REPLAY_QUERIES),
+            replay_memory: Semaphore::new(REPLAY_MEMORY_KIB),
             next_conn: AtomicU64::new(1),
         })
     }

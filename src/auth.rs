@@ -48,12 +48,50 @@ impl Claims {
     }
 }
 
+/// Why a token was refused, in words a client author can act on (these
+/// reach the client in the 401 body or the `error` reply).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
-    #[error("token expired")]
+    #[error("token expired (its `exp` has passed); get a fresh one")]
     Expired,
     #[error("invalid token: {0}")]
     Invalid(String),
+}
+
+/// jsonwebtoken's errors, in words: several of them display only the
+/// library's enum name ("InvalidToken", "InvalidSignature").
+fn in_words(kind: &ErrorKind, algorithm: Algorithm) -> String {
+    let key_setting = if is_hmac(algorithm) { "JWT_SECRET_KEY" } else { "JWT_PUBLIC_KEY_FILE" };
+    match kind {
+        ErrorKind::InvalidToken => "not a JWT (expected three base64url parts separated by dots)".into(),
+        ErrorKind::Base64(_) => "not a JWT (a part is not base64url)".into(),
+        ErrorKind::Utf8(_) => "not a JWT (a part is not UTF-8)".into(),
+        ErrorKind::Json(e) => format!("its header or claims are not the expected JSON ({e})"),
+        ErrorKind::InvalidSignature => {
+            format!("the signature does not match: it was signed with another key than the server's {key_setting}")
+        }
+        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName | ErrorKind::UnsupportedAlgorithm => {
+            format!("it is not signed with {algorithm:?}, the server's JWT_ALGORITHM")
+        }
+        ErrorKind::ExpiredSignature => "it expired (its `exp` has passed); get a fresh one".into(),
+        ErrorKind::ImmatureSignature => "it is not valid yet (its `nbf` is in the future)".into(),
+        ErrorKind::InvalidAudience => "its `aud` is not the server's JWT_AUDIENCE".into(),
+        ErrorKind::InvalidIssuer => "its `iss` is not the server's JWT_ISSUER".into(),
+        ErrorKind::InvalidSubject => "its `sub` is not accepted".into(),
+        ErrorKind::MissingRequiredClaim(claim) => match claim.as_str() {
+            "aud" => "it has no `aud` claim, which the server's JWT_AUDIENCE requires".into(),
+            "iss" => "it has no `iss` claim, which the server's JWT_ISSUER requires".into(),
+            other => format!("it has no `{other}` claim"),
+        },
+        ErrorKind::InvalidClaimFormat(claim) => format!("its `{claim}` claim has the wrong type"),
+        ErrorKind::InvalidEcdsaKey
+        | ErrorKind::InvalidEddsaKey
+        | ErrorKind::InvalidRsaKey(_)
+        | ErrorKind::InvalidKeyFormat => {
+            format!("the key is not a valid {algorithm:?} key in PEM")
+        }
+        _ => format!("it cannot be verified with the server's {key_setting} and JWT_ALGORITHM"),
+    }
 }
 
 /// A setting that makes the verifier (or the signer) impossible to build.
@@ -133,12 +171,16 @@ impl Verifier {
             pem_decoding_key(algorithm, &pem).map_err(|e| {
                 key_error(
                     "JWT_PUBLIC_KEY_FILE",
-                    format!("{}: not a {algorithm:?} public key in PEM: {e}", path.display()),
+                    format!(
+                        "{}: not a {algorithm:?} public key in PEM ({})",
+                        path.display(),
+                        in_words(e.kind(), algorithm)
+                    ),
                 )
             })?
         };
         let mut validation = Validation::new(algorithm);
-        // SPEC §6: no leeway; `exp` itself is checked again in `verify`
+        // No leeway; `exp` itself is checked again in `verify`
         // because the library still accepts a token at its `exp` second.
         validation.leeway = 0;
         // A token is not valid before its `nbf`, when it has one.
@@ -161,12 +203,17 @@ impl Verifier {
         Ok(Verifier { key, validation })
     }
 
+    /// The one algorithm tokens must use (`JWT_ALGORITHM`).
+    fn algorithm(&self) -> Algorithm {
+        self.validation.algorithms.first().copied().unwrap_or_default()
+    }
+
     pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
         let data =
             jsonwebtoken::decode::<WireClaims>(token.trim(), &self.key, &self.validation).map_err(|e| {
                 match e.kind() {
                     ErrorKind::ExpiredSignature => AuthError::Expired,
-                    _ => AuthError::Invalid(e.to_string()),
+                    kind => AuthError::Invalid(in_words(kind, self.algorithm())),
                 }
             })?;
         let claims = data.claims;
@@ -184,7 +231,7 @@ impl Verifier {
 }
 
 fn parse_uuid_claim(name: &str, value: &str) -> Result<Uuid, AuthError> {
-    Uuid::parse_str(value).map_err(|_| AuthError::Invalid(format!("claim `{name}` is not a UUID")))
+    Uuid::parse_str(value).map_err(|_| AuthError::Invalid(format!("its `{name}` claim is not a UUID")))
 }
 
 pub fn unix_now() -> u64 {
@@ -221,7 +268,12 @@ pub fn sign(
             Algorithm::EdDSA => EncodingKey::from_ed_pem(pem),
             _ => EncodingKey::from_rsa_pem(pem),
         }
-        .map_err(|e| key_error("--private-key-file", format!("not a {algorithm:?} private key in PEM: {e}")))?
+        .map_err(|e| {
+            key_error(
+                "--private-key-file",
+                format!("not a {algorithm:?} private key in PEM ({})", in_words(e.kind(), algorithm)),
+            )
+        })?
     };
     let claims = WireClaims {
         sub: request.viewer.user_id.to_string(),
@@ -348,6 +400,25 @@ mod tests {
         let mut wrong = good.clone();
         wrong.issuer = Some("someone-else".into());
         assert!(verifier.verify(&sign(&wrong, Algorithm::HS256, Some("k"), None).unwrap()).is_err());
+    }
+
+    #[test]
+    fn refusals_say_what_is_wrong_in_words() {
+        let verifier = Verifier::from_args(&args("s3cret")).unwrap();
+        let refusal = |token: &str| verifier.verify(token).unwrap_err().to_string();
+        assert_eq!(refusal("garbage"), "invalid token: not a JWT (expected three base64url parts separated by dots)");
+        let other_key = sign(&request(viewer()), Algorithm::HS256, Some("other"), None).unwrap();
+        assert!(
+            refusal(&other_key).contains("another key than the server's JWT_SECRET_KEY"),
+            "{}",
+            refusal(&other_key)
+        );
+        let other_algorithm = sign(&request(viewer()), Algorithm::HS512, Some("s3cret"), None).unwrap();
+        assert!(refusal(&other_algorithm).contains("not signed with HS256"), "{}", refusal(&other_algorithm));
+        for token in ["garbage", "a.b.c", &other_key, &other_algorithm] {
+            let refusal = refusal(token);
+            assert!(!refusal.contains("Invalid") && !refusal.contains("Error"), "no library enum names: {refusal}");
+        }
     }
 
     #[test]

@@ -113,10 +113,20 @@ pub struct ServerArgs {
         value_parser = parse_positive
     )]
     pub history_size: usize,
+    /// Bytes of event messages the history may hold (`64MiB`, `512KiB`,
+    /// or plain bytes); the oldest events leave it first.
+    #[arg(
+        long,
+        env = "WINDFLOW_HISTORY_BYTES",
+        value_name = "WINDFLOW_HISTORY_BYTES",
+        default_value = "64MiB",
+        value_parser = parse_bytes
+    )]
+    pub history_bytes: usize,
 }
 
 impl ServerArgs {
-    /// The defaults of SPEC §8, for tests and embedding.
+    /// The documented defaults (README's settings table), for tests and embedding.
     pub fn with_bind(bind: SocketAddr) -> Self {
         ServerArgs {
             bind,
@@ -125,6 +135,7 @@ impl ServerArgs {
             max_connections: 100_000,
             client_queue: 4096,
             history_size: 100_000,
+            history_bytes: 64 << 20,
         }
     }
 }
@@ -152,8 +163,34 @@ fn parse_positive(value: &str) -> Result<usize, String> {
     }
 }
 
+/// A size in bytes: a whole number, optionally followed by KiB, MiB or GiB.
+pub fn parse_bytes(value: &str) -> Result<usize, String> {
+    let value = value.trim();
+    let (number, shift) = [("GiB", 30), ("MiB", 20), ("KiB", 10), ("B", 0)]
+        .iter()
+        .find_map(|(suffix, shift)| value.strip_suffix(suffix).map(|n| (n.trim(), *shift)))
+        .unwrap_or((value, 0));
+    let n =
+        number.parse::<usize>().map_err(|_| format!("expected a size like 64MiB, 512KiB or 1048576, not {value:?}"))?;
+    match n.checked_shl(shift).filter(|bytes| bytes >> shift == n) {
+        Some(0) => Err("must be at least 1 byte".into()),
+        Some(bytes) => Ok(bytes),
+        None => Err("too large".into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sizes_take_binary_suffixes() {
+        assert_eq!(parse_bytes("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_bytes("512 KiB"), Ok(512 << 10));
+        assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
+        assert!(parse_bytes("0").is_err());
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("99999999999999999999GiB").is_err());
+    }
+
     use super::*;
 
     #[test]

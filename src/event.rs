@@ -50,6 +50,9 @@ pub struct Event {
     pub frame: Utf8Bytes,
     /// When this process first had the event, for the delivery latency metric.
     pub received_at: Instant,
+    /// Its place in this process's commit order (set by the hub; 0 for an
+    /// event read back from the log for a replay).
+    pub seq: u64,
 }
 
 impl Event {
@@ -79,6 +82,7 @@ impl Event {
             organization_id,
             frame: Utf8Bytes::from(frame),
             received_at: Instant::now(),
+            seq: 0,
         }
     }
 }

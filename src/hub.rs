@@ -22,6 +22,7 @@ use uuid::Uuid;
 
 use crate::auth::Viewer;
 use crate::event::Event;
+use crate::history::{History, Snapshot};
 use crate::metrics::Metrics;
 use crate::ws::protocol::Topic;
 
@@ -34,6 +35,9 @@ pub enum Feed {
     /// A marker snapshot (`pg_current_snapshot()` as text): every
     /// transaction it shows as finished has already been fed to the hub.
     Marker(String),
+    /// Once, before the first marker: the newest event id committed when
+    /// this process started, the resume cursor while nothing was fed yet.
+    Origin(i64),
 }
 
 /// What sessions ask of the hub.
@@ -51,10 +55,12 @@ pub enum Command {
         conn: ConnId,
         viewer: Viewer,
     },
+    /// Answered with exactly one `Subscribed` (or first a `LookUp`, after
+    /// which the session sends the same subscribe again, looked up).
     Subscribe {
         conn: ConnId,
         topic: Topic,
-        since: Option<i64>,
+        since: Option<Since>,
     },
     Unsubscribe {
         conn: ConnId,
@@ -63,6 +69,26 @@ pub enum Command {
     Unregister {
         conn: ConnId,
     },
+}
+
+/// A `since` and what the event log says of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Since {
+    /// Not looked up: fine when the history holds it.
+    Unchecked(i64),
+    /// In the event log, written by transaction `xid`.
+    Committed { id: i64, xid: u64 },
+    /// Not in the event log. `pruned`: retention deleted it, or events
+    /// after it (or it is 0 and retention deleted anything).
+    Missing { id: i64, pruned: bool },
+}
+
+impl Since {
+    pub fn id(self) -> i64 {
+        match self {
+            Since::Unchecked(id) | Since::Committed { id, .. } | Since::Missing { id, .. } => id,
+        }
+    }
 }
 
 /// What a session's queue carries. Replies to (un)subscribe travel in the
@@ -74,7 +100,15 @@ pub enum Outbound {
     /// and a subscription's replay is rare.
     Subscribed {
         topic: Topic,
+        /// The subscription's resume cursor (the `event_id` of `subscribed`).
+        cursor: i64,
         replay: Option<Box<Replay>>,
+    },
+    /// The history does not hold `since`: look it up in the event log and
+    /// send the subscribe again.
+    LookUp {
+        topic: Topic,
+        since: i64,
     },
     Unsubscribed {
         topic: Topic,
@@ -84,25 +118,27 @@ pub enum Outbound {
 /// The events a `subscribe` with `since` owes the client, oldest first.
 #[derive(Debug, Default)]
 pub struct Replay {
-    /// First, when `since` is older than the history: events to read from
+    /// `resync` comes first: events after `since` may be gone.
+    pub resync: bool,
+    /// Then, when `since` is older than the history: events to read from
     /// the event log.
     pub from_log: Option<LogReplay>,
     /// Then these, from the history, in commit order.
     pub recent: Vec<Arc<Event>>,
 }
 
+/// Events of the log fed to this process before a marker (or before it
+/// started), after `since` by id. Events fed after the marker come from
+/// the history, in commit order.
 #[derive(Debug)]
 pub struct LogReplay {
-    /// Read events with an id above this one...
     pub since: i64,
-    /// ...whose transactions this marker snapshot shows as finished (later
-    /// ones reach the client live)...
-    pub snapshot: Option<String>,
-    /// ...except these, which the history holds...
-    pub skip: HashSet<i64>,
-    /// ...plus these, fed since the marker but already gone from the
-    /// history.
-    pub evicted: Vec<i64>,
+    /// Events whose transactions this marker snapshot shows as finished...
+    pub snapshot: String,
+    /// ...or these, fed just before it or since evicted from the history...
+    pub also: Vec<i64>,
+    /// ...except these (sorted), which the connection already received.
+    pub skip: Vec<i64>,
 }
 
 #[derive(Clone, Debug)]
@@ -114,47 +150,6 @@ impl HubHandle {
     /// Returns false once the hub has stopped (shutdown).
     pub async fn send(&self, command: Command) -> bool {
         self.commands.send(command).await.is_ok()
-    }
-}
-
-/// Events in commit order, the last `capacity` of them, each with a
-/// sequence number that counts commits seen by this process.
-struct History {
-    events: VecDeque<Arc<Event>>,
-    first_seq: u64,
-    positions: HashMap<i64, u64>,
-    capacity: usize,
-}
-
-impl History {
-    fn new(capacity: usize) -> Self {
-        History { events: VecDeque::new(), first_seq: 1, positions: HashMap::new(), capacity }
-    }
-
-    fn next_seq(&self) -> u64 {
-        self.first_seq + self.events.len() as u64
-    }
-
-    fn push(&mut self, event: Arc<Event>) -> u64 {
-        if self.events.len() == self.capacity {
-            if let Some(oldest) = self.events.pop_front() {
-                self.positions.remove(&oldest.id);
-            }
-            self.first_seq += 1;
-        }
-        let seq = self.next_seq();
-        self.positions.insert(event.id, seq);
-        self.events.push_back(event);
-        seq
-    }
-
-    fn seq_of(&self, id: i64) -> Option<u64> {
-        self.positions.get(&id).copied()
-    }
-
-    fn from(&self, seq: u64) -> impl Iterator<Item = (u64, &Arc<Event>)> {
-        let skip = seq.saturating_sub(self.first_seq) as usize;
-        self.events.iter().enumerate().skip(skip).map(move |(i, e)| (self.first_seq + i as u64, e))
     }
 }
 
@@ -171,7 +166,7 @@ struct Conn {
 
 impl Conn {
     /// Whether this connection was already sent the event at `seq`.
-    fn received(&self, seq: u64, event: &Event) -> bool {
+    fn already_sent(&self, seq: u64, event: &Event) -> bool {
         (seq >= self.registered_seq && event.owner == self.viewer.user_id)
             || self.subscriptions.iter().any(|(topic, from)| {
                 seq >= *from
@@ -179,6 +174,26 @@ impl Conn {
                     && self.viewer.can_see(event.owner, event.organization_id)
             })
     }
+}
+
+/// A marker as the hub keeps it: where it fell among the events.
+struct Marker {
+    /// The seq the next event fed after it got.
+    seq: u64,
+    snapshot: String,
+    parsed: Option<Snapshot>,
+    /// Events fed between the previous marker and this one: some may have
+    /// committed after this snapshot was taken.
+    fed_before: Vec<i64>,
+}
+
+/// A subscribe whose `since` committed but has not reached this process
+/// yet (this instance lags the one the client came from).
+struct Deferred {
+    conn: ConnId,
+    topic: Topic,
+    id: i64,
+    xid: u64,
 }
 
 pub struct Hub {
@@ -196,14 +211,20 @@ pub struct Hub {
     topic_subscribers: HashMap<Topic, HashSet<ConnId>>,
     subscription_count: i64,
     history: History,
-    last_marker: Option<String>,
+    /// Markers from the oldest one at or after the history's first event
+    /// (or the newest, if none is) to the newest.
+    markers: VecDeque<Marker>,
     /// Ids fed since the last marker, and between the two before it. A
     /// transaction the marker shows as unfinished may have been fed just
     /// before the marker: two generations cover it (the listener sends a
     /// marker only after the previous one came back).
     fed_since_marker: HashSet<i64>,
     fed_before_marker: HashSet<i64>,
-    max_event_id: i64,
+    /// Ids evicted from the history since the newest marker.
+    evicted_since_marker: Vec<i64>,
+    /// The newest event id committed when this process started.
+    origin: i64,
+    deferred: Vec<Deferred>,
     recipients: Vec<ConnId>,
 }
 
@@ -214,7 +235,11 @@ const FEED_CAPACITY: usize = 4096;
 const COMMAND_CAPACITY: usize = 1024;
 
 impl Hub {
-    pub fn new(metrics: Arc<Metrics>, history_size: usize) -> (Hub, HubHandle, mpsc::Sender<Feed>) {
+    pub fn new(
+        metrics: Arc<Metrics>,
+        history_size: usize,
+        history_bytes: usize,
+    ) -> (Hub, HubHandle, mpsc::Sender<Feed>) {
         let (feed_tx, feed) = mpsc::channel(FEED_CAPACITY);
         let (commands_tx, commands) = mpsc::channel(COMMAND_CAPACITY);
         let hub = Hub {
@@ -227,11 +252,13 @@ impl Hub {
             feed_by_org: HashMap::new(),
             topic_subscribers: HashMap::new(),
             subscription_count: 0,
-            history: History::new(history_size),
-            last_marker: None,
+            history: History::new(history_size, history_bytes),
+            markers: VecDeque::new(),
             fed_since_marker: HashSet::new(),
             fed_before_marker: HashSet::new(),
-            max_event_id: 0,
+            evicted_since_marker: Vec::new(),
+            origin: 0,
+            deferred: Vec::new(),
             recipients: Vec::new(),
         };
         (hub, HubHandle { commands: commands_tx }, feed_tx)
@@ -244,6 +271,7 @@ impl Hub {
                 Some(feed) = self.feed.recv() => match feed {
                     Feed::Event(event) => self.publish(event),
                     Feed::Marker(snapshot) => self.on_marker(snapshot),
+                    Feed::Origin(id) => self.origin = id,
                 },
                 Some(command) = self.commands.recv() => self.handle(command),
                 else => break,
@@ -252,8 +280,38 @@ impl Hub {
     }
 
     fn on_marker(&mut self, snapshot: String) {
-        self.last_marker = Some(snapshot);
+        let fed_before: Vec<i64> = self.fed_since_marker.iter().copied().collect();
         self.fed_before_marker = std::mem::take(&mut self.fed_since_marker);
+        self.evicted_since_marker.clear();
+        let parsed = Snapshot::parse(&snapshot);
+        if parsed.is_none() {
+            warn!(snapshot = %snapshot, "marker is not a pg_snapshot; lagging resumes wait for the next one");
+        }
+        self.markers.push_back(Marker { seq: self.history.next_seq(), snapshot, parsed, fed_before });
+        self.prune_markers();
+        // Lagging resumes whose `since` this marker shows as finished can
+        // now be placed: in the history, or before it.
+        let ready: Vec<Deferred> = match self.markers.back().and_then(|m| m.parsed.as_ref()) {
+            Some(latest) => {
+                let (ready, waiting) =
+                    std::mem::take(&mut self.deferred).into_iter().partition(|d| latest.finished(d.xid));
+                self.deferred = waiting;
+                ready
+            }
+            None => Vec::new(),
+        };
+        for d in ready {
+            self.subscribe(d.conn, d.topic, Some(Since::Committed { id: d.id, xid: d.xid }));
+        }
+    }
+
+    /// Drop markers from before the history's first event, but keep the
+    /// newest: the oldest one left is the floor a log replay reads up to.
+    fn prune_markers(&mut self) {
+        let first = self.history.first_seq();
+        while self.markers.len() > 1 && self.markers.front().is_some_and(|m| m.seq < first) {
+            self.markers.pop_front();
+        }
     }
 
     fn fed_recently(&self, id: i64) -> bool {
@@ -286,6 +344,11 @@ impl Hub {
             }
             Command::Subscribe { conn, topic, since } => self.subscribe(conn, topic, since),
             Command::Unsubscribe { conn, topic } => {
+                // A subscribe still waiting for its `since` is answered first.
+                if let Some(i) = self.deferred.iter().position(|d| d.conn == conn && d.topic == topic) {
+                    let d = self.deferred.swap_remove(i);
+                    self.queue(conn, Outbound::Subscribed { topic, cursor: d.id, replay: None });
+                }
                 let Some(entry) = self.conns.get_mut(&conn) else { return };
                 let viewer = entry.viewer;
                 if entry.subscriptions.remove(&topic).is_some() {
@@ -298,12 +361,55 @@ impl Hub {
         }
     }
 
-    fn subscribe(&mut self, conn: ConnId, topic: Topic, since: Option<i64>) {
+    /// The resume cursor of a subscription made now: the newest event fed.
+    fn cursor(&self) -> i64 {
+        self.history.last_id().unwrap_or(self.origin)
+    }
+
+    fn subscribe(&mut self, conn: ConnId, topic: Topic, since: Option<Since>) {
         let Some(entry) = self.conns.get(&conn) else { return };
         let next_seq = self.history.next_seq();
-        let (replay, covered_from) = match since {
-            Some(since) => self.replay(entry, topic, since),
-            None => (None, next_seq),
+        let (cursor, replay, covered_from) = match since {
+            None => (self.cursor(), None, next_seq),
+            Some(since) => match self.history.seq_of(since.id()) {
+                Some(seq) => {
+                    let recent = self.recent(entry, topic, seq + 1);
+                    (since.id(), Some(Replay { recent, ..Replay::default() }), seq + 1)
+                }
+                None => match since {
+                    Since::Unchecked(id) => {
+                        self.queue(conn, Outbound::LookUp { topic, since: id });
+                        return;
+                    }
+                    Since::Committed { id, xid } => {
+                        let finished =
+                            self.markers.back().and_then(|m| m.parsed.as_ref()).is_some_and(|s| s.finished(xid));
+                        if !finished {
+                            debug!(conn, topic = %topic, since = id, "since has not reached this instance yet; waiting");
+                            self.deferred.push(Deferred { conn, topic, id, xid });
+                            return;
+                        }
+                        let (log, from) = self.before_history(entry, id);
+                        (
+                            id,
+                            Some(Replay { resync: false, from_log: log, recent: self.recent(entry, topic, from) }),
+                            from,
+                        )
+                    }
+                    Since::Missing { id, pruned } if pruned || id == 0 => {
+                        let (log, from) = self.before_history(entry, id);
+                        (
+                            id,
+                            Some(Replay { resync: pruned, from_log: log, recent: self.recent(entry, topic, from) }),
+                            from,
+                        )
+                    }
+                    // No such event: nothing can be placed after it.
+                    Since::Missing { .. } => {
+                        (self.cursor(), Some(Replay { resync: true, ..Replay::default() }), next_seq)
+                    }
+                },
+            },
         };
         let Some(entry) = self.conns.get_mut(&conn) else { return };
         let viewer = entry.viewer;
@@ -318,47 +424,53 @@ impl Hub {
                 self.count_subscriptions(1);
             }
         }
-        self.queue(conn, Outbound::Subscribed { topic, replay: replay.map(Box::new) });
+        self.queue(conn, Outbound::Subscribed { topic, cursor, replay: replay.map(Box::new) });
     }
 
-    /// What `subscribe` with `since` owes: the history after `since`'s
-    /// place in commit order, or, when `since` is older than the history,
-    /// the event log first and then the whole history. Events this
-    /// connection was already sent are left out.
-    fn replay(&self, conn: &Conn, topic: Topic, since: i64) -> (Option<Replay>, u64) {
-        let (start_seq, mut from_log) = match self.history.seq_of(since) {
-            Some(seq) => (seq + 1, None),
-            // Newer than anything this process has seen: nothing to replay.
-            None if self.max_event_id > 0 && since > self.max_event_id => (self.history.next_seq(), None),
-            None => {
-                let evicted = self
-                    .fed_since_marker
-                    .iter()
-                    .chain(&self.fed_before_marker)
-                    .filter(|id| **id > since && self.history.seq_of(**id).is_none())
-                    .copied()
-                    .collect();
-                (0, Some(LogReplay { since, snapshot: self.last_marker.clone(), skip: HashSet::new(), evicted }))
-            }
+    /// For a `since` older than the history: what to read from the log
+    /// (events fed before the oldest kept marker), and the seq the history
+    /// takes over from.
+    fn before_history(&self, conn: &Conn, since: i64) -> (Option<LogReplay>, u64) {
+        let Some(floor) = self.markers.front() else {
+            // No marker yet (clients are accepted only after the first).
+            return (None, self.history.first_seq());
         };
-        let mut recent = Vec::new();
-        for (seq, event) in self.history.from(start_seq) {
-            if !topic.carries(event.kind, event.deployment_id)
-                || !conn.viewer.can_see(event.owner, event.organization_id)
-            {
-                continue;
-            }
-            if let Some(log) = from_log.as_mut() {
-                log.skip.insert(event.id);
-            }
-            if !conn.received(seq, event) {
-                recent.push(Arc::clone(event));
-            }
+        let mut also = floor.fed_before.clone();
+        if floor.seq < self.history.first_seq() {
+            also.extend(&self.evicted_since_marker);
         }
-        (Some(Replay { from_log, recent }), start_seq)
+        // Events fed before the floor that are still in the history, and
+        // that this connection already received, are not sent again.
+        let mut skip: Vec<i64> = (self.history.first_seq()..floor.seq)
+            .filter_map(|seq| self.history.get(seq))
+            .filter(|event| conn.already_sent(event.seq, event))
+            .map(|event| event.id)
+            .collect();
+        skip.sort_unstable();
+        let log = LogReplay { since, snapshot: floor.snapshot.clone(), also, skip };
+        (Some(log), floor.seq.max(self.history.first_seq()))
     }
 
-    fn publish(&mut self, event: Event) {
+    /// The history's events of `topic` from `seq` on that this connection
+    /// may see and was not already sent, visiting only the candidates.
+    fn recent(&self, conn: &Conn, topic: Topic, seq: u64) -> Vec<Arc<Event>> {
+        let viewer = conn.viewer;
+        let wanted = |event: &&Arc<Event>| {
+            topic.carries(event.kind, event.deployment_id)
+                && viewer.can_see(event.owner, event.organization_id)
+                && !conn.already_sent(event.seq, event)
+        };
+        let by_seq = |seqs: &mut dyn Iterator<Item = u64>| -> Vec<Arc<Event>> {
+            seqs.filter_map(|s| self.history.get(s)).filter(wanted).cloned().collect()
+        };
+        match topic.deployment() {
+            Some(deployment) => by_seq(&mut self.history.of_deployment(deployment, seq)),
+            None if viewer.is_superuser => self.history.all_from(seq).filter(wanted).cloned().collect(),
+            None => by_seq(&mut self.history.of_owner_or_organization(viewer.user_id, viewer.organization_id, seq)),
+        }
+    }
+
+    fn publish(&mut self, mut event: Event) {
         // The listener's catch-up after a reconnect may overlap what it
         // already fed; each event enters once.
         if self.history.seq_of(event.id).is_some() || self.fed_recently(event.id) {
@@ -367,9 +479,12 @@ impl Hub {
         }
         self.fed_since_marker.insert(event.id);
         self.metrics.events_total.fetch_add(1, Relaxed);
-        self.max_event_id = self.max_event_id.max(event.id);
+        let seq = self.history.next_seq();
+        event.seq = seq;
         let event = Arc::new(event);
-        let seq = self.history.push(Arc::clone(&event));
+        self.history.push(Arc::clone(&event), &mut self.evicted_since_marker);
+        self.prune_markers();
+        self.metrics.history_bytes.store(self.history.bytes() as i64, Relaxed);
 
         let mut recipients = std::mem::take(&mut self.recipients);
         recipients.clear();
@@ -397,8 +512,15 @@ impl Hub {
             self.queue(conn, Outbound::Event(Arc::clone(&event)));
         }
         self.recipients = recipients;
-    }
 
+        // A lagging resume waiting for this very event can now be placed.
+        if let Some(i) = self.deferred.iter().position(|d| d.id == event.id) {
+            let waiting: Vec<Deferred> = self.deferred.extract_if(i.., |d| d.id == event.id).collect();
+            for d in waiting {
+                self.subscribe(d.conn, d.topic, Some(Since::Committed { id: d.id, xid: d.xid }));
+            }
+        }
+    }
     /// Queue a message for a connection without waiting; a full queue makes
     /// it a slow consumer.
     fn queue(&mut self, conn: ConnId, message: Outbound) {
@@ -417,6 +539,7 @@ impl Hub {
 
     fn remove(&mut self, conn: ConnId) {
         let Some(entry) = self.conns.remove(&conn) else { return };
+        self.deferred.retain(|d| d.conn != conn);
         if let Some(conns) = self.owners.get_mut(&entry.viewer.user_id) {
             conns.retain(|c| *c != conn);
             if conns.is_empty() {
@@ -514,7 +637,7 @@ mod tests {
     }
 
     fn hub() -> Hub {
-        Hub::new(Arc::new(Metrics::default()), 100).0
+        Hub::new(Arc::new(Metrics::default()), 100, usize::MAX).0
     }
 
     fn connect(hub: &mut Hub, conn: ConnId, viewer: Viewer, queue: usize) -> Client {
@@ -585,7 +708,7 @@ mod tests {
             hub.publish(event(id, EventKind::StatusChanged, deployment, owner, None));
         }
         let mut client = connect(&mut hub, 1, watcher, 16);
-        hub.handle(Command::Subscribe { conn: 1, topic: Topic::DeploymentEvents, since: Some(3) });
+        hub.handle(Command::Subscribe { conn: 1, topic: Topic::DeploymentEvents, since: Some(Since::Unchecked(3)) });
         assert_eq!(client.events(), vec![7, 4]);
     }
 
@@ -597,31 +720,68 @@ mod tests {
         hub.publish(event(1, EventKind::StatusChanged, Uuid::new_v4(), owner, None));
         hub.publish(event(2, EventKind::StatusChanged, Uuid::new_v4(), owner, None));
         assert_eq!(client.events(), vec![1, 2]);
-        hub.handle(Command::Subscribe { conn: 1, topic: Topic::DeploymentEvents, since: Some(1) });
+        hub.handle(Command::Subscribe { conn: 1, topic: Topic::DeploymentEvents, since: Some(Since::Unchecked(1)) });
         assert_eq!(client.events(), Vec::<i64>::new());
     }
 
     #[test]
-    fn replay_older_than_history_asks_the_log_and_skips_what_history_holds() {
-        let mut hub = Hub::new(Arc::new(Metrics::default()), 2).0;
+    fn replay_older_than_history_is_looked_up_then_read_from_the_log_before_the_oldest_marker() {
+        let mut hub = Hub::new(Arc::new(Metrics::default()), 2, usize::MAX).0;
         let owner = Uuid::new_v4();
         let deployment = Uuid::new_v4();
+        hub.on_marker("10:10:".into());
         for id in 1..=3 {
             hub.publish(event(id, EventKind::Progress, deployment, owner, None));
         }
+        hub.on_marker("20:20:".into());
         let (tx, mut rx) = mpsc::channel(8);
+        let watcher = Viewer { is_superuser: true, ..viewer(Uuid::new_v4()) };
+        hub.handle(Command::Register { conn: 9, viewer: watcher, outbound: tx, kicked: CancellationToken::new() });
+        let topic = Topic::Progress(deployment);
+        hub.handle(Command::Subscribe { conn: 9, topic, since: Some(Since::Unchecked(1)) });
+        let Ok(Outbound::LookUp { since: 1, .. }) = rx.try_recv() else { panic!("the hub asks for a look-up") };
+        hub.handle(Command::Subscribe { conn: 9, topic, since: Some(Since::Committed { id: 1, xid: 5 }) });
+        let Ok(Outbound::Subscribed { replay: Some(replay), cursor: 1, .. }) = rx.try_recv() else { panic!("no reply") };
+        let log = replay.from_log.expect("since 1 is older than the history");
+        // The oldest marker at or after the history's start is the second:
+        // events fed before it come from the log, the rest from the history.
+        assert_eq!((log.since, log.snapshot.as_str()), (1, "20:20:"));
+        assert_eq!(log.also.iter().copied().collect::<HashSet<_>>(), HashSet::from([1, 2, 3]));
+        assert!(replay.recent.is_empty());
+    }
+
+    #[test]
+    fn a_lagging_resume_waits_for_its_since_then_replays_from_its_place() {
+        let mut hub = hub();
+        let (owner, deployment) = (Uuid::new_v4(), Uuid::new_v4());
+        hub.on_marker("100:100:".into());
+        let watcher = Viewer { is_superuser: true, ..viewer(Uuid::new_v4()) };
+        let mut client = connect(&mut hub, 1, watcher, 16);
+        let topic = Topic::Logs(deployment);
+        hub.handle(Command::Subscribe { conn: 1, topic, since: Some(Since::Committed { id: 7, xid: 150 }) });
+        assert!(client.rx.try_recv().is_err(), "no reply before since arrives");
+        for id in [7, 8] {
+            hub.publish(event(id, EventKind::LogsUpdate, deployment, owner, None));
+        }
+        assert_eq!(client.events(), vec![8], "exactly what followed since");
+        hub.publish(event(9, EventKind::LogsUpdate, deployment, owner, None));
+        assert_eq!(client.events(), vec![9]);
+    }
+
+    #[test]
+    fn subscribed_carries_the_newest_event_as_cursor() {
+        let mut hub = hub();
         hub.handle(Command::Register {
-            conn: 9,
-            viewer: Viewer { is_superuser: true, ..viewer(Uuid::new_v4()) },
-            outbound: tx,
+            conn: 1,
+            viewer: viewer(Uuid::new_v4()),
+            outbound: mpsc::channel(8).0,
             kicked: CancellationToken::new(),
         });
-        hub.handle(Command::Subscribe { conn: 9, topic: Topic::Progress(deployment), since: Some(1) });
-        let Ok(Outbound::Subscribed { replay: Some(replay), .. }) = rx.try_recv() else { panic!("no reply") };
-        let log = replay.from_log.expect("since 1 is older than the history");
-        assert_eq!(log.since, 1);
-        assert_eq!(log.skip, HashSet::from([2, 3]));
-        assert_eq!(replay.recent.iter().map(|e| e.id).collect::<Vec<_>>(), vec![2, 3]);
+        hub.origin = 41;
+        assert_eq!(hub.cursor(), 41, "before any event, the origin");
+        hub.publish(event(44, EventKind::Progress, Uuid::new_v4(), Uuid::new_v4(), None));
+        hub.publish(event(43, EventKind::Progress, Uuid::new_v4(), Uuid::new_v4(), None));
+        assert_eq!(hub.cursor(), 43, "the last in commit order, not the largest id");
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub mod config;
 pub mod db;
 pub mod demo;
 pub mod event;
+pub mod history;
 pub mod http;
 pub mod hub;
 pub mod metrics;
@@ -52,7 +53,7 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 
 /// How long shutdown waits for the server's tasks, so the process exits
-/// within the 5 s SPEC §7 allows.
+/// within the 5 s a SIGTERM allows.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
 
 #[derive(Debug, thiserror::Error)]
@@ -82,7 +83,7 @@ pub async fn serve(
     info!(event_source = %source, "event source of this database");
     let metrics = Arc::new(Metrics::default());
     let tasks = TaskTracker::new();
-    let (hub, hub_handle, feed) = Hub::new(Arc::clone(&metrics), settings.history_size);
+    let (hub, hub_handle, feed) = Hub::new(Arc::clone(&metrics), settings.history_size, settings.history_bytes);
     let (up_tx, mut up) = watch::channel(false);
     tasks.spawn(hub.run(shutdown.clone()));
     match source {
@@ -105,7 +106,11 @@ pub async fn serve(
     let app = App::new(settings, verifier, pool, hub_handle, metrics, up, shutdown.clone(), tasks.clone());
     if !shutdown.is_cancelled() {
         if let Ok(address) = listener.local_addr() {
-            info!(%address, "serving /ws, /healthz and /metrics");
+            info!(
+                dashboard = %format!("http://{address}/"),
+                websocket = %format!("ws://{address}/ws"),
+                "serving the dashboard at /, the WebSocket at /ws, /healthz and /metrics"
+            );
         }
         http::accept_loop(listener, Arc::clone(&app)).await;
     }

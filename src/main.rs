@@ -1,3 +1,4 @@
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -19,11 +20,33 @@ use windflow_notify::db::source::EventSource;
 )]
 struct Cli {
     /// Log filter (tracing's EnvFilter syntax). The default keeps PostgreSQL NOTICEs (relayed by
-    /// tokio-postgres at info, e.g. "relation already exists, skipping" at every start) out of the log.
-    #[arg(long, env = "RUST_LOG", value_name = "RUST_LOG", default_value = "info,tokio_postgres=warn", global = true)]
+    /// tokio-postgres at info, e.g. "relation already exists, skipping" at every start) and
+    /// refinery's own account of each migration run out of the log: we log each migration applied.
+    #[arg(
+        long,
+        env = "RUST_LOG",
+        value_name = "RUST_LOG",
+        default_value = "info,tokio_postgres=warn,refinery_core=warn",
+        global = true
+    )]
     rust_log: String,
+    /// Log lines as text (coloured only on a terminal) or as JSON objects, one a line, for log collectors.
+    #[arg(
+        long,
+        env = "WINDFLOW_LOG_FORMAT",
+        value_name = "WINDFLOW_LOG_FORMAT",
+        default_value = "text",
+        global = true
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -105,7 +128,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    init_logging(filter, cli.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -118,6 +141,19 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to stderr. Colour only when a person reads them: escape codes
+/// in a file or a pipe are noise (and `NO_COLOR` turns them off anyway).
+fn init_logging(filter: tracing_subscriber::EnvFilter, format: LogFormat) {
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+        LogFormat::Text => {
+            let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+            logs.with_ansi(colour).init()
         }
     }
 }

@@ -20,6 +20,7 @@ pub struct Metrics {
     pub slow_consumer_disconnects_total: AtomicU64,
     pub notification_queue_usage: AtomicU64, // f64 bits
     pub forged_notifications_total: AtomicU64,
+    pub history_bytes: AtomicI64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_nanos: AtomicU64,
@@ -116,6 +117,12 @@ impl Metrics {
             "counter",
             "Notifications on windflow_events without a valid trigger signature, ignored.",
             self.forged_notifications_total.load(Relaxed).to_string(),
+        );
+        metric(
+            "windflow_history_bytes",
+            "gauge",
+            "Bytes of event messages the resume history holds (WINDFLOW_HISTORY_BYTES bounds it).",
+            self.history_bytes.load(Relaxed).to_string(),
         );
         let name = "windflow_delivery_latency_seconds";
         let _ = writeln!(

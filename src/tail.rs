@@ -1,27 +1,39 @@
 //! `windflow-notify tail`: a terminal client. It authenticates, subscribes,
 //! and prints every server message as one JSON line on stdout, so it can be
-//! piped into `jq` or `grep`. When the connection drops it reconnects with
-//! backoff and resumes each topic with `since` = the last `event_id` it
-//! printed, so nothing is lost or printed twice across a server restart.
-//! Its own diagnostics go to stderr.
+//! piped into `jq` or `grep`. Its own diagnostics go to stderr.
+//!
+//! Failures are of two kinds. Transient ones (connection refused or reset,
+//! HTTP 5xx, close 1001 or 1013, `unavailable`) are retried with backoff,
+//! and each topic resumes with `since` = the last `event_id` seen on it, so
+//! nothing is lost or printed twice across a server restart. Permanent ones
+//! (a URL that is not the WebSocket endpoint, a refused token or topic)
+//! end `tail` with one line saying what to fix: retrying cannot help.
 
 use std::collections::{HashSet, VecDeque};
 use std::io::{self, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::client::Request;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+use crate::event::EventKind;
+use crate::ws::protocol::Topic;
 
 /// Reconnect delays grow from the first to the last, doubled each time.
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// How many recent event ids are remembered to drop duplicates.
 const SEEN_CAPACITY: usize = 10_000;
+/// Where `serve` listens when WINDFLOW_BIND is unset.
+const DEFAULT_BIND: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8000);
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct TailArgs {
@@ -33,24 +45,64 @@ pub struct TailArgs {
     /// event log holds).
     #[arg(long)]
     pub since: Option<i64>,
-    /// WebSocket URL of the server.
-    #[arg(long, default_value = "ws://127.0.0.1:8000/ws")]
-    pub url: String,
+    /// WebSocket URL of the server [default: ws://WINDFLOW_BIND/ws].
+    #[arg(long)]
+    pub url: Option<String>,
+    /// The address `serve` listens on; makes the default --url.
+    #[arg(long, env = "WINDFLOW_BIND", value_name = "WINDFLOW_BIND")]
+    pub bind: Option<SocketAddr>,
     /// The JWT to authenticate with (see the `token` command).
     #[arg(long, env = "WINDFLOW_TOKEN", value_name = "WINDFLOW_TOKEN", hide_env_values = true)]
     pub token: String,
 }
 
+impl TailArgs {
+    /// The URL to connect to, and where it came from (for the first log line).
+    pub fn target(&self) -> (String, &'static str) {
+        if let Some(url) = &self.url {
+            return (url.clone(), "--url");
+        }
+        match self.bind {
+            Some(bind) => (url_for_bind(bind), "WINDFLOW_BIND"),
+            None => (url_for_bind(DEFAULT_BIND), "the default; set --url or WINDFLOW_BIND to change it"),
+        }
+    }
+}
+
+/// `ws://{bind}/ws`, with an unspecified address (`0.0.0.0`, `[::]`)
+/// replaced by loopback: a server listening everywhere is reachable there.
+pub fn url_for_bind(bind: SocketAddr) -> String {
+    let ip = match bind.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    format!("ws://{}/ws", SocketAddr::new(ip, bind.port()))
+}
+
+/// Why `tail` stopped for good. Each says what to fix, in one line.
 #[derive(Debug, thiserror::Error)]
 pub enum TailError {
-    #[error("--url: {0}")]
-    Url(String),
-    #[error("--token: the server refused the token (HTTP {0})")]
-    Refused(u16),
-    #[error("the server closed the connection: {0}")]
-    Closed(String),
-    #[error("the server refused the request: {0}")]
-    Refusal(String),
+    #[error("--url {url}: {problem}; expected ws://HOST:PORT/ws")]
+    Url { url: String, problem: String },
+    #[error(
+        "--topic {topic}: not a topic; expected deployment_events, deployment_logs_UUID or deployment_progress_UUID"
+    )]
+    Topic { topic: String },
+    #[error(
+        "--url {url}: the server answered HTTP {status} instead of a WebSocket upgrade; is the path right? The endpoint is {suggestion}"
+    )]
+    NotTheEndpoint { url: String, status: String, suggestion: String },
+    #[error(
+        "--token: {url} refused the token (HTTP 401: {reason}); pass a valid one with --token or WINDFLOW_TOKEN (`windflow-notify token --sub UUID` signs one with the server's JWT_SECRET_KEY)"
+    )]
+    TokenRefused { url: String, reason: String },
+    #[error("--token: {0}; pass a fresh one with --token or WINDFLOW_TOKEN")]
+    TokenEnded(String),
+    #[error("--topic {topic}: the server refused it: {code}: {message}")]
+    TopicRefused { topic: String, code: String, message: String },
+    #[error("{url} closed the connection with {code} ({reason}); not retrying")]
+    Closed { url: String, code: u16, reason: String },
     #[error("cannot write to stdout: {0}")]
     Output(#[from] io::Error),
 }
@@ -63,16 +115,40 @@ enum Ended {
     Lost(String),
 }
 
-/// What survives reconnections: the resume point and the recent ids.
+/// What survives reconnections: where each topic resumes, and the recent
+/// ids (to drop duplicates).
 struct Resume {
-    since: Option<i64>,
+    /// Per topic, the last event id seen on it: from an event it carries or
+    /// from its `subscribed` reply. Each topic's events arrive in its commit
+    /// order, so its last one is where it resumes, never the largest.
+    cursors: Vec<(Topic, Option<i64>)>,
+    /// The last event id printed, whatever the topic: the resume point of a
+    /// topic that has none of its own (a server whose `subscribed` carries
+    /// no `event_id`, and no event of that topic yet).
+    last: Option<i64>,
     seen: HashSet<i64>,
     order: VecDeque<i64>,
 }
 
 impl Resume {
-    /// Record `id`; false when it was already printed.
-    fn first_sight(&mut self, id: i64) -> bool {
+    fn new(topics: &[Topic], since: Option<i64>) -> Self {
+        Resume {
+            cursors: topics.iter().map(|&topic| (topic, since)).collect(),
+            last: None,
+            seen: HashSet::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    /// Where `topic` resumes.
+    fn since(&self, topic: Topic) -> Option<i64> {
+        let own = self.cursors.iter().find(|(t, _)| *t == topic).and_then(|(_, since)| *since);
+        own.or(self.last)
+    }
+
+    /// An event arrived; false when it was already printed. Otherwise it
+    /// becomes the resume point of every topic that carries it.
+    fn event(&mut self, id: i64, kind: Option<EventKind>, deployment: Option<Uuid>) -> bool {
         if !self.seen.insert(id) {
             return false;
         }
@@ -82,39 +158,65 @@ impl Resume {
         {
             self.seen.remove(&old);
         }
-        self.since = Some(id);
+        self.last = Some(id);
+        if let (Some(kind), Some(deployment)) = (kind, deployment) {
+            for (topic, since) in &mut self.cursors {
+                if topic.carries(kind, deployment) {
+                    *since = Some(id);
+                }
+            }
+        }
         true
+    }
+
+    /// A `subscribed` reply: its `event_id`, when it has one, is the
+    /// topic's resume point until an event of the topic comes.
+    fn subscribed(&mut self, topic: Option<Topic>, event_id: Option<i64>) {
+        let (Some(topic), Some(id)) = (topic, event_id) else { return };
+        for (t, since) in &mut self.cursors {
+            if *t == topic {
+                *since = Some(id);
+            }
+        }
     }
 }
 
 /// Run until `shutdown` is cancelled or the server refuses us for good
-/// (bad token, bad topic); transient failures are retried forever.
+/// (wrong URL, bad token, bad topic); transient failures are retried forever.
 pub async fn run(args: TailArgs, shutdown: CancellationToken) -> Result<(), TailError> {
-    let mut request = args.url.as_str().into_client_request().map_err(|e| TailError::Url(e.to_string()))?;
-    let bearer = format!("Bearer {}", args.token.trim())
-        .parse()
-        .map_err(|_| TailError::Refusal("--token: not a valid header value".into()))?;
+    let (url, source) = args.target();
+    let topics = args
+        .topics
+        .iter()
+        .map(|name| Topic::parse(name).ok_or_else(|| TailError::Topic { topic: name.clone() }))
+        .collect::<Result<Vec<_>, _>>()?;
+    let url_error = |problem: String| TailError::Url { url: url.clone(), problem };
+    let mut request = url.as_str().into_client_request().map_err(|e| url_error(e.to_string()))?;
+    let bearer = format!("Bearer {}", args.token.trim()).parse().map_err(|_| {
+        TailError::TokenEnded("the token is not a valid header value (a JWT is one line of ASCII)".into())
+    })?;
     request.headers_mut().insert("authorization", bearer);
-    let mut resume = Resume { since: args.since, seen: HashSet::new(), order: VecDeque::new() };
+    info!(%url, from = source, "connecting");
+    let mut resume = Resume::new(&topics, args.since);
     let mut backoff = FIRST_BACKOFF;
     loop {
         let connected = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             connected = tokio_tungstenite::connect_async(request.clone()) => connected,
         };
-        let reason = match connected {
-            Ok((socket, _)) => match session(socket, &args.topics, &mut resume, &mut backoff, &shutdown).await? {
-                Ended::Stop => return Ok(()),
-                Ended::Lost(reason) => reason,
-            },
-            Err(tungstenite::Error::Http(response)) if response.status().as_u16() == 401 => {
-                return Err(TailError::Refused(401));
-            }
-            Err(tungstenite::Error::Url(e)) => return Err(TailError::Url(e.to_string())),
-            Err(e) => e.to_string(),
-        };
         let delay = jittered(backoff);
-        warn!(%reason, retry_in = ?delay, since = ?resume.since, "disconnected; will reconnect and resume");
+        match connected {
+            Ok((socket, _)) => match session(socket, &url, &topics, &mut resume, &mut backoff, &shutdown).await? {
+                Ended::Stop => return Ok(()),
+                Ended::Lost(reason) => {
+                    warn!(%url, %reason, retry_in = ?delay, "disconnected; will reconnect and resume")
+                }
+            },
+            Err(e) => {
+                let reason = transient_or_fail(e, &url, &request)?;
+                warn!(%url, %reason, retry_in = ?delay, "cannot connect; will retry");
+            }
+        }
         backoff = (backoff * 2).min(MAX_BACKOFF);
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -123,20 +225,55 @@ pub async fn run(args: TailArgs, shutdown: CancellationToken) -> Result<(), Tail
     }
 }
 
+/// A failed connection attempt: the reason when retrying may help (the
+/// server is down, restarting or full), else the error to stop with.
+fn transient_or_fail(error: tungstenite::Error, url: &str, request: &Request) -> Result<String, TailError> {
+    match error {
+        tungstenite::Error::Http(response) => {
+            let status = response.status();
+            if status.is_server_error() {
+                return Ok(format!("HTTP {status}"));
+            }
+            if status.as_u16() == 401 {
+                let reason = response
+                    .body()
+                    .as_deref()
+                    .and_then(|body| serde_json::from_slice::<Value>(body).ok())
+                    .and_then(|body| body["message"].as_str().map(str::to_string))
+                    .unwrap_or_else(|| "no reason given".into());
+                return Err(TailError::TokenRefused { url: url.into(), reason });
+            }
+            let authority = request.uri().authority().map_or("HOST:PORT", |a| a.as_str());
+            Err(TailError::NotTheEndpoint {
+                url: url.into(),
+                status: status.to_string(),
+                suggestion: format!("ws://{authority}/ws"),
+            })
+        }
+        tungstenite::Error::Url(e) => Err(TailError::Url { url: url.into(), problem: e.to_string() }),
+        tungstenite::Error::HttpFormat(e) => Err(TailError::Url { url: url.into(), problem: e.to_string() }),
+        // Refused, reset, timed out, a handshake cut short: the server is
+        // down or restarting.
+        other => Ok(other.to_string()),
+    }
+}
+
 type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn session(
     mut socket: Socket,
-    topics: &[String],
+    url: &str,
+    topics: &[Topic],
     resume: &mut Resume,
     backoff: &mut Duration,
     shutdown: &CancellationToken,
 ) -> Result<Ended, TailError> {
-    for topic in topics {
-        let mut subscribe = json!({"type": "subscribe", "topic": topic});
-        if let Some(since) = resume.since {
+    for &topic in topics {
+        let mut subscribe = json!({"type": "subscribe", "topic": topic.to_string()});
+        if let Some(since) = resume.since(topic) {
             subscribe["since"] = json!(since);
         }
+        debug!(%topic, since = ?resume.since(topic), "subscribing");
         if let Err(e) = socket.send(Message::Text(subscribe.to_string().into())).await {
             return Ok(Ended::Lost(e.to_string()));
         }
@@ -153,11 +290,19 @@ async fn session(
             Some(Ok(Message::Text(text))) => text,
             Some(Ok(Message::Close(frame))) => {
                 let Some(frame) = frame else { return Ok(Ended::Lost("closed without a code".into())) };
-                // 1008: the token is invalid or expired; retrying cannot help.
-                if frame.code == CloseCode::Policy {
-                    return Err(TailError::Closed(format!("{} {}", u16::from(frame.code), frame.reason)));
-                }
-                return Ok(Ended::Lost(format!("closed with {} {}", u16::from(frame.code), frame.reason)));
+                let (code, reason) = (u16::from(frame.code), frame.reason.to_string());
+                return match frame.code {
+                    // The token is invalid or expired; retrying cannot help.
+                    CloseCode::Policy => Err(TailError::TokenEnded(format!(
+                        "{url} closed the connection with 1008 ({reason}): the token is invalid or expired"
+                    ))),
+                    // What we sent was refused as malformed: sending it again cannot help.
+                    CloseCode::Protocol | CloseCode::Unsupported | CloseCode::Invalid | CloseCode::Size => {
+                        Err(TailError::Closed { url: url.into(), code, reason })
+                    }
+                    // 1001 going away, 1013 too slow, 1011/1012 server trouble, ...
+                    _ => Ok(Ended::Lost(format!("closed with {code} {reason}"))),
+                };
             }
             Some(Ok(_)) => continue,
             Some(Err(e)) => return Ok(Ended::Lost(e.to_string())),
@@ -165,22 +310,41 @@ async fn session(
         };
         let message: Value = serde_json::from_str(text.as_str()).unwrap_or(Value::Null);
         if let Some(id) = message.get("event_id").and_then(Value::as_i64)
-            && !resume.first_sight(id)
+            && message["type"] != "subscribed"
         {
-            continue;
+            let kind = message["type"].as_str().and_then(EventKind::parse);
+            let deployment = message["data"]["deployment_id"].as_str().and_then(|id| Uuid::parse_str(id).ok());
+            if !resume.event(id, kind, deployment) {
+                continue;
+            }
         }
         if !print_line(text.as_str())? {
             return Ok(Ended::Stop);
         }
+        let data = &message["data"];
         match message["type"].as_str() {
             Some("authenticated") => {
                 *backoff = FIRST_BACKOFF;
                 debug!("authenticated");
             }
+            Some("subscribed") => {
+                let topic = data["topic"].as_str().and_then(Topic::parse);
+                resume.subscribed(topic, data["event_id"].as_i64());
+            }
             Some("error") => {
-                let code = message["data"]["code"].as_str().unwrap_or_default();
-                if matches!(code, "invalid_topic" | "forbidden" | "too_many_subscriptions" | "unauthorized") {
-                    return Err(TailError::Refusal(format!("{code}: {}", message["data"]["message"])));
+                let code = data["code"].as_str().unwrap_or_default();
+                let text = data["message"].as_str().unwrap_or_default();
+                match code {
+                    // The database could not answer: ask again on a fresh connection.
+                    "unavailable" => return Ok(Ended::Lost(format!("unavailable: {text}"))),
+                    "token_expired" => return Err(TailError::TokenEnded(format!("the token expired ({text})"))),
+                    _ => {
+                        return Err(TailError::TopicRefused {
+                            topic: data["topic"].as_str().unwrap_or("(none)").into(),
+                            code: code.into(),
+                            message: text.into(),
+                        });
+                    }
                 }
             }
             _ => {}
@@ -209,13 +373,76 @@ fn jittered(delay: Duration) -> Duration {
 mod tests {
     use super::*;
 
+    const LOGS: EventKind = EventKind::LogsUpdate;
+
     #[test]
     fn duplicates_are_dropped_and_the_resume_point_follows() {
-        let mut resume = Resume { since: Some(3), seen: HashSet::new(), order: VecDeque::new() };
-        assert!(resume.first_sight(7));
-        assert!(!resume.first_sight(7));
-        assert!(resume.first_sight(5));
-        assert_eq!(resume.since, Some(5), "commit order, not the largest id");
+        let topics = [Topic::DeploymentEvents];
+        let mut resume = Resume::new(&topics, Some(3));
+        let d = Uuid::new_v4();
+        assert!(resume.event(7, Some(LOGS), Some(d)));
+        assert!(!resume.event(7, Some(LOGS), Some(d)));
+        assert!(resume.event(5, Some(LOGS), Some(d)));
+        assert_eq!(resume.since(Topic::DeploymentEvents), Some(5), "commit order, not the largest id");
+    }
+
+    #[test]
+    fn each_topic_resumes_from_its_own_last_event() {
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let topics = [Topic::Logs(a), Topic::Progress(b)];
+        let mut resume = Resume::new(&topics, Some(0));
+        resume.event(10, Some(LOGS), Some(a));
+        resume.event(11, Some(EventKind::Progress), Some(b));
+        resume.event(12, Some(LOGS), Some(a));
+        assert_eq!(resume.since(Topic::Logs(a)), Some(12));
+        assert_eq!(resume.since(Topic::Progress(b)), Some(11));
+    }
+
+    #[test]
+    fn subscribed_event_id_is_the_resume_point_before_any_event() {
+        let d = Uuid::new_v4();
+        let topics = [Topic::Logs(d), Topic::DeploymentEvents];
+        let mut resume = Resume::new(&topics, None);
+        resume.subscribed(Topic::parse(&format!("deployment_logs_{d}")), Some(40));
+        assert_eq!(resume.since(Topic::Logs(d)), Some(40), "a reconnect before any event loses nothing");
+        assert_eq!(resume.since(Topic::DeploymentEvents), None, "live only until it has a cursor");
+        resume.event(41, Some(LOGS), Some(d));
+        assert_eq!(resume.since(Topic::Logs(d)), Some(41));
+    }
+
+    #[test]
+    fn subscribed_without_event_id_changes_nothing() {
+        let d = Uuid::new_v4();
+        let topics = [Topic::Logs(d)];
+        let mut resume = Resume::new(&topics, Some(9));
+        resume.subscribed(Some(Topic::Logs(d)), None);
+        assert_eq!(resume.since(Topic::Logs(d)), Some(9));
+    }
+
+    #[test]
+    fn a_topic_without_a_cursor_resumes_from_the_last_event_printed() {
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let topics = [Topic::Logs(a)];
+        let mut resume = Resume::new(&topics, None);
+        // The owner feed delivers an event of another deployment.
+        resume.event(20, Some(LOGS), Some(b));
+        assert_eq!(resume.since(Topic::Logs(a)), Some(20));
+    }
+
+    #[test]
+    fn default_url_follows_windflow_bind() {
+        let args = |url: Option<&str>, bind: Option<&str>| TailArgs {
+            topics: vec!["deployment_events".into()],
+            since: None,
+            url: url.map(str::to_string),
+            bind: bind.map(|b| b.parse().unwrap_or_else(|e| panic!("{b}: {e}"))),
+            token: "t".into(),
+        };
+        assert_eq!(args(None, None).target().0, "ws://127.0.0.1:8000/ws");
+        assert_eq!(args(None, Some("127.0.0.1:18600")).target(), ("ws://127.0.0.1:18600/ws".into(), "WINDFLOW_BIND"));
+        assert_eq!(args(None, Some("0.0.0.0:9000")).target().0, "ws://127.0.0.1:9000/ws");
+        assert_eq!(args(None, Some("[::]:9000")).target().0, "ws://[::1]:9000/ws");
+        assert_eq!(args(Some("ws://h:1/ws"), Some("127.0.0.1:2")).target(), ("ws://h:1/ws".into(), "--url"));
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! SPEC §6: the three ways to authenticate, each way of being refused, and
+//! The three ways to authenticate, each way of being refused, and
 //! every supported algorithm family.
 
 mod common;
@@ -44,6 +44,24 @@ async fn token_in_url_is_authenticated_first() {
     assert_eq!(client.recv_type("authenticated").await["data"]["user_id"], viewer.user_id.to_string());
     let deployment = app.writer.create_deployment(viewer.user_id, None).await;
     assert_eq!(client.recv().await["data"]["deployment_id"], deployment.to_string());
+}
+
+/// With both, the header is the token and `?token=` is ignored, as
+/// docs/protocol.md says: a bad header is refused even beside a good URL token.
+#[tokio::test]
+async fn the_header_wins_over_a_token_in_the_url() {
+    let app = spawn_app().await;
+    let (by_header, by_url) = (user(), user());
+    let both = |header: String| {
+        let url = format!("{}?token={}", app.server.ws_url(), token(by_url));
+        let mut request = url.into_client_request().unwrap();
+        request.headers_mut().insert("authorization", format!("Bearer {header}").parse().unwrap());
+        request
+    };
+    let mut client = Client::connect(both(token(by_header))).await.unwrap();
+    assert_eq!(client.recv_type("authenticated").await["data"]["user_id"], by_header.user_id.to_string());
+    let error = Client::connect(both("not-a-jwt".into())).await.err().expect("refused");
+    assert_eq!(status_of(error), 401);
 }
 
 #[tokio::test]

@@ -1,4 +1,4 @@
-//! SPEC §2: which writes make which events, and §3: their wire format.
+//! Which writes make which events, and their wire format.
 
 mod common;
 

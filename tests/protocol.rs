@@ -1,4 +1,4 @@
-//! SPEC §3–§4, §6 and §8: replies, error codes, limits and bad input, and
+//! Replies, error codes, limits and bad input, and
 //! the HTTP endpoints. Every bad input is answered and survived.
 
 mod common;

@@ -1,4 +1,4 @@
-//! SPEC §4 `since`, §6 and §7: nothing is lost, nothing is duplicated —
+//! `since`, limits and faults: nothing is lost, nothing is duplicated —
 //! through listener kills, a database restart, client resumes, retention,
 //! slow consumers, hostile input, shutdown and several instances.
 

@@ -1,4 +1,4 @@
-//! SPEC §4–§5: topics and who receives what — including what a user must
+//! Topics and who receives what — including what a user must
 //! not receive. Negative checks write a "fence" event the client must get
 //! next: anything it should not have received would arrive before it.
 
@@ -151,6 +151,14 @@ async fn subscribing_to_a_missing_deployment_is_forbidden_except_for_superusers(
     assert_eq!(client.recv_type("error").await["data"]["code"], "forbidden");
     let mut admin = app.server.connect_as(superuser()).await;
     admin.subscribe(&topic).await;
+    // The subscription stands: once the deployment exists, its events arrive.
+    app.writer
+        .db
+        .execute("INSERT INTO deployments (id, user_id, name) VALUES ($1, $2, 'late')", &[&missing, &Uuid::new_v4()])
+        .await
+        .expect("insert the deployment");
+    app.writer.log(missing, "now it exists").await;
+    assert_eq!(admin.recv_type("DEPLOYMENT_LOGS_UPDATE").await["data"]["logs"], "now it exists");
 }
 
 #[tokio::test]

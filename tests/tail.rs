@@ -1,5 +1,6 @@
-//! SPEC §8 `tail`: the terminal client prints each server message as one
-//! JSON line and resumes by itself after the server goes away.
+//! `windflow-notify tail`: the terminal client prints each server message
+//! as one JSON line, resumes by itself after the server goes away, and gives
+//! up with one clear line when retrying cannot help.
 
 mod common;
 
@@ -10,7 +11,7 @@ use common::*;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::net::TcpListener;
-use tokio::process::{Child, ChildStdout, Command};
+use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 use tokio_util::sync::CancellationToken;
 use windflow_notify::auth::Verifier;
 use windflow_notify::config::ServerArgs;
@@ -19,21 +20,34 @@ use windflow_notify::config::ServerArgs;
 struct Tail {
     child: Child,
     lines: Lines<BufReader<ChildStdout>>,
+    stderr: Lines<BufReader<ChildStderr>>,
 }
 
 impl Tail {
     fn start(server: SocketAddr, token: &str, extra: &[&str]) -> Tail {
+        let url = format!("ws://{server}/ws");
+        let mut args = vec!["--url", &url, "--token", token];
+        args.extend_from_slice(extra);
+        Tail::spawn(&args, &[])
+    }
+
+    /// `windflow-notify tail ARGS` with only these environment variables
+    /// (and RUST_LOG), so a WINDFLOW_BIND of the caller's shell cannot leak in.
+    fn spawn(args: &[&str], env: &[(&str, &str)]) -> Tail {
         let mut child = Command::new(env!("CARGO_BIN_EXE_windflow-notify"))
-            .args(["tail", "--url", &format!("ws://{server}/ws"), "--token", token])
-            .args(extra)
-            .env("RUST_LOG", "warn")
+            .arg("tail")
+            .args(args)
+            .env_clear()
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .expect("start windflow-notify tail");
         let stdout = child.stdout.take().expect("piped stdout");
-        Tail { child, lines: BufReader::new(stdout).lines() }
+        let stderr = child.stderr.take().expect("piped stderr");
+        Tail { child, lines: BufReader::new(stdout).lines(), stderr: BufReader::new(stderr).lines() }
     }
 
     /// The next line, parsed; every line must be one JSON object.
@@ -50,6 +64,45 @@ impl Tail {
         let message = self.next().await;
         assert_eq!(message["type"], kind, "unexpected line: {message}");
         message
+    }
+
+    /// The next stderr line containing `needle`.
+    async fn stderr_line(&mut self, needle: &str) -> String {
+        loop {
+            let line = tokio::time::timeout(WAIT, self.stderr.next_line())
+                .await
+                .unwrap_or_else(|_| panic!("no stderr line with {needle:?} within {WAIT:?}"))
+                .expect("read tail's stderr")
+                .unwrap_or_else(|| panic!("tail's stderr ended before a line with {needle:?}"));
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    /// Wait for tail to exit by itself; returns its exit code and stderr.
+    async fn exit(mut self) -> (Option<i32>, Vec<String>) {
+        let status = tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("tail still running after {WAIT:?}: it should have given up"))
+            .expect("wait for tail");
+        let mut lines = Vec::new();
+        while let Ok(Some(line)) = self.stderr.next_line().await {
+            lines.push(line);
+        }
+        (status.code(), lines)
+    }
+}
+
+/// Tail gave up with a non-zero exit, after no retry, on one last line
+/// that contains each of `says`.
+async fn assert_gives_up(tail: Tail, says: &[&str]) {
+    let (code, stderr) = tail.exit().await;
+    assert!(matches!(code, Some(c) if c != 0), "non-zero exit, got {code:?}: {stderr:?}");
+    assert!(!stderr.iter().any(|l| l.contains("retry_in")), "a permanent failure is not retried: {stderr:?}");
+    let last = stderr.last().map(String::as_str).unwrap_or_default();
+    for needle in says {
+        assert!(last.contains(needle), "the last line says {needle:?}: {stderr:?}");
     }
 }
 
@@ -156,12 +209,95 @@ async fn tail_resumes_after_a_server_restart_without_gap_or_duplicate() {
 #[tokio::test]
 async fn tail_exits_with_a_clear_error_when_the_token_is_refused() {
     let app = spawn_app().await;
-    let mut tail = Tail::start(app.server.addr, "not-a-jwt", &["--topic", "deployment_events"]);
-    let status = tokio::time::timeout(WAIT, tail.child.wait()).await.expect("tail exits").expect("wait");
-    assert!(!status.success());
-    let mut stderr = String::new();
-    if let Some(mut pipe) = tail.child.stderr.take() {
-        tokio::io::AsyncReadExt::read_to_string(&mut pipe, &mut stderr).await.expect("read stderr");
-    }
-    assert!(stderr.contains("--token"), "the error names the flag: {stderr}");
+    let tail = Tail::start(app.server.addr, "not-a-jwt", &["--topic", "deployment_events"]);
+    assert_gives_up(tail, &["--token", "HTTP 401", "not a JWT"]).await;
+}
+
+#[tokio::test]
+async fn tail_without_the_ws_path_says_so_instead_of_retrying() {
+    let app = spawn_app().await;
+    // `/` is the dashboard: HTTP 200 instead of an upgrade.
+    let url = format!("ws://{}", app.server.addr);
+    let tail = Tail::spawn(&["--url", &url, "--token", &token(user()), "--topic", "deployment_events"], &[]);
+    assert_gives_up(tail, &["HTTP 200", &format!("ws://{}/ws", app.server.addr)]).await;
+}
+
+#[tokio::test]
+async fn tail_with_a_wrong_path_says_so_instead_of_retrying() {
+    let app = spawn_app().await;
+    let url = format!("ws://{}/nope", app.server.addr);
+    let tail = Tail::spawn(&["--url", &url, "--token", &token(user()), "--topic", "deployment_events"], &[]);
+    assert_gives_up(tail, &["HTTP 404", &format!("ws://{}/ws", app.server.addr)]).await;
+}
+
+#[tokio::test]
+async fn tail_refuses_a_topic_that_is_no_topic() {
+    let tail = Tail::spawn(&["--url", "ws://127.0.0.1:1/ws", "--token", "t", "--topic", "deployments"], &[]);
+    assert_gives_up(tail, &["--topic deployments", "deployment_events"]).await;
+}
+
+#[tokio::test]
+async fn tail_exits_when_the_server_refuses_the_topic() {
+    let app = spawn_app().await;
+    let someone_elses = app.writer.create_deployment(user().user_id, None).await;
+    let topic = format!("deployment_logs_{someone_elses}");
+    let mut tail = Tail::start(app.server.addr, &token(user()), &["--topic", &topic]);
+    tail.next_of("authenticated").await;
+    assert_eq!(tail.next_of("error").await["data"]["code"], "forbidden");
+    assert_gives_up(tail, &[&topic, "forbidden"]).await;
+}
+
+#[tokio::test]
+async fn tail_defaults_its_url_to_windflow_bind_and_waits_for_the_server() {
+    let database = TestDatabase::create().await;
+    // A free port with nothing on it yet: tail must retry "connection refused".
+    let addr = TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr");
+    let bind = addr.to_string();
+    let owner = user();
+    let mut tail =
+        Tail::spawn(&["--topic", "deployment_events", "--token", &token(owner)], &[("WINDFLOW_BIND", bind.as_str())]);
+    let said = tail.stderr_line("connecting").await;
+    assert!(said.contains(&format!("ws://{addr}/ws")) && said.contains("WINDFLOW_BIND"), "says where: {said}");
+    tail.stderr_line("cannot connect; will retry").await;
+
+    let _server = server_on(addr, &database).await;
+    assert_eq!(tail.next_of("authenticated").await["data"]["user_id"], owner.user_id.to_string());
+    tail.next_of("subscribed").await;
+}
+
+/// A fresh subscriber whose first reconnect comes before any event: the
+/// `event_id` of its `subscribed` reply is where it resumes, so a
+/// deployment created while the server was down still reaches it.
+#[tokio::test]
+async fn tail_resumes_from_subscribed_when_no_event_came_before_the_restart() {
+    let database = TestDatabase::create().await;
+    let writer = Writer::new(&database).await;
+    let mut server = TestServer::start(&database, |_| {}).await;
+    let addr = server.addr;
+    // A superuser: no owner feed, only what deployment_events carries.
+    let mut tail = Tail::start(addr, &token(superuser()), &["--topic", "deployment_events"]);
+    tail.next_of("authenticated").await;
+    let subscribed = tail.next_of("subscribed").await;
+    assert!(subscribed["data"]["event_id"].is_i64(), "subscribed carries the resume cursor: {subscribed}");
+
+    server.stop().await;
+    let deployment = writer.create_deployment(user().user_id, None).await;
+    let _server = server_on(addr, &database).await;
+
+    tail.next_of("authenticated").await;
+    tail.next_of("subscribed").await;
+    let missed = tail.next_of("DEPLOYMENT_STATUS_CHANGED").await;
+    assert_eq!(missed["data"]["deployment_id"], deployment.to_string(), "written while tail was reconnecting");
+}
+
+#[tokio::test]
+async fn tail_retries_a_full_server_and_gets_in_once_a_slot_frees() {
+    let app = spawn_app_with(|settings| settings.max_connections = 1).await;
+    let occupant = app.server.connect_as(user()).await;
+    let owner = user();
+    let mut tail = Tail::start(app.server.addr, &token(owner), &["--topic", "deployment_events"]);
+    let said = tail.stderr_line("cannot connect; will retry").await;
+    assert!(said.contains("503"), "HTTP 503 is worth retrying: {said}");
+    drop(occupant);
+    assert_eq!(tail.next_of("authenticated").await["data"]["user_id"], owner.user_id.to_string());
 }

@@ -1,5 +1,5 @@
-// The wire messages of SPEC §3 (server to client) and §4 (client to server).
-// Field names, value sets and nullability are the contract's, exactly.
+// The wire messages, server to client and client to server (docs/protocol.md).
+// Field names, value sets and nullability are the protocol's, exactly.
 
 /** `deployments.status`; the database rejects anything else. */
 export type DeploymentStatus = 'pending' | 'deploying' | 'running' | 'failed' | 'stopped' | 'rolling_back'
@@ -58,7 +58,12 @@ export type ErrorCode =
   | 'token_expired'
 
 export interface Authenticated { type: 'authenticated'; data: { user_id: Uuid; expires_at: Timestamp } }
-export interface Subscribed { type: 'subscribed'; data: { topic: Topic } }
+/**
+ * `event_id` is the subscription's resume cursor: subscribe again with
+ * `since` = it (or the `event_id` of a later event of the topic) and nothing
+ * is lost. Servers before it was added leave it out.
+ */
+export interface Subscribed { type: 'subscribed'; data: { topic: Topic; event_id?: number } }
 export interface Unsubscribed { type: 'unsubscribed'; data: { topic: Topic } }
 export interface Pong { type: 'pong'; data: { timestamp: Timestamp } }
 /** Events after your `since` were pruned: what the log still holds follows. */

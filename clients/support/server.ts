@@ -148,11 +148,15 @@ export function withTimeout<T>(promise: Promise<T>, what: string, timeout = WAIT
   ]).finally(() => clearTimeout(timer))
 }
 
-/** An HS256 JWT with the claims WindFlow's API issues (SPEC §5). */
-export function token(sub: string, { organizationId, ttl = 3600 }: { organizationId?: string; ttl?: number } = {}): string {
+/** An HS256 JWT with the claims WindFlow's API issues. */
+export function token(
+  sub: string,
+  { organizationId, ttl = 3600, superuser = false }: { organizationId?: string; ttl?: number; superuser?: boolean } = {},
+): string {
   const encode = (value: object) => Buffer.from(JSON.stringify(value)).toString('base64url')
   const claims: Record<string, unknown> = { sub, exp: Math.floor(Date.now() / 1000) + ttl }
   if (organizationId) claims.organization_id = organizationId
+  if (superuser) claims.is_superuser = true
   const unsigned = `${encode({ alg: 'HS256', typ: 'JWT' })}.${encode(claims)}`
   return `${unsigned}.${createHmac('sha256', SECRET).update(unsigned).digest('base64url')}`
 }

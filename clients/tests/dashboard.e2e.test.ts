@@ -6,10 +6,11 @@ import assert from 'node:assert/strict'
 import { existsSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { dirname, join, resolve } from 'node:path'
+import { randomUUID } from 'node:crypto'
 import { test } from 'node:test'
 import { fileURLToPath } from 'node:url'
 import { chromium } from 'playwright-core'
-import { connectWriter, createDatabase, startServer, WAIT, type Server } from '../support/server.js'
+import { connectWriter, createDatabase, startServer, token, WAIT, type Server } from '../support/server.js'
 
 const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium'
 const clientsDir = resolve(dirname(fileURLToPath(import.meta.url)), '../../..')
@@ -43,8 +44,8 @@ test('the dashboard shows live status, progress and logs, and survives a restart
   try {
     demo = await startServer(database, { command: 'demo' })
     const url = (await demo.line(/^\s+http:\/\/\S+\/\?token=/)).trim()
-    const token = new URL(url).searchParams.get('token')!
-    const user = JSON.parse(Buffer.from(token.split('.')[1], 'base64url').toString()).sub as string
+    const demoToken = new URL(url).searchParams.get('token')!
+    const user = JSON.parse(Buffer.from(demoToken.split('.')[1], 'base64url').toString()).sub as string
     const sql = await connectWriter(database)
 
     const page = await context.newPage()
@@ -62,6 +63,13 @@ test('the dashboard shows live status, progress and logs, and survives a restart
     await card('docs-site').waitFor({ timeout: WAIT })
     await card('billing-worker').locator('.status[data-status="failed"]').waitFor({ timeout: 45_000 })
     assert.equal(await card('other-org-db').count(), 0, 'another organization’s deployment is filtered out')
+    // Each card says why you see it, and a short id tells same-named deployments apart.
+    assert.equal(await card('api-gateway').locator('.owner').textContent(), 'yours')
+    assert.equal(await card('docs-site').locator('.owner').textContent(), 'your organization')
+    const gatewayId = await card('api-gateway').getAttribute('data-deployment-id')
+    assert.equal(await card('api-gateway').locator('.short-id').textContent(), gatewayId!.slice(0, 8))
+    const scrollbar = await page.locator('#logs').evaluate((pane) => getComputedStyle(pane).scrollbarColor)
+    assert.notEqual(scrollbar, 'auto', 'the log pane has a dark scrollbar, not the light default')
     await card('billing-worker').click()
     await page.locator('#logs', { hasText: 'Health check failed' }).waitFor({ timeout: WAIT })
     mkdirSync(dirname(SCREENSHOT), { recursive: true })
@@ -85,6 +93,16 @@ test('the dashboard shows live status, progress and logs, and survives a restart
     await mine.click()
     await sql.query('INSERT INTO deployment_logs (deployment_id, message) VALUES ($1, $2)', [id, '[INFO] hello from SQL'])
     await page.locator('#logs', { hasText: '[INFO] hello from SQL' }).waitFor({ timeout: WAIT })
+
+    // A superuser sees every organization's deployments, each labelled as such.
+    const admin = await context.newPage()
+    admin.on('pageerror', (error) => problems.push(String(error)))
+    await admin.goto(`${new URL(url).origin}/?token=${token(randomUUID(), { superuser: true })}`)
+    const adminCard = (name: string) => admin.locator('.deployment', { has: admin.locator('.name', { hasText: new RegExp(`^${name}$`) }) })
+    await adminCard('other-org-db').waitFor({ timeout: WAIT })
+    assert.equal(await adminCard('other-org-db').locator('.owner').textContent(), 'visible as superuser')
+    assert.equal(await adminCard('api-gateway').locator('.owner').textContent(), 'visible as superuser')
+    await admin.close()
 
     // Restart: the page reconnects by itself and catches up.
     const port = demo.port

@@ -9,7 +9,7 @@ use tracing::{info, warn};
 
 use super::DbError;
 
-/// Pruning runs this often at the most (SPEC §7: at least once a minute).
+/// Pruning runs this often at the most (the promise: at least once a minute).
 const PRUNE_EVERY: Duration = Duration::from_secs(30);
 /// Rows deleted per statement, so one prune never holds long locks.
 const BATCH: i64 = 10_000;

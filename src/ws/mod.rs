@@ -20,7 +20,7 @@ use crate::http::{Body, json_response};
 use crate::metrics::Metrics;
 use crate::ws::protocol::ErrorCode;
 
-/// SPEC §6: a message over 64 KiB closes the connection with 1009.
+/// A message over 64 KiB closes the connection with 1009.
 pub const MAX_MESSAGE_SIZE: usize = 64 * 1024;
 
 /// tungstenite's buffers, sized for many mostly idle connections (S3 in

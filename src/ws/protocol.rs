@@ -1,4 +1,4 @@
-//! Client and server messages of SPEC §3–§4, and topic names.
+//! Client and server messages (docs/protocol.md), and topic names.
 
 use std::fmt;
 use std::time::SystemTime;
@@ -159,7 +159,7 @@ fn truncate(s: &str, max: usize) -> &str {
     }
 }
 
-/// The error codes of SPEC §3.
+/// The error codes of docs/protocol.md.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorCode {
     BadRequest,
@@ -210,6 +210,11 @@ pub fn error(code: ErrorCode, message: &str, topic: Option<&str>) -> String {
 pub fn authenticated(user_id: Uuid, expires_at: SystemTime) -> String {
     json!({"type": "authenticated", "data": {"user_id": user_id, "expires_at": humantime::format_rfc3339(expires_at).to_string()}})
         .to_string()
+}
+
+/// `subscribed`, with the subscription's resume cursor.
+pub fn subscribed(topic: Topic, cursor: i64) -> String {
+    json!({"type": "subscribed", "data": {"topic": topic.to_string(), "event_id": cursor}}).to_string()
 }
 
 pub fn topic_reply(kind: &str, topic: Topic) -> String {

@@ -1,17 +1,41 @@
 //! One task per client: its socket, its queue, its subscriptions.
 //!
-//! The loop waits on five things at once: the client's frames, the hub's
-//! queue for this connection, the ping timer, the authentication or token
-//! expiry deadline, and shutdown. Writes to the socket are raced against
-//! shutdown and the slow-consumer signal, so a client that stops reading
-//! can never hold the task (or the server's shutdown) hostage.
+//! The loop waits on the client's frames, the hub's queue for this
+//! connection, the ping timer, the authentication or token expiry
+//! deadline, and shutdown. What it writes keeps four promises:
+//!
+//! - Replies come in request order. `subscribed` travels through the hub
+//!   (so that it keeps its place among events); any reply produced while a
+//!   hub reply is outstanding waits behind it ([`Reply`]).
+//! - Events of one deployment arrive in commit order, even around a
+//!   resume. After registering, no event is written until the client
+//!   answers a ping sent right after `authenticated`, so a `subscribe` with
+//!   `since` it sent before seeing `authenticated` is read first; while
+//!   such a subscribe is unanswered, events are held and then merged with
+//!   its replay by commit order.
+//! - A kicked slow consumer gets a gap-free prefix of what it was owed: a
+//!   kick never interrupts a write, and what is queued is written before
+//!   the 1013 only when it follows on from what was written (not after a
+//!   replay cut short). A write abandoned half-way (shutdown, silence,
+//!   token expiry, the slow consumer's 10 s) is followed by nothing but a
+//!   close frame, so a fragmented message is never interleaved with
+//!   another.
+//! - Every close is a closing handshake: after its close frame the server
+//!   reads (and drops) what the client still sends until the client's own
+//!   close frame, so the kernel never answers with a reset.
+//!
+//! Replays from the event log go page by page (bounded in rows and bytes),
+//! holding a pooled connection only for each page's query, under two
+//! server-wide limits: concurrent queries and bytes held. Every wait and
+//! write of a replay is raced against shutdown, the ping timeout, token
+//! expiry and the slow consumer's deadline.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use hyper_tungstenite::HyperWebsocketStream;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -22,30 +46,45 @@ use tracing::{debug, info, warn};
 
 use crate::app::App;
 use crate::auth::Claims;
-use crate::db::events;
+use crate::db::{DbError, events};
 use crate::event::Event;
-use crate::hub::{Command, ConnId, LogReplay, Outbound, Replay};
+use crate::hub::{Command, ConnId, LogReplay, Outbound, Replay, Since};
 use crate::ws::fragments::{FRAGMENT_SIZE, Fragments, fragments};
 use crate::ws::protocol::{self, BadRequest, ClientMessage, ErrorCode, Topic};
 
-/// SPEC §6: without a token on the upgrade, `auth` must come within this.
+/// Without a token on the upgrade, `auth` must come within this.
 const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
-/// SPEC §6: a slow consumer's close must be written within this.
+/// A slow consumer's close must be written within this.
 const SLOW_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a close frame may take to write; on shutdown this must leave
+/// How long a closing handshake may take; on shutdown this must leave
 /// time to exit within 5 s.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A client that does not answer the ping after `authenticated` gets its
+/// events after this anyway.
+const FENCE_TIMEOUT: Duration = Duration::from_secs(2);
 pub const MAX_SUBSCRIPTIONS: usize = 256;
 /// Queued messages written per flush.
 const BATCH: usize = 64;
-/// Event log rows read per query during a replay.
-const REPLAY_PAGE: i64 = 500;
+/// Replies waiting behind the hub's: past this, the client is not read
+/// until the hub answers (TCP pushes back on a client that pipelines).
+const MAX_HELD_REPLIES: usize = 256;
+/// Event log rows, and bytes of event data (about), read per replay query.
+const REPLAY_PAGE_ROWS: i64 = 256;
+pub const REPLAY_PAGE_BYTES: usize = 256 * 1024;
 
-/// Why a write did not happen.
+/// Why the session stops what it is doing.
+#[derive(Debug)]
 enum Interrupted {
     Socket(tungstenite::Error),
-    Kicked,
     Shutdown,
+    /// Kicked as a slow consumer (between messages).
+    Kicked,
+    /// The slow consumer's close could not be written in time.
+    SlowTimeout,
+    /// Silent for two ping intervals.
+    Silent,
+    /// The authentication deadline or the token's expiry.
+    Deadline,
 }
 
 /// What the loop does next.
@@ -64,6 +103,16 @@ enum Wake {
     Outbound(Option<Outbound>),
     PingTick,
     Deadline,
+    FenceTimeout,
+}
+
+/// A reply in request order.
+enum Reply {
+    /// The hub will answer a (un)subscribe; `since` marks a resume.
+    Hub {
+        since: bool,
+    },
+    Text(String),
 }
 
 struct Session {
@@ -74,11 +123,32 @@ struct Session {
     /// Set once authenticated and registered with the hub.
     outbound: Option<mpsc::Receiver<Outbound>>,
     kicked: CancellationToken,
+    /// When the slow consumer's close must be done by.
+    slow_deadline: Option<Instant>,
     topics: HashSet<Topic>,
     last_heard: Instant,
+    last_ping: Instant,
     deadline: Instant,
+    /// Replies in request order, from the first one the hub owes.
+    replies: VecDeque<Reply>,
+    /// Subscribes with `since` the hub has not answered yet...
+    resumes_pending: usize,
+    /// ...and the events held meanwhile (with replays' recent events), to
+    /// be written in commit order when the last one is answered.
+    held: Vec<Arc<Event>>,
+    /// How many of `held` came live from the queue.
+    held_live: usize,
+    /// The payload of the ping sent after `authenticated`, until answered.
+    fence: Option<(Vec<u8>, Instant)>,
+    /// A write was abandoned half-way: only a close frame may follow.
+    broken: bool,
+    /// A replay was cut short by a kick: nothing queued after it may be
+    /// written.
+    cut: bool,
+    /// Frames read between replay pages, handled after the replay.
+    stashed: VecDeque<Message>,
     /// `deliver`'s batch, kept to reuse its allocation.
-    pending: Vec<Arc<Event>>,
+    batch: Vec<Arc<Event>>,
 }
 
 pub async fn run(ws: HyperWebsocketStream, app: Arc<App>, conn: ConnId, claims: Option<Claims>, remote: SocketAddr) {
@@ -90,10 +160,20 @@ pub async fn run(ws: HyperWebsocketStream, app: Arc<App>, conn: ConnId, claims: 
         claims: None,
         outbound: None,
         kicked: CancellationToken::new(),
+        slow_deadline: None,
         topics: HashSet::new(),
         last_heard: now,
+        last_ping: now,
         deadline: now + AUTH_TIMEOUT,
-        pending: Vec::new(),
+        replies: VecDeque::new(),
+        resumes_pending: 0,
+        held: Vec::new(),
+        held_live: 0,
+        fence: None,
+        broken: false,
+        cut: false,
+        stashed: VecDeque::new(),
+        batch: Vec::new(),
     };
     debug!(conn, %remote, authenticated = claims.is_some(), "websocket connected");
     let reason = session.serve(claims).await;
@@ -108,6 +188,22 @@ async fn next_outbound(outbound: &mut Option<mpsc::Receiver<Outbound>>) -> Optio
     match outbound {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(at: Instant) {
+    tokio::time::sleep_until(at.into()).await
+}
+
+/// Run `work` unless one of `interrupts` comes first.
+async fn guarded<T>(
+    interrupts: impl Future<Output = Interrupted>,
+    work: impl Future<Output = T>,
+) -> Result<T, Interrupted> {
+    tokio::select! {
+        biased;
+        done = work => Ok(done),
+        stop = interrupts => Err(stop),
     }
 }
 
@@ -137,28 +233,45 @@ impl Session {
         let shutdown = self.app.shutdown.clone();
         let kicked = self.kicked.clone();
         loop {
-            let wake = tokio::select! {
-                _ = shutdown.cancelled() => Wake::Shutdown,
-                _ = kicked.cancelled() => Wake::Kicked,
-                frame = self.ws.next() => Wake::Frame(frame),
-                message = next_outbound(&mut self.outbound) => Wake::Outbound(message),
-                _ = ping.tick() => Wake::PingTick,
-                _ = tokio::time::sleep_until(self.deadline.into()) => Wake::Deadline,
-            };
-            let step = match wake {
-                Wake::Shutdown => Err(Interrupted::Shutdown),
-                Wake::Kicked => Err(Interrupted::Kicked),
-                // The hub drops a queue's sender when it kicks the client,
-                // and when it stops for shutdown.
-                Wake::Outbound(None) if self.kicked.is_cancelled() => Err(Interrupted::Kicked),
-                Wake::Outbound(None) => Err(Interrupted::Shutdown),
-                // Boxed: client requests are rare next to events, and their
-                // futures (auth, permission queries) would otherwise be
-                // inlined into every idle session task.
-                Wake::Frame(frame) => Box::pin(self.on_frame(frame)).await,
-                Wake::Outbound(Some(message)) => self.deliver(message).await,
-                Wake::PingTick => self.on_ping_tick(interval).await,
-                Wake::Deadline => self.on_deadline().await,
+            let step = if let Some(message) = self.stashed.pop_front() {
+                Box::pin(self.on_message(message)).await
+            } else {
+                let reading = self.replies.len() < MAX_HELD_REPLIES;
+                let draining = self.fence.is_none();
+                let fence_until = self.fence.as_ref().map_or(self.deadline, |(_, until)| *until);
+                // Biased: timers first, so a busy queue cannot starve them;
+                // client frames before the queue, so a request already sent
+                // is read before more events go out.
+                let wake = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => Wake::Shutdown,
+                    _ = kicked.cancelled() => Wake::Kicked,
+                    _ = sleep_until(self.deadline) => Wake::Deadline,
+                    _ = ping.tick() => Wake::PingTick,
+                    _ = sleep_until(fence_until), if self.fence.is_some() => Wake::FenceTimeout,
+                    frame = self.ws.next(), if reading => Wake::Frame(frame),
+                    message = next_outbound(&mut self.outbound), if draining => Wake::Outbound(message),
+                };
+                match wake {
+                    Wake::Shutdown => Err(Interrupted::Shutdown),
+                    Wake::Kicked => Err(Interrupted::Kicked),
+                    // The hub drops a queue's sender when it kicks the client,
+                    // and when it stops for shutdown.
+                    Wake::Outbound(None) if self.kicked.is_cancelled() => Err(Interrupted::Kicked),
+                    Wake::Outbound(None) => Err(Interrupted::Shutdown),
+                    // Boxed: client requests are rare next to events, and their
+                    // futures (auth, permission queries) would otherwise be
+                    // inlined into every idle session task.
+                    Wake::Frame(frame) => Box::pin(self.on_frame(frame)).await,
+                    Wake::Outbound(Some(message)) => self.deliver(message).await,
+                    Wake::PingTick => self.on_ping_tick(interval).await,
+                    Wake::Deadline => Box::pin(self.on_deadline()).await,
+                    Wake::FenceTimeout => {
+                        debug!(conn = self.conn, "no pong after authenticated; delivering anyway");
+                        self.fence = None;
+                        Ok(Next::Continue)
+                    }
+                }
             };
             match step {
                 Ok(Next::Continue) => {}
@@ -173,14 +286,54 @@ impl Session {
         match stop {
             Interrupted::Socket(e) => format!("socket error: {e}"),
             Interrupted::Shutdown => self.close(CloseCode::Away, "server shutting down", CLOSE_TIMEOUT).await,
-            Interrupted::Kicked => self.close_slow_consumer().await,
+            Interrupted::Kicked => Box::pin(self.close_slow_consumer()).await,
+            Interrupted::SlowTimeout => {
+                warn!(conn = self.conn, "slow consumer did not take its close within 10s; dropping the connection");
+                "slow consumer: dropped".into()
+            }
+            Interrupted::Silent => "silent for two ping intervals; dropped".into(),
+            Interrupted::Deadline => match Box::pin(self.on_deadline()).await {
+                Ok(Next::Close(code, reason)) => self.close(code, reason, CLOSE_TIMEOUT).await,
+                _ => self.close(CloseCode::Policy, "token expired", CLOSE_TIMEOUT).await,
+            },
         }
     }
 
-    /// Write messages and flush, unless shutdown or a kick comes first.
-    async fn write(&mut self, messages: impl IntoIterator<Item = Message>) -> Result<(), Interrupted> {
+    /// What may interrupt a write or a wait: shutdown, the ping timeout,
+    /// the authentication or expiry deadline, and a kicked slow consumer's
+    /// 10 s. Owns what it needs, so it can race a borrow of the socket.
+    fn interrupts(&self) -> impl Future<Output = Interrupted> + Send + 'static {
         let shutdown = self.app.shutdown.clone();
         let kicked = self.kicked.clone();
+        let silent_at = self.last_heard + self.app.settings.ping_interval * 2;
+        let deadline = self.deadline;
+        let slow_deadline = self.slow_deadline;
+        async move {
+            let slow = async {
+                match slow_deadline {
+                    Some(at) => sleep_until(at).await,
+                    None => {
+                        kicked.cancelled().await;
+                        tokio::time::sleep(SLOW_CLOSE_TIMEOUT).await;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => Interrupted::Shutdown,
+                _ = sleep_until(silent_at) => Interrupted::Silent,
+                _ = sleep_until(deadline) => Interrupted::Deadline,
+                _ = slow => Interrupted::SlowTimeout,
+            }
+        }
+    }
+
+    /// Write messages and flush, unless an interrupt comes first; an
+    /// interrupted write leaves the stream fit only for a close frame.
+    async fn write(&mut self, messages: impl IntoIterator<Item = Message>) -> Result<(), Interrupted> {
+        if self.broken {
+            return Err(Interrupted::SlowTimeout);
+        }
+        let interrupts = self.interrupts();
         let ws = &mut self.ws;
         let write = async move {
             for message in messages {
@@ -188,70 +341,125 @@ impl Session {
             }
             ws.flush().await
         };
-        tokio::select! {
+        let outcome = tokio::select! {
+            biased;
             written = write => written.map_err(Interrupted::Socket),
-            _ = shutdown.cancelled() => Err(Interrupted::Shutdown),
-            _ = kicked.cancelled() => Err(Interrupted::Kicked),
+            stop = interrupts => Err(stop),
+        };
+        if outcome.is_err() {
+            self.broken = true;
         }
+        outcome
     }
 
+    /// A reply to a request: written now, or after the hub's replies it
+    /// must not overtake.
     async fn reply(&mut self, message: String) -> Step {
-        self.write([text(message)]).await.map(|()| Next::Continue)
+        if self.replies.is_empty() {
+            self.write([text(message)]).await?;
+        } else {
+            self.replies.push_back(Reply::Text(message));
+        }
+        Ok(Next::Continue)
     }
 
     async fn error(&mut self, code: ErrorCode, message: &str, topic: Option<&str>) -> Step {
         self.reply(protocol::error(code, message, topic)).await
     }
 
-    async fn close(&mut self, code: CloseCode, reason: &'static str, within: Duration) -> String {
-        let frame = CloseFrame { code, reason: reason.into() };
-        match tokio::time::timeout(within, self.ws.close(Some(frame))).await {
-            Ok(_) => format!("closed with {}: {reason}", u16::from(code)),
-            Err(_) => format!("close {} not written within {within:?}; dropped", u16::from(code)),
+    /// The hub answered the oldest outstanding request: write the replies
+    /// that were waiting behind it, up to the next one the hub owes.
+    async fn hub_answered(&mut self) -> Result<(), Interrupted> {
+        if matches!(self.replies.front(), Some(Reply::Hub { .. })) {
+            self.replies.pop_front();
         }
+        let mut ready = Vec::new();
+        while let Some(Reply::Text(_)) = self.replies.front() {
+            if let Some(Reply::Text(message)) = self.replies.pop_front() {
+                ready.push(text(message));
+            }
+        }
+        if ready.is_empty() { Ok(()) } else { self.write(ready).await }
     }
 
-    /// SPEC §6: write what is already queued, then close with 1013; drop
-    /// the connection if that cannot be done within 10 s.
-    async fn close_slow_consumer(&mut self) -> String {
-        let conn = self.conn;
-        // Boxed: a path taken once per slow consumer should not size the
-        // future of every session.
-        let drain = Box::pin(async {
-            if let Some(rx) = self.outbound.as_mut() {
-                while let Ok(message) = rx.try_recv() {
-                    match message {
-                        Outbound::Event(event) => {
-                            for fragment in event_messages(&event) {
-                                self.ws.feed(fragment).await?;
-                            }
-                        }
-                        Outbound::Subscribed { topic, .. } => {
-                            self.ws.feed(text(protocol::topic_reply("subscribed", topic))).await?
-                        }
-                        Outbound::Unsubscribed { topic } => {
-                            self.ws.feed(text(protocol::topic_reply("unsubscribed", topic))).await?
-                        }
-                    }
+    /// Send the close frame, then read what the client still sends until
+    /// its own close frame (or `within`), so the connection ends with a
+    /// closing handshake rather than a reset.
+    async fn close(&mut self, code: CloseCode, reason: &'static str, within: Duration) -> String {
+        let until = Instant::now() + within;
+        let frame = CloseFrame { code, reason: reason.into() };
+        let sent = tokio::time::timeout_at(until.into(), self.ws.close(Some(frame))).await;
+        if sent.is_err() {
+            return format!("close {} not written within {within:?}; dropped", u16::from(code));
+        }
+        let mut dropped = 0usize;
+        loop {
+            match tokio::time::timeout_at(until.into(), self.ws.next()).await {
+                Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => break,
+                Ok(Some(Ok(_))) => dropped += 1,
+                Err(_) => {
+                    debug!(conn = self.conn, "no close frame from the client within {within:?}");
+                    break;
                 }
             }
-            let frame =
-                CloseFrame { code: CloseCode::Again, reason: "slow consumer: queue full; resume with since".into() };
-            self.ws.close(Some(frame)).await
-        });
-        match tokio::time::timeout(SLOW_CLOSE_TIMEOUT, drain).await {
-            Ok(_) => "slow consumer: closed with 1013".into(),
-            Err(_) => {
-                warn!(conn, "slow consumer did not take its close within 10s; dropping the connection");
-                "slow consumer: dropped".into()
+        }
+        if dropped > 0 {
+            debug!(conn = self.conn, dropped, "messages the client sent after the close were read and dropped");
+        }
+        format!("closed with {}: {reason}", u16::from(code))
+    }
+
+    /// Write what is already queued when it follows on from what was
+    /// written, then close with 1013; drop the connection if that cannot
+    /// be done within 10 s.
+    async fn close_slow_consumer(&mut self) -> String {
+        let until = *self.slow_deadline.get_or_insert_with(|| Instant::now() + SLOW_CLOSE_TIMEOUT);
+        // After a replay cut short, or with events held for a resume, the
+        // queue does not follow on from what the client has.
+        if !self.cut && !self.broken && self.resumes_pending == 0 {
+            match self.drain_queue().await {
+                Ok(()) => {}
+                Err(Interrupted::SlowTimeout) => {
+                    warn!(conn = self.conn, "slow consumer did not take its queue within 10s; dropping the connection");
+                    return "slow consumer: dropped".into();
+                }
+                Err(_) => return "slow consumer: dropped".into(),
             }
         }
+        let within = until.saturating_duration_since(Instant::now());
+        let outcome = self.close(CloseCode::Again, "slow consumer: queue full; resume with since", within).await;
+        if outcome.starts_with("closed") { "slow consumer: closed with 1013".into() } else { outcome }
+    }
+
+    /// Write the queued messages, stopping at a replay (whose events are
+    /// not queued).
+    async fn drain_queue(&mut self) -> Result<(), Interrupted> {
+        while let Some(message) = self.outbound.as_mut().and_then(|rx| rx.try_recv().ok()) {
+            match message {
+                Outbound::Event(event) => {
+                    let messages: Vec<Message> = event_messages(&event).collect();
+                    self.write(messages).await?;
+                }
+                Outbound::Subscribed { topic, cursor, replay } => {
+                    self.write([text(protocol::subscribed(topic, cursor))]).await?;
+                    if replay.is_some() {
+                        return Ok(());
+                    }
+                }
+                Outbound::Unsubscribed { topic } => {
+                    self.write([text(protocol::topic_reply("unsubscribed", topic))]).await?;
+                }
+                Outbound::LookUp { .. } => return Ok(()),
+            }
+        }
+        Ok(())
     }
 
     async fn on_ping_tick(&mut self, interval: Duration) -> Step {
         if self.last_heard.elapsed() >= interval * 2 {
             return Ok(Next::End("silent for two ping intervals; dropped".into()));
         }
+        self.last_ping = Instant::now();
         self.write([Message::Ping(Default::default())]).await.map(|()| Next::Continue)
     }
 
@@ -259,28 +467,45 @@ impl Session {
         if self.claims.is_none() {
             return Ok(Next::Close(CloseCode::Policy, "authentication timeout"));
         }
-        self.error(ErrorCode::TokenExpired, "token expired; send a fresh auth before exp", None).await?;
+        if !self.broken {
+            let message = protocol::error(ErrorCode::TokenExpired, "token expired; send a fresh auth before exp", None);
+            // The close follows whether or not the error could be written.
+            let _ = self.write([text(message)]).await;
+        }
         Ok(Next::Close(CloseCode::Policy, "token expired"))
     }
 
     async fn on_frame(&mut self, frame: Option<Result<Message, tungstenite::Error>>) -> Step {
-        let message = match frame {
-            None => return Ok(Next::End("client went away".into())),
+        match frame {
+            None => Ok(Next::End("client went away".into())),
             Some(Err(tungstenite::Error::Capacity(e))) => {
                 warn!(conn = self.conn, error = %e, "message too big; closing with 1009");
-                return Ok(Next::Close(CloseCode::Size, "message too big (64 KiB at most)"));
+                Ok(Next::Close(CloseCode::Size, "message too big (64 KiB at most)"))
             }
-            Some(Err(e)) => return Ok(Next::End(format!("protocol error: {e}"))),
-            Some(Ok(message)) => message,
-        };
+            Some(Err(tungstenite::Error::Utf8(e))) => {
+                warn!(conn = self.conn, error = %e, "text frame is not UTF-8; closing with 1007");
+                Ok(Next::Close(CloseCode::Invalid, "text frames must be valid UTF-8"))
+            }
+            Some(Err(e)) => Ok(Next::End(format!("protocol error: {e}"))),
+            Some(Ok(message)) => self.on_message(message).await,
+        }
+    }
+
+    async fn on_message(&mut self, message: Message) -> Step {
         self.last_heard = Instant::now();
         match message {
             Message::Text(text) => self.on_text(text.as_str()).await,
             Message::Binary(_) => {
                 self.error(ErrorCode::BadRequest, "binary frames are not supported; send JSON text", None).await
             }
+            Message::Pong(payload) => {
+                if self.fence.as_ref().is_some_and(|(expected, _)| payload.as_ref() == expected.as_slice()) {
+                    self.fence = None;
+                }
+                Ok(Next::Continue)
+            }
             // tungstenite answers pings and close frames itself.
-            Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => Ok(Next::Continue),
+            Message::Ping(_) | Message::Close(_) | Message::Frame(_) => Ok(Next::Continue),
         }
     }
 
@@ -318,7 +543,7 @@ impl Session {
 
     async fn accept_token(&mut self, claims: Claims) -> Step {
         let viewer = claims.viewer;
-        match self.claims {
+        let registering = match self.claims {
             Some(current) if current.viewer.user_id != viewer.user_id => {
                 return self.error(ErrorCode::Forbidden, "a fresh token must be for the same user (sub)", None).await;
             }
@@ -328,6 +553,7 @@ impl Session {
                 {
                     return Err(Interrupted::Shutdown);
                 }
+                false
             }
             None => {
                 let (tx, rx) = mpsc::channel(self.app.settings.client_queue);
@@ -336,13 +562,23 @@ impl Session {
                     return Err(Interrupted::Shutdown);
                 }
                 self.outbound = Some(rx);
+                true
             }
-        }
+        };
         self.claims = Some(claims);
         let expires_in = claims.expires_at_time().duration_since(SystemTime::now()).unwrap_or_default();
         self.deadline = Instant::now() + expires_in;
         info!(conn = self.conn, user_id = %viewer.user_id, superuser = viewer.is_superuser, "authenticated");
-        self.reply(protocol::authenticated(viewer.user_id, claims.expires_at_time())).await
+        let authenticated = protocol::authenticated(viewer.user_id, claims.expires_at_time());
+        if !registering {
+            return self.reply(authenticated).await;
+        }
+        // The fence: the client's pong to this ping comes after anything it
+        // sent before it saw `authenticated`.
+        let payload = self.conn.to_be_bytes().to_vec();
+        self.fence = Some((payload.clone(), Instant::now() + FENCE_TIMEOUT));
+        self.write([text(authenticated), Message::Ping(payload.into())]).await?;
+        Ok(Next::Continue)
     }
 
     async fn on_subscribe(&mut self, name: &str, since: Option<i64>) -> Step {
@@ -360,10 +596,12 @@ impl Session {
         if let Some(deployment) = topic.deployment()
             && !claims.viewer.is_superuser
         {
-            let audience = match self.app.pool.get().await {
-                Ok(client) => events::deployment_audience(&client, deployment).await,
-                Err(e) => Err(e.into()),
-            };
+            let pool = self.app.pool.clone();
+            let audience = guarded(self.interrupts(), async move {
+                let client = pool.get().await.map_err(DbError::from)?;
+                events::deployment_audience(&client, deployment).await
+            })
+            .await?;
             match audience {
                 Ok(Some((owner, org))) if claims.viewer.can_see(owner, org) => {}
                 Ok(_) => {
@@ -381,10 +619,15 @@ impl Session {
             }
         }
         self.topics.insert(topic);
+        self.replies.push_back(Reply::Hub { since: since.is_some() });
+        if since.is_some() {
+            self.resumes_pending += 1;
+        }
+        let since = since.map(Since::Unchecked);
         if !self.app.hub.send(Command::Subscribe { conn: self.conn, topic, since }).await {
             return Err(Interrupted::Shutdown);
         }
-        debug!(conn = self.conn, topic = %topic_name, ?since, "subscribed");
+        debug!(conn = self.conn, topic = %topic_name, ?since, "subscribing");
         Ok(Next::Continue)
     }
 
@@ -396,6 +639,7 @@ impl Session {
             return self.error(ErrorCode::InvalidTopic, "unknown topic", Some(name)).await;
         };
         self.topics.remove(&topic);
+        self.replies.push_back(Reply::Hub { since: false });
         if !self.app.hub.send(Command::Unsubscribe { conn: self.conn, topic }).await {
             return Err(Interrupted::Shutdown);
         }
@@ -406,31 +650,47 @@ impl Session {
     /// with one flush.
     async fn deliver(&mut self, first: Outbound) -> Step {
         // Reused across deliveries, so a wake-up does not allocate.
-        let mut pending = std::mem::take(&mut self.pending);
+        let mut batch = std::mem::take(&mut self.batch);
         let mut next = Some(first);
         let mut taken = 0;
         while let Some(message) = next.take() {
             taken += 1;
             match message {
-                Outbound::Event(event) => pending.push(event),
-                Outbound::Subscribed { topic, replay } => {
-                    self.write_events(&mut pending, Some(protocol::topic_reply("subscribed", topic))).await?;
-                    if let Some(replay) = replay {
-                        // Boxed: a replay's future (event log queries) is large
-                        // and rare; inline it would enlarge every session task.
-                        Box::pin(self.replay(topic, *replay)).await?;
-                    }
+                Outbound::Event(event) if self.resumes_pending > 0 => {
+                    self.held.push(event);
+                    self.held_live += 1;
+                }
+                Outbound::Event(event) => batch.push(event),
+                Outbound::Subscribed { topic, cursor, replay } => {
+                    self.write_events(&mut batch, None).await?;
+                    // Boxed: a replay's future (event log queries) is large
+                    // and rare; inline it would enlarge every session task.
+                    Box::pin(self.on_subscribed(topic, cursor, replay)).await?;
+                }
+                Outbound::LookUp { topic, since } => {
+                    self.write_events(&mut batch, None).await?;
+                    Box::pin(self.look_up(topic, since)).await?;
                 }
                 Outbound::Unsubscribed { topic } => {
-                    self.write_events(&mut pending, Some(protocol::topic_reply("unsubscribed", topic))).await?;
+                    self.write_events(&mut batch, Some(protocol::topic_reply("unsubscribed", topic))).await?;
+                    self.hub_answered().await?;
                 }
             }
-            if taken < BATCH {
+            if taken < BATCH && !self.kicked.is_cancelled() {
                 next = self.outbound.as_mut().and_then(|rx| rx.try_recv().ok());
             }
         }
-        self.write_events(&mut pending, None).await?;
-        self.pending = pending;
+        self.write_events(&mut batch, None).await?;
+        self.batch = batch;
+        if self.held_live > self.app.settings.client_queue {
+            // Events held behind a resume count against the queue too.
+            warn!(
+                conn = self.conn,
+                held = self.held_live,
+                "slow consumer: events held behind a resume; closing with 1013"
+            );
+            self.kicked.cancel();
+        }
         Ok(Next::Continue)
     }
 
@@ -453,67 +713,164 @@ impl Session {
         Ok(())
     }
 
-    async fn replay(&mut self, topic: Topic, replay: Replay) -> Result<(), Interrupted> {
-        if let Some(log) = replay.from_log
-            && let Err(e) = self.replay_from_log(topic, log).await
-        {
-            match e {
-                ReplayError::Interrupted(stop) => return Err(stop),
-                ReplayError::Db(e) => {
+    /// The hub cannot place `since` in its history: ask the event log
+    /// where it stands, and subscribe again with the answer.
+    async fn look_up(&mut self, topic: Topic, since: i64) -> Result<(), Interrupted> {
+        let app = Arc::clone(&self.app);
+        let answer = guarded(self.interrupts(), async move {
+            let _slot = app.replay_queries.acquire().await;
+            let client = app.pool.get().await.map_err(DbError::from)?;
+            events::look_up(&client, since).await
+        })
+        .await?;
+        let since = match answer {
+            Ok((Some(xid), _)) => Since::Committed { id: since, xid },
+            Ok((None, pruned_upto)) => Since::Missing { id: since, pruned: pruned_upto > 0 && pruned_upto >= since },
+            Err(e) => {
+                warn!(conn = self.conn, topic = %topic, since, error = %e, "cannot look up since in the event log");
+                // Answer the subscribe without a replay, then say so.
+                self.on_subscribed(topic, since, None).await?;
+                let message = protocol::error(
+                    ErrorCode::Unavailable,
+                    "cannot replay from the event log now; subscribe again with since",
+                    Some(&topic.to_string()),
+                );
+                return self.write([text(message)]).await;
+            }
+        };
+        if !self.app.hub.send(Command::Subscribe { conn: self.conn, topic, since: Some(since) }).await {
+            return Err(Interrupted::Shutdown);
+        }
+        Ok(())
+    }
+
+    async fn on_subscribed(
+        &mut self,
+        topic: Topic,
+        cursor: i64,
+        replay: Option<Box<Replay>>,
+    ) -> Result<(), Interrupted> {
+        let resume = match self.replies.front() {
+            Some(Reply::Hub { since }) => *since,
+            _ => false,
+        };
+        let mut first = vec![text(protocol::subscribed(topic, cursor))];
+        if replay.as_ref().is_some_and(|r| r.resync) {
+            first.push(text(protocol::topic_reply("resync", topic)));
+        }
+        self.write(first).await?;
+        if let Some(replay) = replay {
+            let Replay { resync, from_log, recent } = *replay;
+            if let Some(log) = from_log {
+                self.replay_from_log(topic, log, resync).await?;
+            }
+            self.held.extend(recent);
+        }
+        if resume {
+            self.resumes_pending = self.resumes_pending.saturating_sub(1);
+        }
+        if self.resumes_pending == 0 && !self.held.is_empty() {
+            // Live events held while the resume was answered, and the
+            // replay's recent events: one stream in commit order.
+            let mut held = std::mem::take(&mut self.held);
+            self.held_live = 0;
+            held.sort_by_key(|event| event.seq);
+            for chunk in held.chunks(BATCH) {
+                if self.kicked.is_cancelled() {
+                    self.cut = true;
+                    return Err(Interrupted::Kicked);
+                }
+                let mut chunk = chunk.to_vec();
+                self.write_events(&mut chunk, None).await?;
+            }
+        }
+        self.hub_answered().await
+    }
+
+    /// Page through the event log: each page is read with a pooled
+    /// connection that goes back before the page is written.
+    async fn replay_from_log(&mut self, topic: Topic, log: LogReplay, resynced: bool) -> Result<(), Interrupted> {
+        let Some(viewer) = self.claims.map(|c| c.viewer) else { return Ok(()) };
+        let LogReplay { since, snapshot, also, skip } = log;
+        let mut after = since;
+        let mut first = true;
+        loop {
+            if self.kicked.is_cancelled() {
+                self.cut = true;
+                return Err(Interrupted::Kicked);
+            }
+            let app = Arc::clone(&self.app);
+            let filter = events::LogFilter {
+                deployment: topic.deployment(),
+                kind: topic.kind(),
+                viewer,
+                snapshot: &snapshot,
+                also: &also,
+            };
+            let check_pruned = first && !resynced;
+            let page = guarded(self.interrupts(), async {
+                // Bytes first, then a query slot: a replay waits its turn
+                // rather than failing anyone.
+                let memory = app.replay_memory.acquire_many(REPLAY_PAGE_KIB).await;
+                let slot = app.replay_queries.acquire().await;
+                let client = app.pool.get().await.map_err(DbError::from)?;
+                let pruned = if check_pruned { events::pruned_upto(&client).await? > since } else { false };
+                let page =
+                    events::page_after(&client, after, &filter, REPLAY_PAGE_ROWS, REPLAY_PAGE_BYTES as i64).await?;
+                drop((client, slot));
+                Ok::<_, DbError>((pruned, page, memory))
+            })
+            .await?;
+            let (pruned, page, _memory) = match page {
+                Ok(page) => page,
+                Err(e) => {
                     warn!(conn = self.conn, topic = %topic, error = %e, "replay from the event log failed");
                     let message = protocol::error(
                         ErrorCode::Unavailable,
                         "replay from the event log failed; subscribe again with since",
                         Some(&topic.to_string()),
                     );
-                    self.write([text(message)]).await?;
+                    return self.write([text(message)]).await;
                 }
+            };
+            first = false;
+            if pruned {
+                self.write([text(protocol::topic_reply("resync", topic))]).await?;
             }
-        }
-        let mut recent = replay.recent;
-        self.write_events(&mut recent, None).await
-    }
-
-    async fn replay_from_log(&mut self, topic: Topic, log: LogReplay) -> Result<(), ReplayError> {
-        let Some(viewer) = self.claims.map(|c| c.viewer) else { return Ok(()) };
-        let client = self.app.pool.get().await.map_err(crate::db::DbError::from)?;
-        if events::pruned_upto(&client).await? > log.since {
-            self.write([text(protocol::topic_reply("resync", topic))]).await?;
-        }
-        let filter = events::LogFilter {
-            deployment: topic.deployment(),
-            kind: topic.kind(),
-            snapshot: log.snapshot.as_deref(),
-            also: &log.evicted,
-        };
-        let mut after = log.since;
-        loop {
-            let page = events::page_after(&client, after, &filter, REPLAY_PAGE).await?;
             let Some(last) = page.last() else { return Ok(()) };
             after = last.id;
-            let mut owed: Vec<Arc<Event>> = page
-                .into_iter()
-                .filter(|e| !log.skip.contains(&e.id) && viewer.can_see(e.owner, e.organization_id))
-                .map(Arc::new)
-                .collect();
+            let mut owed: Vec<Arc<Event>> =
+                page.into_iter().filter(|e| skip.binary_search(&e.id).is_err()).map(Arc::new).collect();
             self.write_events(&mut owed, None).await?;
+            self.between_pages().await?;
         }
     }
-}
 
-enum ReplayError {
-    Interrupted(Interrupted),
-    Db(crate::db::DbError),
-}
-
-impl From<Interrupted> for ReplayError {
-    fn from(stop: Interrupted) -> Self {
-        ReplayError::Interrupted(stop)
+    /// Between two replay pages: read what the client sent (so a reading
+    /// client is not taken for a silent one; requests wait for the end of
+    /// the replay), and ping when due.
+    async fn between_pages(&mut self) -> Result<(), Interrupted> {
+        while self.stashed.len() < MAX_HELD_REPLIES {
+            match self.ws.next().now_or_never() {
+                None => break,
+                Some(Some(Ok(message))) => {
+                    self.last_heard = Instant::now();
+                    match message {
+                        Message::Pong(_) | Message::Ping(_) => {}
+                        other => self.stashed.push_back(other),
+                    }
+                }
+                Some(Some(Err(e))) => return Err(Interrupted::Socket(e)),
+                Some(None) => return Err(Interrupted::Socket(tungstenite::Error::ConnectionClosed)),
+            }
+        }
+        if self.last_ping.elapsed() >= self.app.settings.ping_interval {
+            self.last_ping = Instant::now();
+            self.write([Message::Ping(Default::default())]).await?;
+        }
+        Ok(())
     }
 }
 
-impl From<crate::db::DbError> for ReplayError {
-    fn from(e: crate::db::DbError) -> Self {
-        ReplayError::Db(e)
-    }
-}
+/// [`REPLAY_PAGE_BYTES`] in the units of `App::replay_memory` (KiB).
+const REPLAY_PAGE_KIB: u32 = (REPLAY_PAGE_BYTES / 1024) as u32;

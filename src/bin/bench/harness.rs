@@ -152,7 +152,7 @@ impl Process {
         bail!("server not healthy within 30 s; see {log}")
     }
 
-    /// SIGTERM, then wait (SPEC: exits within 5 s).
+    /// SIGTERM, then wait (it must exit within 5 s).
     pub async fn stop(mut self) -> Result<()> {
         // SAFETY: signalling our own child by pid.
         unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
