@@ -213,6 +213,12 @@ impl Replication {
             .await?;
         stream.0.start().await?;
         stream.0.wait_started().await?;
+        if marker.is_none() {
+            // Before any marker: the newest event committed now, the resume
+            // cursor of a subscription made before anything is fed.
+            let origin: i64 = client.query_one("SELECT coalesce(max(id), 0) FROM windflow_events", &[]).await?.get(0);
+            self.hand_over(Feed::Origin(origin)).await?;
+        }
         if let Some(snapshot) = marker.as_deref() {
             let missed = events::unfinished_at(client, snapshot).await?;
             info!(candidates = missed.len(), "replication stream back; delivering what committed while it was away");
