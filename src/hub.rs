@@ -741,7 +741,9 @@ mod tests {
         hub.handle(Command::Subscribe { conn: 9, topic, since: Some(Since::Unchecked(1)) });
         let Ok(Outbound::LookUp { since: 1, .. }) = rx.try_recv() else { panic!("the hub asks for a look-up") };
         hub.handle(Command::Subscribe { conn: 9, topic, since: Some(Since::Committed { id: 1, xid: 5 }) });
-        let Ok(Outbound::Subscribed { replay: Some(replay), cursor: 1, .. }) = rx.try_recv() else { panic!("no reply") };
+        let Ok(Outbound::Subscribed { replay: Some(replay), cursor: 1, .. }) = rx.try_recv() else {
+            panic!("no reply")
+        };
         let log = replay.from_log.expect("since 1 is older than the history");
         // The oldest marker at or after the history's start is the second:
         // events fed before it come from the log, the rest from the history.

@@ -3,12 +3,14 @@
 //! # How an event travels
 //!
 //! 1. A writer changes `deployments` or `deployment_logs` (`sql/`). A
-//!    trigger records the event in `windflow_events` and NOTIFYs it on
-//!    `windflow_events` at commit.
+//!    trigger records the event in `windflow_events` and, in the default
+//!    `notify` mode, NOTIFYs it on `windflow_events` at commit.
 //! 2. [`db::listener`] holds the one LISTEN connection and turns each
 //!    notification into an [`event::Event`], whose wire message is
 //!    serialized there, once. After a lost connection it reads what it
-//!    missed from the event log.
+//!    missed from the event log. In `logical` mode ([`db::source`])
+//!    [`db::replication`] does the same from the event log's inserts in
+//!    the WAL, and the triggers do not NOTIFY.
 //! 3. [`hub`] decides who receives it: the owner's connections, and the
 //!    subscribers of its topics who may see it ([`auth::Viewer::can_see`]).
 //!    It keeps recent events in commit order for `since` resumes.
@@ -45,6 +47,8 @@ use crate::auth::Verifier;
 use crate::config::ServerArgs;
 use crate::db::DbError;
 use crate::db::listener::Listener;
+use crate::db::replication::Replication;
+use crate::db::source::EventSource;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 
@@ -58,6 +62,8 @@ pub enum ServeError {
     Db(#[from] DbError),
     #[error("{0} tasks were still running when shutdown's grace period ended")]
     Lingering(usize),
+    #[error("the database's event source is no longer '{0}': start the server again to follow it")]
+    SourceSwitched(EventSource),
 }
 
 /// Migrate, then serve on `listener` until `shutdown` is cancelled; returns
@@ -73,13 +79,24 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     db::migrate(database).await?;
+    let source = db::source::at_startup(database).await?;
+    info!(event_source = %source, "event source of this database");
     let metrics = Arc::new(Metrics::default());
     let tasks = TaskTracker::new();
     let (hub, hub_handle, feed) = Hub::new(Arc::clone(&metrics), settings.history_size, settings.history_bytes);
     let (up_tx, mut up) = watch::channel(false);
     tasks.spawn(hub.run(shutdown.clone()));
-    tasks.spawn(Listener::new(database, feed, Arc::clone(&metrics), up_tx, shutdown.clone()).run());
+    match source {
+        EventSource::Notify => {
+            tasks.spawn(Listener::new(database, feed, Arc::clone(&metrics), up_tx, shutdown.clone()).run())
+        }
+        EventSource::Logical => {
+            tasks.spawn(Replication::new(database, feed, Arc::clone(&metrics), up_tx, shutdown.clone()).run())
+        }
+    };
     let pool = db::pool(database);
+    let switched = CancellationToken::new();
+    tasks.spawn(db::source::watch(pool.clone(), source, switched.clone(), shutdown.clone()));
     tasks.spawn(db::retention::run(pool.clone(), settings.event_retention, shutdown.clone()));
 
     tokio::select! {
@@ -104,5 +121,8 @@ pub async fn serve(
         return Err(ServeError::Lingering(tasks.len()));
     }
     info!("all tasks stopped");
+    if switched.is_cancelled() {
+        return Err(ServeError::SourceSwitched(source));
+    }
     Ok(())
 }

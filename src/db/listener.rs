@@ -284,7 +284,7 @@ fn truncated(payload: &str) -> String {
 /// database that is down is not stormed, with up to a quarter of random
 /// slack so instances that lost it together do not return in lockstep.
 #[derive(Debug)]
-struct Backoff {
+pub(crate) struct Backoff {
     next: Duration,
 }
 
@@ -295,7 +295,7 @@ impl Default for Backoff {
 }
 
 impl Backoff {
-    fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let base = self.next;
         self.next = (self.next * 2).min(BACKOFF_MAX);
         let nanos = std::time::SystemTime::now()

@@ -1,10 +1,15 @@
 //! PostgreSQL: the pool, migrations, and the queries on the event log.
-//! The dedicated LISTEN connection lives in [`listener`].
+//! The event sources live in [`listener`] (NOTIFY, the default) and
+//! [`replication`] (logical replication); [`source`] says which a database
+//! uses.
 
 pub mod announcement;
 pub mod events;
 pub mod listener;
+pub mod pgoutput;
+pub mod replication;
 pub mod retention;
+pub mod source;
 
 use std::time::Duration;
 
@@ -53,6 +58,8 @@ pub enum DbError {
         "the database is a standby (pg_is_in_recovery() is true): LISTEN cannot work there; point DATABASE_URL at the primary"
     )]
     Standby,
+    #[error(transparent)]
+    NotReady(#[from] source::NotReady),
     #[error(
         "cannot read the event signing key (windflow_notify_key): {}; run the server as the role that ran the migrations, or GRANT SELECT ON windflow_notify_key to its role",
         describe(.0)

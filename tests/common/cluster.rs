@@ -10,6 +10,8 @@ pub struct Cluster {
     pub data: PathBuf,
     pub port: u16,
     bin: PathBuf,
+    /// Extra `-c name=value` server settings.
+    settings: String,
 }
 
 fn free_port() -> u16 {
@@ -61,13 +63,25 @@ fn make_dir(path: &Path) {
 impl Cluster {
     /// initdb and start a new cluster on a free port (trust auth).
     pub fn start_new() -> Cluster {
+        Self::start_new_with(&[])
+    }
+
+    /// A new cluster that can serve logical replication: the machine's own
+    /// cluster may run with `wal_level = replica`.
+    pub fn start_logical() -> Cluster {
+        Self::start_new_with(&["wal_level=logical"])
+    }
+
+    /// A new cluster with these `name=value` settings.
+    pub fn start_new_with(settings: &[&str]) -> Cluster {
         let bin = postgres_bin();
         let root = std::env::temp_dir().join(format!("wf_cluster_{}", uuid::Uuid::new_v4().simple()));
         make_dir(&root);
         let data = root.join("data");
         let data_arg = data.to_str().expect("utf-8 path");
         run(&bin, "initdb", &["-D", data_arg, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"]);
-        let cluster = Cluster { root, data, port: free_port(), bin };
+        let settings = settings.iter().map(|s| format!(" -c {s}")).collect();
+        let cluster = Cluster { root, data, port: free_port(), bin, settings };
         cluster.start();
         cluster
     }
@@ -95,13 +109,18 @@ impl Cluster {
                 "stream",
             ],
         );
-        let standby = Cluster { root, data, port: free_port(), bin: self.bin.clone() };
+        let standby = Cluster { root, data, port: free_port(), bin: self.bin.clone(), settings: String::new() };
         standby.start();
         standby
     }
 
     pub fn start(&self) {
-        let options = format!("-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off", self.port, self.root.display());
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off{}",
+            self.port,
+            self.root.display(),
+            self.settings
+        );
         let log = self.root.join("log");
         run(
             &self.bin,

@@ -55,24 +55,26 @@ pub struct BenchDatabase {
     pub name: String,
     pub url: String,
     pub config: tokio_postgres::Config,
+    admin_url: String,
 }
 
 impl BenchDatabase {
-    pub async fn create() -> Result<BenchDatabase> {
+    /// A fresh database on the server `admin_url` points to.
+    pub async fn create_at(admin_url: &str) -> Result<BenchDatabase> {
         let name = format!("wf_bench_{}", Uuid::new_v4().simple());
-        let admin: tokio_postgres::Config = admin_url().parse().context("BENCH_DATABASE_URL")?;
+        let admin: tokio_postgres::Config = admin_url.parse().context("BENCH_DATABASE_URL")?;
         connect(&admin).await?.batch_execute(&format!("CREATE DATABASE {name}")).await.context("create database")?;
         let mut config = admin.clone();
         config.dbname(&name);
-        let url = match admin_url().rsplit_once('/') {
+        let url = match admin_url.rsplit_once('/') {
             Some((base, _)) => format!("{base}/{name}"),
             None => bail!("BENCH_DATABASE_URL must end in /<database>"),
         };
-        Ok(BenchDatabase { name, url, config })
+        Ok(BenchDatabase { name, url, config, admin_url: admin_url.to_string() })
     }
 
     pub async fn drop_now(&self) {
-        if let Ok(admin) = admin_url().parse::<tokio_postgres::Config>()
+        if let Ok(admin) = self.admin_url.parse::<tokio_postgres::Config>()
             && let Ok(client) = connect(&admin).await
             && let Err(e) = client.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).await
         {
@@ -300,5 +302,92 @@ impl Drop for SideRuntime {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// A PostgreSQL cluster of the bench's own, with `wal_level = logical`, for
+/// `--source logical` when the given server runs with `replica`. Stock
+/// settings otherwise (fsync and synchronous_commit on), so that its figures
+/// compare with the machine's cluster. Stopped and removed on drop.
+pub struct LogicalCluster {
+    root: PathBuf,
+    bin: PathBuf,
+    pub admin_url: String,
+}
+
+fn as_postgres(program: &std::path::Path) -> std::process::Command {
+    let root = std::process::Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    if root {
+        let mut command = std::process::Command::new("runuser");
+        command.args(["-u", "postgres", "--"]).arg(program);
+        command
+    } else {
+        std::process::Command::new(program)
+    }
+}
+
+fn run_tool(command: &mut std::process::Command, what: &str) -> Result<()> {
+    let output = command.output().with_context(|| format!("run {what}"))?;
+    if !output.status.success() {
+        bail!("{what} failed: {}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(())
+}
+
+impl LogicalCluster {
+    pub fn start() -> Result<LogicalCluster> {
+        let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+            .context("PostgreSQL server binaries under /usr/lib/postgresql")?
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|bin| bin.join("initdb").exists())
+            .collect();
+        versions.sort();
+        let bin = versions.pop().context("no initdb under /usr/lib/postgresql")?;
+        let root = std::env::temp_dir().join(format!("wf_bench_cluster_{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&root)?;
+        let _ = std::process::Command::new("chown").args(["-R", "postgres:postgres"]).arg(&root).status();
+        let data = root.join("data");
+        let port = free_port()?;
+        let cluster = LogicalCluster {
+            root: root.clone(),
+            bin,
+            admin_url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        };
+        run_tool(
+            as_postgres(&cluster.bin.join("initdb")).arg("-D").arg(&data).args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+            ]),
+            "initdb",
+        )?;
+        // As the machine's cluster is configured (autovacuum off), but logical.
+        let options = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c wal_level=logical -c autovacuum=off",
+            root.display()
+        );
+        run_tool(
+            as_postgres(&cluster.bin.join("pg_ctl"))
+                .arg("-D")
+                .arg(&data)
+                .args(["-o", &options, "-l"])
+                .arg(root.join("log"))
+                .args(["-w", "start"]),
+            "pg_ctl start",
+        )?;
+        Ok(cluster)
+    }
+}
+
+impl Drop for LogicalCluster {
+    fn drop(&mut self) {
+        let _ = as_postgres(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.root.join("data"))
+            .args(["-m", "fast", "-w", "stop"])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.root);
     }
 }

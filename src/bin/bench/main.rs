@@ -34,9 +34,10 @@ use uuid::Uuid;
 use windflow_notify::auth::{self, TokenRequest, Viewer};
 
 use crate::clients::{ClientSpec, Fleet, source_ip};
-use crate::harness::{BenchDatabase, Process, Sampler, SideRuntime, now_ns};
+use crate::harness::{BenchDatabase, Process, Sampler, SideRuntime, admin_url, now_ns};
 use crate::report::{Delivery, Owed, analyse, print_table, round};
-use crate::writers::{BareListener, WritePlan};
+use crate::writers::{Floor, WritePlan};
+use windflow_notify::db::source::EventSource;
 
 #[derive(Parser)]
 #[command(name = "bench", about = "windflow-notify benchmark scenarios (see BENCHMARKS.md)")]
@@ -64,6 +65,9 @@ enum Scenario {
         writers: usize,
         #[arg(long, default_value_t = 1)]
         instances: usize,
+        /// `logical` runs the same scenario in notify mode first, on the same cluster.
+        #[arg(long, value_enum, default_value = "notify")]
+        source: EventSource,
     },
     /// Fan-out: every connection on deployment_events; then the bare broadcaster to the same N.
     S2 {
@@ -95,6 +99,9 @@ enum Scenario {
         writers: usize,
         #[arg(long, default_value_t = 10)]
         duration: u64,
+        /// `logical` runs the same scenario in notify mode first, on the same cluster.
+        #[arg(long, value_enum, default_value = "notify")]
+        source: EventSource,
     },
     /// 1 MiB log lines at a steady rate.
     S5 {
@@ -171,17 +178,27 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool> {
             hold(&plan, first_source).await?;
             return Ok(true);
         }
-        Scenario::S1 { conns, superusers, rate, duration, writers, instances } => {
-            s1(conns, superusers, rate, duration, writers, instances).await?
+        Scenario::S1 { conns, superusers, rate, duration, writers, instances, source } => {
+            let s1 = |admin: String, source| s1(admin, source, conns, superusers, rate, duration, writers, instances);
+            match source {
+                EventSource::Notify => s1(admin_url(), source).await?,
+                EventSource::Logical => both_sources("S1", s1).await?,
+            }
         }
         Scenario::S2 { conns, rate, duration, writers, frame_size, instances } => {
             s2(conns, rate, duration, writers, frame_size, instances).await?
         }
         Scenario::S3 { conns, instances } => s3(&conns, instances, nofile).await?,
-        Scenario::S4 { writers, duration } => s4(writers, duration).await?,
+        Scenario::S4 { writers, duration, source } => {
+            let s4 = |admin: String, source| s4(admin, source, writers, duration);
+            match source {
+                EventSource::Notify => s4(admin_url(), source).await?,
+                EventSource::Logical => both_sources("S4", s4).await?,
+            }
+        }
         Scenario::S5 { conns, rate, duration, size } => s5(conns, rate, duration, size).await?,
         Scenario::Hostile(args) => hostile::run(&args).await?,
-        Scenario::Smoke => s1(300, 10, 300.0, 3, 2, 1).await?,
+        Scenario::Smoke => s1(admin_url(), EventSource::Notify, 300, 10, 300.0, 3, 2, 1).await?,
     };
     let ok = result.get("ok").and_then(Value::as_bool).unwrap_or(true);
     let text = serde_json::to_string_pretty(&result)?;
@@ -250,15 +267,29 @@ async fn stop_all(servers: Vec<Process>) {
     }
 }
 
-/// Runs `body` with a fresh database, dropped afterwards whatever happens.
+/// Runs `body` with a fresh database in notify mode, dropped afterwards
+/// whatever happens.
 async fn with_database<T, F, Fut>(body: F) -> Result<T>
 where
     F: FnOnce(Arc<BenchDatabase>) -> Fut,
     Fut: std::future::Future<Output = Result<T>>,
 {
-    let db = Arc::new(BenchDatabase::create().await?);
+    with_database_at(&admin_url(), EventSource::Notify, body).await
+}
+
+/// Runs `body` with a fresh database on `admin`'s server, switched to `source`.
+async fn with_database_at<T, F, Fut>(admin: &str, source: EventSource, body: F) -> Result<T>
+where
+    F: FnOnce(Arc<BenchDatabase>) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let db = Arc::new(BenchDatabase::create_at(admin).await?);
     let outcome = async {
         migrate(&db).await?;
+        if source == EventSource::Logical {
+            let mut client = harness::connect(&db.config).await?;
+            windflow_notify::db::source::switch(&mut client, source).await.context("switch to logical")?;
+        }
         body(db.clone()).await
     }
     .await;
@@ -266,17 +297,77 @@ where
     outcome
 }
 
+/// Run `scenario` in notify mode and then in logical mode on one cluster
+/// that can do both (the given one, or one of our own when it runs with
+/// wal_level = replica); the logical run's JSON, with `notify` beside it.
+async fn both_sources<F, Fut>(name: &str, scenario: F) -> Result<Value>
+where
+    F: Fn(String, EventSource) -> Fut,
+    Fut: std::future::Future<Output = Result<Value>>,
+{
+    let given = admin_url();
+    let admin = harness::connect(&given.parse().context("BENCH_DATABASE_URL")?).await?;
+    let wal_level: String = admin.query_one("SHOW wal_level", &[]).await?.get(0);
+    let own = if wal_level == "logical" {
+        None
+    } else {
+        eprintln!(
+            "bench: {given} runs with wal_level = {wal_level}; starting a cluster of our own with wal_level = logical"
+        );
+        Some(harness::LogicalCluster::start()?)
+    };
+    let url = own.as_ref().map_or(given, |c| c.admin_url.clone());
+    let notify = scenario(url.clone(), EventSource::Notify).await?;
+    let mut logical = scenario(url, EventSource::Logical).await?;
+    let rate = |v: &Value, side: &str| v[side]["writes_per_s"].as_f64().unwrap_or(f64::NAN);
+    if name == "S4" {
+        let (with, without, notify_with) =
+            (rate(&logical, "with_triggers"), rate(&logical, "without_triggers"), rate(&notify, "with_triggers"));
+        println!(
+            "\nS4 logical vs notify: {with:.0} vs {notify_with:.0} writes/s with triggers ({:.2}x); \
+             {:.0} % of the {without:.0} writes/s without triggers",
+            with / notify_with,
+            100.0 * with / without
+        );
+        logical["vs_notify"] = json!(round(with / notify_with));
+        logical["pct_of_without_triggers"] = json!(round(100.0 * with / without));
+        logical["target_met"] = json!(with >= 2.0 * notify_with && with >= 0.6 * without);
+    } else {
+        let p99 = |v: &Value, row: &str| v[row]["latency_ms"]["p99"].as_f64().unwrap_or(f64::NAN);
+        let gap = p99(&logical, "windflow") - p99(&notify, "bare_listen");
+        println!("\nS1 logical p99 over the bare LISTEN floor (notify run): {gap:+.3} ms (target: within 2 ms)");
+        logical["p99_over_bare_listen_ms"] = json!(round(gap));
+        logical["target_met"] = json!(gap <= 2.0);
+    }
+    logical["ok"] = json!(logical["ok"].as_bool() == Some(true) && notify["ok"].as_bool() == Some(true));
+    logical["cluster"] = json!(if own.is_some() { "own, wal_level = logical" } else { "given" });
+    logical["notify"] = notify;
+    Ok(logical)
+}
+
 /// Connect the clients, run the writes, wait for delivery, and analyse.
-/// Returns the windflow row, the bare LISTEN row and the write outcome.
+/// Returns the windflow row, the floor's row and the write outcome.
 async fn deliver(
     db: &BenchDatabase,
     servers: &[Process],
     clients: Vec<(ClientSpec, Owed)>,
     plan: &WritePlan,
 ) -> Result<(Delivery, Delivery, writers::WriteOutcome)> {
+    deliver_from(db, servers, clients, plan, EventSource::Notify, false).await
+}
+
+async fn deliver_from(
+    db: &BenchDatabase,
+    servers: &[Process],
+    clients: Vec<(ClientSpec, Owed)>,
+    plan: &WritePlan,
+    source: EventSource,
+    skip_logical_floor: bool,
+) -> Result<(Delivery, Delivery, writers::WriteOutcome)> {
     let (specs, owed): (Vec<ClientSpec>, Vec<Owed>) = clients.into_iter().unzip();
     let fleet = connect_fleet(specs).await?;
-    let (windflow, bare, outcome, ()) = deliver_to(db, servers, fleet, &owed, plan, async {}).await?;
+    let (windflow, bare, outcome, ()) =
+        deliver_to(db, servers, fleet, &owed, plan, source, skip_logical_floor, async {}).await?;
     Ok((windflow, bare, outcome))
 }
 
@@ -293,17 +384,23 @@ async fn connect_fleet(specs: Vec<ClientSpec>) -> Result<Fleet> {
 /// owed), with `during` running alongside the writes; wait for delivery
 /// and analyse. Returns the windflow row, the bare LISTEN row, the write
 /// outcome and what `during` returned.
+#[allow(clippy::too_many_arguments)]
 async fn deliver_to<F: std::future::Future>(
     db: &BenchDatabase,
     servers: &[Process],
     fleet: Fleet,
     owed: &[Owed],
     plan: &WritePlan,
+    source: EventSource,
+    skip_logical_floor: bool,
     during: F,
 ) -> Result<(Delivery, Delivery, writers::WriteOutcome, F::Output)> {
     let (listen_side, write_side) = (SideRuntime::new("bare-listen")?, SideRuntime::new("writers")?);
     let config = db.config.clone();
-    let bare = listen_side.handle.spawn(async move { BareListener::start(&config).await }).await??;
+    let logical = source == EventSource::Logical;
+    let wanted = !(logical && skip_logical_floor);
+    let bare = listen_side.handle.spawn(async move { Floor::start(&config, logical, wanted).await }).await??;
+    let floor_label = bare.label();
     let samplers: Vec<Sampler> = servers.iter().map(|s| Sampler::start(s.pid)).collect();
     let (outcome, extra) = tokio::join!(run_writes(&write_side, db, plan), during);
     let outcome = outcome?;
@@ -349,7 +446,7 @@ async fn deliver_to<F: std::future::Future>(
     windflow.ended_early = ended_early as u64;
     let bare_log =
         clients::ClientLog { samples: bare_seen.into_iter().map(|(s, t)| (s, t, 0)).collect(), ..Default::default() };
-    let bare_row = analyse("bare LISTEN (floor)", &outcome.written, &[(Owed::All, &bare_log)], false);
+    let bare_row = analyse(floor_label, &outcome.written, &[(Owed::All, &bare_log)], false);
     Ok((windflow, bare_row, outcome, extra))
 }
 
@@ -390,7 +487,10 @@ fn s1_clients(
     Ok(clients)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn s1(
+    admin: String,
+    source: EventSource,
     conns: usize,
     superusers: usize,
     rate: f64,
@@ -398,23 +498,23 @@ async fn s1(
     writers: usize,
     instances: usize,
 ) -> Result<Value> {
-    with_database(|db| async move {
+    with_database_at(&admin, source, |db| async move {
         let owners: Vec<Uuid> = (0..conns.saturating_sub(superusers)).map(|_| Uuid::new_v4()).collect();
         let deployments = create_deployments(&db, &owners, None).await?;
         let servers = start_servers(&db, instances).await?;
         let clients = s1_clients(&servers, &owners, &deployments, superusers)?;
         let plan = WritePlan::mixed(writers, Some(rate), Duration::from_secs(duration), Arc::new(deployments));
-        let outcome = deliver(&db, &servers, clients, &plan).await;
+        let outcome = deliver_from(&db, &servers, clients, &plan, source, false).await;
         stop_all(servers).await;
         let (windflow, bare, writes) = outcome?;
         print_table(
-            &format!("S1 latency: {conns} connections ({superusers} superusers), {rate}/s mixed writes, {duration} s, {instances} instance(s)"),
+            &format!("S1 latency ({source}): {conns} connections ({superusers} superusers), {rate}/s mixed writes, {duration} s, {instances} instance(s)"),
             &[windflow.clone(), bare.clone()],
         );
         let p99_gap = windflow.p99_ms - bare.p99_ms;
-        println!("p99 over bare LISTEN: {p99_gap:+.3} ms (target: within 1 ms)");
+        println!("p99 over the floor: {p99_gap:+.3} ms (target: within 1 ms)");
         Ok(json!({
-            "scenario": "S1", "conns": conns, "superusers": superusers, "rate": rate, "duration_s": duration,
+            "scenario": "S1", "source": source.as_str(), "conns": conns, "superusers": superusers, "rate": rate, "duration_s": duration,
             "instances": instances, "writes": write_json(&writes),
             "windflow": windflow.json(), "bare_listen": bare.json(),
             "p99_over_bare_ms": round(p99_gap), "target_met": p99_gap <= 1.0,
@@ -620,8 +720,8 @@ async fn hold(plan: &str, first_source: usize) -> Result<()> {
     Ok(())
 }
 
-async fn s4(writers: usize, duration: u64) -> Result<Value> {
-    with_database(|db| async move {
+async fn s4(admin: String, source: EventSource, writers: usize, duration: u64) -> Result<Value> {
+    with_database_at(&admin, source, |db| async move {
         let owners: Vec<Uuid> = (0..64).map(|_| Uuid::new_v4()).collect();
         let deployments = Arc::new(create_deployments(&db, &owners, None).await?);
         let servers = start_servers(&db, 1).await?;
@@ -644,7 +744,8 @@ async fn s4(writers: usize, duration: u64) -> Result<Value> {
                 }
             }
         });
-        let outcome = deliver(&db, &servers, clients, &plan).await;
+        let logical = source == EventSource::Logical;
+        let outcome = deliver_from(&db, &servers, clients, &plan, source, true).await;
         stop.cancel();
         let max_usage = usage.await.unwrap_or(f64::NAN);
         stop_all(servers).await;
@@ -661,8 +762,8 @@ async fn s4(writers: usize, duration: u64) -> Result<Value> {
         let with_rate = with.written.len() as f64 / with.wall_s;
         let without_rate = without.written.len() as f64 / without.wall_s;
         print_table(
-            &format!("S4 ingest: {writers} writers as fast as they can for {duration} s, notifier attached"),
-            &[windflow.clone(), bare.clone()],
+            &format!("S4 ingest ({source}): {writers} writers as fast as they can for {duration} s, notifier attached"),
+            &if logical { vec![windflow.clone()] } else { vec![windflow.clone(), bare.clone()] },
         );
         println!(
             "writes/s with triggers {with_rate:.0}, without {without_rate:.0}: triggers cost {:.1} %; \
@@ -670,10 +771,11 @@ async fn s4(writers: usize, duration: u64) -> Result<Value> {
             100.0 * (1.0 - with_rate / without_rate)
         );
         Ok(json!({
-            "scenario": "S4", "writers": writers, "duration_s": duration,
+            "scenario": "S4", "source": source.as_str(), "writers": writers, "duration_s": duration,
             "with_triggers": write_json(&with), "without_triggers": write_json(&without),
             "trigger_cost_pct": round(100.0 * (1.0 - with_rate / without_rate)),
-            "max_notification_queue_usage": max_usage, "windflow": windflow.json(), "bare_listen": bare.json(),
+            "max_notification_queue_usage": max_usage, "windflow": windflow.json(),
+            "bare_listen": if logical { Value::Null } else { bare.json() },
             "target_met": max_usage == 0.0 && !windflow.failed(), "ok": !windflow.failed(),
         }))
     })

@@ -214,3 +214,111 @@ impl BareListener {
         Ok(seen)
     }
 }
+
+/// The logical source's floor: one replication connection on a temporary
+/// slot of its own, decoding the event log's inserts as the server does,
+/// timing the same writes. What the database alone costs in logical mode.
+pub struct BareReplication {
+    handle: JoinHandle<Result<()>>,
+    seen: Arc<std::sync::Mutex<Vec<(u32, u64)>>>,
+    stop: CancellationToken,
+}
+
+impl BareReplication {
+    pub async fn start(config: &tokio_postgres::Config) -> Result<BareReplication> {
+        use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
+        use windflow_notify::db::pgoutput::{Decoded, Decoder};
+        let host = match config.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+            _ => anyhow::bail!("bare replication: a TCP host is needed"),
+        };
+        let slot = format!("wf_bench_floor_{}", Uuid::new_v4().simple());
+        let replication = ReplicationConfig::new(
+            host,
+            config.get_user().unwrap_or("postgres"),
+            config.get_password().map(|p| String::from_utf8_lossy(p).into_owned()).unwrap_or_default(),
+            config.get_dbname().unwrap_or("postgres"),
+            slot.clone(),
+            windflow_notify::db::source::PUBLICATION,
+        )
+        .with_port(config.get_ports().first().copied().unwrap_or(5432))
+        .with_tls(TlsConfig::disabled())
+        .with_status_interval(Duration::from_secs(1));
+        let mut client = ReplicationClient::connect_gated(replication).await?;
+        client
+            .simple_query(&format!("CREATE_REPLICATION_SLOT {slot} TEMPORARY LOGICAL pgoutput NOEXPORT_SNAPSHOT"))
+            .await?;
+        client.start().await?;
+        client.wait_started().await?;
+        let stop = CancellationToken::new();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (token, record) = (stop.clone(), seen.clone());
+        let handle = tokio::spawn(async move {
+            let mut decoder = Decoder::default();
+            loop {
+                let event = tokio::select! {
+                    _ = token.cancelled() => break,
+                    event = client.recv() => event?,
+                };
+                match event {
+                    Some(ReplicationEvent::XLogData { data, .. }) => {
+                        if let Decoded::Event(event) = decoder.decode(&data)?
+                            && let Some((seq, _)) = find_marker(event.frame.as_bytes())
+                        {
+                            record.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.push((seq, now_ns()));
+                        }
+                    }
+                    Some(ReplicationEvent::Commit { end_lsn, .. }) => client.update_applied_lsn(end_lsn),
+                    Some(ReplicationEvent::KeepAlive { wal_end, .. }) => client.update_applied_lsn(wal_end),
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+            client.abort();
+            Ok(())
+        });
+        Ok(BareReplication { handle, seen, stop })
+    }
+
+    pub async fn finish(self) -> Result<Vec<(u32, u64)>> {
+        self.stop.cancel();
+        self.handle.await.context("bare replication task")??;
+        let seen = std::mem::take(&mut *self.seen.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
+        Ok(seen)
+    }
+}
+
+/// The database's own floor for the source under test.
+pub enum Floor {
+    Listen(BareListener),
+    Replication(BareReplication),
+    /// None: a second slot would decode all of the WAL a second time, on
+    /// the same two cores, and S4 measures what writers get.
+    Skipped,
+}
+
+impl Floor {
+    pub async fn start(config: &tokio_postgres::Config, logical: bool, wanted: bool) -> Result<Floor> {
+        Ok(match (wanted, logical) {
+            (false, _) => Floor::Skipped,
+            (true, true) => Floor::Replication(BareReplication::start(config).await?),
+            (true, false) => Floor::Listen(BareListener::start(config).await?),
+        })
+    }
+
+    pub fn label(&self) -> &'static str {
+        match self {
+            Floor::Listen(_) => "bare LISTEN (floor)",
+            Floor::Replication(_) => "bare pgoutput (floor)",
+            Floor::Skipped => "(no floor)",
+        }
+    }
+
+    pub async fn finish(self) -> Result<Vec<(u32, u64)>> {
+        match self {
+            Floor::Listen(floor) => floor.finish().await,
+            Floor::Replication(floor) => floor.finish().await,
+            Floor::Skipped => Ok(Vec::new()),
+        }
+    }
+}
