@@ -193,7 +193,10 @@ fn event_ids(messages: &[serde_json::Value]) -> Vec<i64> {
 async fn ids_after(writer: &Writer, deployment: Uuid, after: i64) -> Vec<i64> {
     writer
         .db
-        .query("SELECT id FROM windflow_events WHERE deployment_id = $1 AND id > $2 ORDER BY id", &[&deployment, &after])
+        .query(
+            "SELECT id FROM windflow_events WHERE deployment_id = $1 AND id > $2 ORDER BY id",
+            &[&deployment, &after],
+        )
         .await
         .unwrap()
         .iter()
@@ -227,11 +230,7 @@ async fn a_kicked_slow_consumer_got_a_gap_free_prefix_and_resumes_without_loss()
     .await;
     let (messages, _, error) = read_to_close(&mut slow).await;
     if let Some(tungstenite::Error::Protocol(e)) = &error {
-        assert_eq!(
-            *e,
-            tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
-            "framing broken: {e}"
-        );
+        assert_eq!(*e, tungstenite::error::ProtocolError::ResetWithoutClosingHandshake, "framing broken: {e}");
     }
     let owed = ids_after(&app.writer, deployment, since).await;
     let received = event_ids(&messages);
@@ -351,7 +350,7 @@ async fn an_owner_resuming_before_authenticated_arrives_gets_its_deployment_in_c
     let writing = {
         let (writer, stop) = (Writer::new(&app.database).await, std::sync::Arc::clone(&stop));
         tokio::spawn(async move {
-            let mut interval = tokio::time::interval(Duration::from_millis(10));
+            let mut interval = tokio::time::interval(Duration::from_millis(2));
             for n in 0..6000 {
                 if stop.load(std::sync::atomic::Ordering::Relaxed) {
                     break;
@@ -363,7 +362,7 @@ async fn an_owner_resuming_before_authenticated_arrives_gets_its_deployment_in_c
     };
     let topic = format!("deployment_logs_{deployment}");
     eventually("a dozen lines written", || async { ids_after(&app.writer, deployment, 0).await.len() > 12 }).await;
-    for attempt in 0..20 {
+    for attempt in 0..40 {
         let latest = *ids_after(&app.writer, deployment, 0).await.last().unwrap();
         let since = latest - 10;
         let mut request = app.server.ws_url().into_client_request().unwrap();
@@ -408,8 +407,19 @@ async fn a_bad_auth_followed_at_once_by_requests_still_gets_its_error_and_close(
         let mut burst = vec![json!({"type": "auth", "token": "not-a-token"})];
         burst.extend((0..50).map(|i| json!({"type": "subscribe", "topic": format!("deployment_events{i}")})));
         pipeline(&mut ws, &burst).await;
+        // Read only once the server is done with the connection: what it
+        // sent must still be there (a reset would have discarded it).
+        eventually("the server ends the session", || async { app.server.metric("windflow_connections").await == 0.0 })
+            .await;
+        // One more request, written by the next read as clients do: after a
+        // reset that write fails and the client never sees what was sent.
+        ws.feed(Message::Text(r#"{"type":"ping"}"#.into())).await.ok();
         let (messages, code, error) = read_to_close(&mut ws).await;
-        assert_eq!(messages.first().map(|m| m["data"]["code"].clone()), Some(json!("unauthorized")), "attempt {attempt}");
+        assert_eq!(
+            messages.first().map(|m| m["data"]["code"].clone()),
+            Some(json!("unauthorized")),
+            "attempt {attempt}"
+        );
         assert_eq!(code, Some(1008), "attempt {attempt}: a close frame, not a reset ({error:?})");
     }
 }
@@ -419,12 +429,15 @@ async fn an_expired_token_closes_with_a_handshake_while_the_client_pings() {
     let app = spawn_app().await;
     let mut client = app.server.connect(&token_for(user(), Duration::from_secs(2))).await;
     let mut messages = Vec::new();
+    // A client that keeps pinging every few milliseconds, reading between.
     let code = loop {
         client.ws.feed(Message::Text(r#"{"type":"ping"}"#.into())).await.ok();
         client.ws.flush().await.ok();
-        match tokio::time::timeout(Duration::from_millis(50), client.ws.next()).await {
+        match tokio::time::timeout(Duration::from_millis(5), client.ws.next()).await {
             Err(_) => continue,
-            Ok(Some(Ok(Message::Text(text)))) => messages.push(serde_json::from_str::<serde_json::Value>(text.as_str()).unwrap()),
+            Ok(Some(Ok(Message::Text(text)))) => {
+                messages.push(serde_json::from_str::<serde_json::Value>(text.as_str()).unwrap())
+            }
             Ok(Some(Ok(Message::Close(frame)))) => break frame.map(|f| u16::from(f.code)),
             Ok(Some(Ok(_))) => {}
             other => panic!("expected a close frame, got {other:?}"),
