@@ -9,8 +9,8 @@ use std::time::Instant;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use uuid::Uuid;
 
-/// The event types of SPEC §2. A new type starts here and in the trigger
-/// that emits it (`sql/`); routing in `hub` keys on [`EventKind::topic_kind`].
+/// The event types (docs/protocol.md). A new type starts here and in the trigger
+/// that emits it (`sql/`); routing keys on [`crate::ws::protocol::Topic::of_event`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum EventKind {
     StatusChanged,

@@ -13,9 +13,13 @@
 //!    the WAL, and the triggers do not NOTIFY.
 //! 3. [`hub`] decides who receives it: the owner's connections, and the
 //!    subscribers of its topics who may see it ([`auth::Viewer::can_see`]).
-//!    It keeps recent events in commit order for `since` resumes.
+//!    It keeps recent events in commit order for `since` resumes
+//!    ([`history`], bounded in events and bytes) and places each resume in
+//!    that order, or before it in the event log.
 //! 4. [`ws::session`] writes it to the client's socket; each client has its
-//!    own bounded queue, so a slow one never holds up the others.
+//!    own bounded queue, so a slow one never holds up the others. Replies
+//!    keep request order, and replays from the event log are paged under
+//!    server-wide limits ([`app::App::replay_queries`]).
 //!
 //! A new event type starts in the trigger (`sql/`) and [`event::EventKind`];
 //! a new topic in [`ws::protocol::Topic`] and the routing in [`hub`].

@@ -49,7 +49,7 @@ const SETUP_PARALLEL: usize = 64;
 /// Bound on any one hostile client's setup, and on a probe.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long hostile sockets are read after the run, to see how they ended:
-/// longer than the server's 10 s bound on a kicked client's close (SPEC §6),
+/// longer than the server's 10 s bound on a kicked client's close (docs/protocol.md),
 /// with room to read what the kernel buffered for each (megabytes).
 const DRAIN_FOR: Duration = Duration::from_secs(30);
 /// The first probe: this long after the hostile clients connected, before the writes.
