@@ -123,6 +123,17 @@ pub struct ServerArgs {
         value_parser = parse_bytes
     )]
     pub history_bytes: usize,
+    /// Kernel send buffer of each client connection (`128KiB`): how much a
+    /// client that stops reading absorbs before its queue fills and it is
+    /// closed, and how much can be in flight to a distant one.
+    #[arg(
+        long,
+        env = "WINDFLOW_SEND_BUFFER",
+        value_name = "WINDFLOW_SEND_BUFFER",
+        default_value = "128KiB",
+        value_parser = parse_bytes
+    )]
+    pub send_buffer: usize,
 }
 
 impl ServerArgs {
@@ -136,6 +147,7 @@ impl ServerArgs {
             client_queue: 4096,
             history_size: 100_000,
             history_bytes: 64 << 20,
+            send_buffer: 128 << 10,
         }
     }
 }

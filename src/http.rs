@@ -51,6 +51,13 @@ pub async fn accept_loop(listener: TcpListener, app: Arc<App>) {
             },
         };
         let _ = stream.set_nodelay(true);
+        // Linux autotunes a socket's send buffer up to tcp_wmem's maximum
+        // (4 MiB) whatever the client reads: a client that stops reading
+        // would absorb thousands of events into kernel memory, and the
+        // server's CPU to write them, before its queue filled (measured in
+        // BENCHMARKS.md, bench hostile). Capped (Linux doubles the value
+        // for its bookkeeping), it is found out after a few hundred KiB.
+        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(app.settings.send_buffer);
         let app = Arc::clone(&app);
         let tasks = app.tasks.clone();
         tasks.spawn(async move {

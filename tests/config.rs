@@ -43,6 +43,8 @@ fn wrong_durations_and_counts_name_their_variable() {
         ("WINDFLOW_MAX_CONNECTIONS", "0"),
         ("WINDFLOW_CLIENT_QUEUE", "-5"),
         ("WINDFLOW_HISTORY_SIZE", "lots"),
+        ("WINDFLOW_HISTORY_BYTES", "64 megs"),
+        ("WINDFLOW_SEND_BUFFER", "0"),
         ("WINDFLOW_BIND", "localhost"),
         ("JWT_ALGORITHM", "none"),
     ] {

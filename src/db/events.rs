@@ -64,7 +64,7 @@ pub async fn page_after(
     let sql = format!(
         "SELECT {COLUMNS} FROM (
             SELECT id, type, deployment_id, user_id, organization_id, data,
-                   sum(octet_length(data::text)) OVER (ORDER BY id) - octet_length(data::text) AS before
+                   sum(size) OVER (ORDER BY id) - size AS before
               FROM windflow_events
              WHERE id > $1
                AND ($2::uuid IS NULL OR deployment_id = $2)
