@@ -92,27 +92,33 @@ impl Since {
 }
 
 /// What a session's queue carries. Replies to (un)subscribe travel in the
-/// same queue as events, so they keep their place among them.
+/// same queue as events, so they keep their place among them. Every queue
+/// slot is the size of this enum, and a connection's queue allocates slots
+/// 32 at a time: the rare replies are boxed so that a slot stays 24 bytes.
 #[derive(Debug)]
 pub enum Outbound {
     Event(Arc<Event>),
-    /// The replay is boxed: every queue slot is the size of this enum,
-    /// and a subscription's replay is rare.
-    Subscribed {
-        topic: Topic,
-        /// The subscription's resume cursor (the `event_id` of `subscribed`).
-        cursor: i64,
-        replay: Option<Box<Replay>>,
-    },
+    Subscribed(Box<Subscribed>),
     /// The history does not hold `since`: look it up in the event log and
     /// send the subscribe again.
-    LookUp {
-        topic: Topic,
-        since: i64,
-    },
+    LookUp(Box<LookUp>),
     Unsubscribed {
         topic: Topic,
     },
+}
+
+#[derive(Debug)]
+pub struct Subscribed {
+    pub topic: Topic,
+    /// The subscription's resume cursor (the `event_id` of `subscribed`).
+    pub cursor: i64,
+    pub replay: Option<Replay>,
+}
+
+#[derive(Debug)]
+pub struct LookUp {
+    pub topic: Topic,
+    pub since: i64,
 }
 
 /// The events a `subscribe` with `since` owes the client, oldest first.
@@ -347,7 +353,7 @@ impl Hub {
                 // A subscribe still waiting for its `since` is answered first.
                 if let Some(i) = self.deferred.iter().position(|d| d.conn == conn && d.topic == topic) {
                     let d = self.deferred.swap_remove(i);
-                    self.queue(conn, Outbound::Subscribed { topic, cursor: d.id, replay: None });
+                    self.queue(conn, Outbound::Subscribed(Box::new(Subscribed { topic, cursor: d.id, replay: None })));
                 }
                 let Some(entry) = self.conns.get_mut(&conn) else { return };
                 let viewer = entry.viewer;
@@ -378,7 +384,7 @@ impl Hub {
                 }
                 None => match since {
                     Since::Unchecked(id) => {
-                        self.queue(conn, Outbound::LookUp { topic, since: id });
+                        self.queue(conn, Outbound::LookUp(Box::new(LookUp { topic, since: id })));
                         return;
                     }
                     Since::Committed { id, xid } => {
@@ -424,7 +430,7 @@ impl Hub {
                 self.count_subscriptions(1);
             }
         }
-        self.queue(conn, Outbound::Subscribed { topic, cursor, replay: replay.map(Box::new) });
+        self.queue(conn, Outbound::Subscribed(Box::new(Subscribed { topic, cursor, replay })));
     }
 
     /// For a `since` older than the history: what to read from the log
@@ -628,7 +634,11 @@ mod tests {
             while let Ok(message) = self.rx.try_recv() {
                 match message {
                     Outbound::Event(e) => ids.push(e.id),
-                    Outbound::Subscribed { replay: Some(replay), .. } => ids.extend(replay.recent.iter().map(|e| e.id)),
+                    Outbound::Subscribed(reply) => {
+                        if let Some(replay) = &reply.replay {
+                            ids.extend(replay.recent.iter().map(|e| e.id))
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -739,11 +749,11 @@ mod tests {
         hub.handle(Command::Register { conn: 9, viewer: watcher, outbound: tx, kicked: CancellationToken::new() });
         let topic = Topic::Progress(deployment);
         hub.handle(Command::Subscribe { conn: 9, topic, since: Some(Since::Unchecked(1)) });
-        let Ok(Outbound::LookUp { since: 1, .. }) = rx.try_recv() else { panic!("the hub asks for a look-up") };
+        let Ok(Outbound::LookUp(look_up)) = rx.try_recv() else { panic!("the hub asks for a look-up") };
+        assert_eq!(look_up.since, 1);
         hub.handle(Command::Subscribe { conn: 9, topic, since: Some(Since::Committed { id: 1, xid: 5 }) });
-        let Ok(Outbound::Subscribed { replay: Some(replay), cursor: 1, .. }) = rx.try_recv() else {
-            panic!("no reply")
-        };
+        let Ok(Outbound::Subscribed(reply)) = rx.try_recv() else { panic!("no reply") };
+        let Subscribed { cursor: 1, replay: Some(replay), .. } = *reply else { panic!("no reply") };
         let log = replay.from_log.expect("since 1 is older than the history");
         // The oldest marker at or after the history's start is the second:
         // events fed before it come from the log, the rest from the history.

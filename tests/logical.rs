@@ -6,14 +6,14 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::cluster::Cluster;
 use common::*;
-use serde_json::{Value, json};
+use serde_json::json;
 use uuid::Uuid;
 use windflow_notify::db::DbError;
 use windflow_notify::db::source::{self, EventSource, NotReady};
@@ -74,64 +74,6 @@ impl LogicalApp {
             .unwrap()
             .get(0)
     }
-}
-
-/// Receive `count` events; check none repeats and each deployment's ids
-/// increase (commit order). Returns (event_id, data) in arrival order.
-async fn receive_exactly_once(client: &mut Client, count: usize) -> Vec<(i64, Value)> {
-    let mut seen = HashSet::new();
-    let mut last_per_deployment: HashMap<String, i64> = HashMap::new();
-    let mut events = Vec::with_capacity(count);
-    while events.len() < count {
-        let (_, id, data) = client.recv_event().await;
-        assert!(seen.insert(id), "event {id} delivered twice");
-        let deployment = data["deployment_id"].as_str().unwrap().to_string();
-        let last = last_per_deployment.entry(deployment).or_insert(0);
-        assert!(id > *last, "event {id} after {last} of the same deployment: out of commit order");
-        *last = id;
-        events.push((id, data));
-    }
-    events
-}
-
-/// A fence: the next event the client receives must be this one.
-async fn assert_nothing_more(writer: &Writer, client: &mut Client, owner: Uuid) {
-    let fence = writer.create_deployment(owner, None).await;
-    let message = client.recv().await;
-    assert_eq!(message["data"]["deployment_id"], fence.to_string(), "unexpected extra message: {message}");
-}
-
-/// Writers that each insert numbered log rows, one per transaction, until
-/// told to stop (and at least `minimum`); returns how many each wrote.
-fn spawn_log_writers(
-    database: &TestDatabase,
-    deployments: &[Uuid],
-    stop: Arc<AtomicBool>,
-    minimum: usize,
-) -> Vec<tokio::task::JoinHandle<usize>> {
-    deployments
-        .iter()
-        .enumerate()
-        .map(|(w, deployment)| {
-            let config = database.config.clone();
-            let (deployment, stop) = (*deployment, Arc::clone(&stop));
-            tokio::spawn(async move {
-                let (db, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
-                tokio::spawn(connection);
-                let mut written = 0;
-                while written < minimum || !stop.load(Ordering::Relaxed) {
-                    db.execute(
-                        "INSERT INTO deployment_logs (deployment_id, message) VALUES ($1, $2)",
-                        &[&deployment, &format!("{w}:{written}")],
-                    )
-                    .await
-                    .unwrap();
-                    written += 1;
-                }
-                written
-            })
-        })
-        .collect()
 }
 
 #[tokio::test]

@@ -48,7 +48,7 @@ use crate::app::App;
 use crate::auth::Claims;
 use crate::db::{DbError, events};
 use crate::event::Event;
-use crate::hub::{Command, ConnId, LogReplay, Outbound, Replay, Since};
+use crate::hub::{Command, ConnId, LogReplay, LookUp, Outbound, Replay, Since, Subscribed};
 use crate::ws::fragments::{FRAGMENT_SIZE, Fragments, fragments};
 use crate::ws::protocol::{self, BadRequest, ClientMessage, ErrorCode, Topic};
 
@@ -139,7 +139,7 @@ struct Session {
     /// How many of `held` came live from the queue.
     held_live: usize,
     /// The payload of the ping sent after `authenticated`, until answered.
-    fence: Option<(Vec<u8>, Instant)>,
+    fence: Option<(u64, Instant)>,
     /// A write was abandoned half-way: only a close frame may follow.
     broken: bool,
     /// A replay was cut short by a kick: nothing queued after it may be
@@ -195,11 +195,41 @@ async fn sleep_until(at: Instant) {
     tokio::time::sleep_until(at.into()).await
 }
 
+/// What may interrupt the session's writes and waits.
+struct Interrupts {
+    shutdown: CancellationToken,
+    kicked: CancellationToken,
+    silent_at: Instant,
+    deadline: Instant,
+    slow_deadline: Option<Instant>,
+}
+
+impl Interrupts {
+    /// The first interrupt to come. One timer, for the earliest deadline.
+    async fn wait(self) -> Interrupted {
+        let Interrupts { shutdown, kicked, silent_at, deadline, mut slow_deadline } = self;
+        loop {
+            let mut next = (silent_at, Interrupted::Silent);
+            if deadline < next.0 {
+                next = (deadline, Interrupted::Deadline);
+            }
+            if let Some(at) = slow_deadline.filter(|at| *at < next.0) {
+                next = (at, Interrupted::SlowTimeout);
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Interrupted::Shutdown,
+                _ = sleep_until(next.0) => return next.1,
+                _ = kicked.cancelled(), if slow_deadline.is_none() => {
+                    slow_deadline = Some(Instant::now() + SLOW_CLOSE_TIMEOUT);
+                }
+            }
+        }
+    }
+}
+
 /// Run `work` unless one of `interrupts` comes first.
-async fn guarded<T>(
-    interrupts: impl Future<Output = Interrupted>,
-    work: impl Future<Output = T>,
-) -> Result<T, Interrupted> {
+async fn guarded<T>(interrupts: Interrupts, work: impl Future<Output = T>) -> Result<T, Interrupted> {
+    let interrupts = Box::pin(interrupts.wait());
     tokio::select! {
         biased;
         done = work => Ok(done),
@@ -226,7 +256,7 @@ impl Session {
         if let Some(claims) = claims
             && let Err(stop) = self.accept_token(claims).await
         {
-            return self.interrupted(stop).await;
+            return Box::pin(self.interrupted(stop)).await;
         }
         let interval = self.app.settings.ping_interval;
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
@@ -238,7 +268,11 @@ impl Session {
             } else {
                 let reading = self.replies.len() < MAX_HELD_REPLIES;
                 let draining = self.fence.is_none();
-                let fence_until = self.fence.as_ref().map_or(self.deadline, |(_, until)| *until);
+                // One timer for the deadline and the fence, whichever is first.
+                let (timer, fence_first) = match &self.fence {
+                    Some((_, until)) if *until < self.deadline => (*until, true),
+                    _ => (self.deadline, false),
+                };
                 // Biased: timers first, so a busy queue cannot starve them;
                 // client frames before the queue, so a request already sent
                 // is read before more events go out.
@@ -246,9 +280,8 @@ impl Session {
                     biased;
                     _ = shutdown.cancelled() => Wake::Shutdown,
                     _ = kicked.cancelled() => Wake::Kicked,
-                    _ = sleep_until(self.deadline) => Wake::Deadline,
+                    _ = sleep_until(timer) => if fence_first { Wake::FenceTimeout } else { Wake::Deadline },
                     _ = ping.tick() => Wake::PingTick,
-                    _ = sleep_until(fence_until), if self.fence.is_some() => Wake::FenceTimeout,
                     frame = self.ws.next(), if reading => Wake::Frame(frame),
                     message = next_outbound(&mut self.outbound), if draining => Wake::Outbound(message),
                 };
@@ -275,9 +308,11 @@ impl Session {
             };
             match step {
                 Ok(Next::Continue) => {}
-                Ok(Next::Close(code, reason)) => return self.close(code, reason, CLOSE_TIMEOUT).await,
+                // Boxed: taken once per connection; inline, its timers would
+                // size the future every idle session keeps.
+                Ok(Next::Close(code, reason)) => return Box::pin(self.close(code, reason, CLOSE_TIMEOUT)).await,
                 Ok(Next::End(reason)) => return reason,
-                Err(stop) => return self.interrupted(stop).await,
+                Err(stop) => return Box::pin(self.interrupted(stop)).await,
             }
         }
     }
@@ -302,28 +337,13 @@ impl Session {
     /// What may interrupt a write or a wait: shutdown, the ping timeout,
     /// the authentication or expiry deadline, and a kicked slow consumer's
     /// 10 s. Owns what it needs, so it can race a borrow of the socket.
-    fn interrupts(&self) -> impl Future<Output = Interrupted> + Send + 'static {
-        let shutdown = self.app.shutdown.clone();
-        let kicked = self.kicked.clone();
-        let silent_at = self.last_heard + self.app.settings.ping_interval * 2;
-        let deadline = self.deadline;
-        let slow_deadline = self.slow_deadline;
-        async move {
-            let slow = async {
-                match slow_deadline {
-                    Some(at) => sleep_until(at).await,
-                    None => {
-                        kicked.cancelled().await;
-                        tokio::time::sleep(SLOW_CLOSE_TIMEOUT).await;
-                    }
-                }
-            };
-            tokio::select! {
-                _ = shutdown.cancelled() => Interrupted::Shutdown,
-                _ = sleep_until(silent_at) => Interrupted::Silent,
-                _ = sleep_until(deadline) => Interrupted::Deadline,
-                _ = slow => Interrupted::SlowTimeout,
-            }
+    fn interrupts(&self) -> Interrupts {
+        Interrupts {
+            shutdown: self.app.shutdown.clone(),
+            kicked: self.kicked.clone(),
+            silent_at: self.last_heard + self.app.settings.ping_interval * 2,
+            deadline: self.deadline,
+            slow_deadline: self.slow_deadline,
         }
     }
 
@@ -341,10 +361,20 @@ impl Session {
             }
             ws.flush().await
         };
-        let outcome = tokio::select! {
-            biased;
-            written = write => written.map_err(Interrupted::Socket),
-            stop = interrupts => Err(stop),
+        tokio::pin!(write);
+        // Most writes complete at once; only one that has to wait is raced
+        // against the interrupts, whose timers are boxed so that idle
+        // sessions do not keep room for them.
+        let outcome = match futures_util::poll!(&mut write) {
+            std::task::Poll::Ready(written) => written.map_err(Interrupted::Socket),
+            std::task::Poll::Pending => {
+                let interrupts = Box::pin(interrupts.wait());
+                tokio::select! {
+                    biased;
+                    written = &mut write => written.map_err(Interrupted::Socket),
+                    stop = interrupts => Err(stop),
+                }
+            }
         };
         if outcome.is_err() {
             self.broken = true;
@@ -378,6 +408,10 @@ impl Session {
             if let Some(Reply::Text(message)) = self.replies.pop_front() {
                 ready.push(text(message));
             }
+        }
+        if self.replies.is_empty() {
+            // Most connections subscribe once or twice: keep no buffer.
+            self.replies = VecDeque::new();
         }
         if ready.is_empty() { Ok(()) } else { self.write(ready).await }
     }
@@ -440,9 +474,9 @@ impl Session {
                     let messages: Vec<Message> = event_messages(&event).collect();
                     self.write(messages).await?;
                 }
-                Outbound::Subscribed { topic, cursor, replay } => {
-                    self.write([text(protocol::subscribed(topic, cursor))]).await?;
-                    if replay.is_some() {
+                Outbound::Subscribed(reply) => {
+                    self.write([text(protocol::subscribed(reply.topic, reply.cursor))]).await?;
+                    if reply.replay.is_some() {
                         return Ok(());
                     }
                 }
@@ -499,7 +533,7 @@ impl Session {
                 self.error(ErrorCode::BadRequest, "binary frames are not supported; send JSON text", None).await
             }
             Message::Pong(payload) => {
-                if self.fence.as_ref().is_some_and(|(expected, _)| payload.as_ref() == expected.as_slice()) {
+                if self.fence.as_ref().is_some_and(|(expected, _)| payload.as_ref() == expected.to_be_bytes()) {
                     self.fence = None;
                 }
                 Ok(Next::Continue)
@@ -575,9 +609,9 @@ impl Session {
         }
         // The fence: the client's pong to this ping comes after anything it
         // sent before it saw `authenticated`.
-        let payload = self.conn.to_be_bytes().to_vec();
-        self.fence = Some((payload.clone(), Instant::now() + FENCE_TIMEOUT));
-        self.write([text(authenticated), Message::Ping(payload.into())]).await?;
+        self.fence = Some((self.conn, Instant::now() + FENCE_TIMEOUT));
+        let ping = Message::Ping(bytes::Bytes::copy_from_slice(&self.conn.to_be_bytes()));
+        self.write([text(authenticated), ping]).await?;
         Ok(Next::Continue)
     }
 
@@ -661,13 +695,15 @@ impl Session {
                     self.held_live += 1;
                 }
                 Outbound::Event(event) => batch.push(event),
-                Outbound::Subscribed { topic, cursor, replay } => {
+                Outbound::Subscribed(reply) => {
+                    let Subscribed { topic, cursor, replay } = *reply;
                     self.write_events(&mut batch, None).await?;
                     // Boxed: a replay's future (event log queries) is large
                     // and rare; inline it would enlarge every session task.
                     Box::pin(self.on_subscribed(topic, cursor, replay)).await?;
                 }
-                Outbound::LookUp { topic, since } => {
+                Outbound::LookUp(look_up) => {
+                    let LookUp { topic, since } = *look_up;
                     self.write_events(&mut batch, None).await?;
                     Box::pin(self.look_up(topic, since)).await?;
                 }
@@ -744,12 +780,7 @@ impl Session {
         Ok(())
     }
 
-    async fn on_subscribed(
-        &mut self,
-        topic: Topic,
-        cursor: i64,
-        replay: Option<Box<Replay>>,
-    ) -> Result<(), Interrupted> {
+    async fn on_subscribed(&mut self, topic: Topic, cursor: i64, replay: Option<Replay>) -> Result<(), Interrupted> {
         let resume = match self.replies.front() {
             Some(Reply::Hub { since }) => *since,
             _ => false,
@@ -760,7 +791,7 @@ impl Session {
         }
         self.write(first).await?;
         if let Some(replay) = replay {
-            let Replay { resync, from_log, recent } = *replay;
+            let Replay { resync, from_log, recent } = replay;
             if let Some(log) = from_log {
                 self.replay_from_log(topic, log, resync).await?;
             }
