@@ -293,7 +293,18 @@ impl Hub {
         if parsed.is_none() {
             warn!(snapshot = %snapshot, "marker is not a pg_snapshot; lagging resumes wait for the next one");
         }
-        self.markers.push_back(Marker { seq: self.history.next_seq(), snapshot, parsed, fed_before });
+        let seq = self.history.next_seq();
+        match self.markers.back_mut() {
+            // Nothing fed since the last marker: this one says the same of
+            // the events, with more transactions finished. Keeping both
+            // would grow by one marker a second on an idle server.
+            Some(last) if last.seq == seq => {
+                last.snapshot = snapshot;
+                last.parsed = parsed;
+                last.fed_before.extend(fed_before);
+            }
+            _ => self.markers.push_back(Marker { seq, snapshot, parsed, fed_before }),
+        }
         self.prune_markers();
         // Lagging resumes whose `since` this marker shows as finished can
         // now be placed: in the history, or before it.
@@ -760,6 +771,21 @@ mod tests {
         assert_eq!((log.since, log.snapshot.as_str()), (1, "20:20:"));
         assert_eq!(log.also.iter().copied().collect::<HashSet<_>>(), HashSet::from([1, 2, 3]));
         assert!(replay.recent.is_empty());
+    }
+
+    #[test]
+    fn markers_without_events_between_them_are_kept_once() {
+        let mut hub = hub();
+        for xmin in 10..1000 {
+            hub.on_marker(format!("{xmin}:{xmin}:"));
+        }
+        assert_eq!(hub.markers.len(), 1, "an idle server keeps one marker");
+        assert_eq!(hub.markers[0].snapshot, "999:999:");
+        hub.publish(event(1, EventKind::Progress, Uuid::new_v4(), Uuid::new_v4(), None));
+        hub.on_marker("1000:1000:".into());
+        hub.on_marker("1001:1001:".into());
+        assert_eq!(hub.markers.len(), 2);
+        assert_eq!(hub.markers[1].fed_before, vec![1]);
     }
 
     #[test]

@@ -411,9 +411,11 @@ async fn a_bad_auth_followed_at_once_by_requests_still_gets_its_error_and_close(
         // sent must still be there (a reset would have discarded it).
         eventually("the server ends the session", || async { app.server.metric("windflow_connections").await == 0.0 })
             .await;
-        // One more request, written by the next read as clients do: after a
-        // reset that write fails and the client never sees what was sent.
-        ws.feed(Message::Text(r#"{"type":"ping"}"#.into())).await.ok();
+        // A client still sending: after a reset (the server closing with
+        // requests unread) this write fails, and most clients give up
+        // without reading what the server sent.
+        let sent = ws.send(Message::Text(r#"{"type":"ping"}"#.into())).await;
+        assert!(sent.is_ok(), "attempt {attempt}: the server reset the connection: {sent:?}");
         let (messages, code, error) = read_to_close(&mut ws).await;
         assert_eq!(
             messages.first().map(|m| m["data"]["code"].clone()),
@@ -443,6 +445,10 @@ async fn an_expired_token_closes_with_a_handshake_while_the_client_pings() {
             other => panic!("expected a close frame, got {other:?}"),
         }
     };
+    // The client's reply to the close goes out on the next read: the
+    // server must still be there to take it, not have reset the connection.
+    let after = tokio::time::timeout(WAIT, client.ws.next()).await.expect("the stream ends");
+    assert!(matches!(after, None | Some(Ok(Message::Close(_)))), "not a closing handshake: {after:?}");
     assert_eq!(code, Some(1008));
     assert!(messages.iter().any(|m| m["data"]["code"] == "token_expired"));
 }
