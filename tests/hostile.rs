@@ -55,6 +55,12 @@ async fn a_notify_from_another_login_neither_injects_nor_suppresses_an_event() {
         forger.query("SELECT secret FROM windflow_notify_key", &[]).await.is_err(),
         "a login without privileges must not read the signing key"
     );
+    let direct = forger
+        .batch_execute("SELECT windflow_emit('DEPLOYMENT_STATUS_CHANGED', NULL::deployments, '{}'::json)")
+        .await
+        .expect_err("a login without privileges must not call the function that writes and signs events");
+    let refused = direct.as_db_error().map(|e| e.message().to_string()).unwrap_or_default();
+    assert!(refused.contains("permission denied for function windflow_emit"), "{refused}");
     let next_id: i64 =
         app.writer.db.query_one("SELECT last_value + 1 FROM windflow_events_id_seq", &[]).await.unwrap().get(0);
     let forged = json!({
@@ -516,4 +522,30 @@ async fn the_history_is_bounded_in_bytes_and_a_resume_past_it_reads_the_log() {
     assert_eq!(replayed, ids[1..], "the evicted part from the log, then the history, no gap");
     let unique: HashSet<i64> = replayed.iter().copied().collect();
     assert_eq!(unique.len(), replayed.len());
+}
+
+#[tokio::test]
+async fn a_writer_role_with_no_privilege_on_the_event_log_still_emits_events() {
+    let app = spawn_app().await;
+    let (_, mut client, deployment) = app.owner_with_deployment().await;
+    let role = Stranger::create().await;
+    app.writer
+        .execute(&format!(
+            "GRANT SELECT, INSERT, UPDATE ON deployments, deployment_logs TO {0};
+             GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {0}",
+            role.name
+        ))
+        .await;
+    let writer = role.connect(&app.database).await;
+    assert!(writer.query("SELECT 1 FROM windflow_events", &[]).await.is_err(), "no access to the event log");
+    writer
+        .execute(
+            "INSERT INTO deployment_logs (deployment_id, message) VALUES ($1, 'from the api role')",
+            &[&deployment],
+        )
+        .await
+        .expect("a writer needs no privilege on the event log");
+    writer.execute("UPDATE deployments SET status = 'running' WHERE id = $1", &[&deployment]).await.expect("update");
+    assert_eq!(client.recv_event().await.2["logs"], "from the api role");
+    assert_eq!(client.recv_event().await.2["status"], "running");
 }
