@@ -764,14 +764,15 @@ impl Session {
             Ok((None, pruned_upto)) => Since::Missing { id: since, pruned: pruned_upto > 0 && pruned_upto >= since },
             Err(e) => {
                 warn!(conn = self.conn, topic = %topic, since, error = %e, "cannot look up since in the event log");
-                // Answer the subscribe without a replay, then say so.
-                self.on_subscribed(topic, since, None).await?;
+                // The subscribe fails as a whole (the hub has not made it):
+                // the client tries again, with the same `since`.
+                self.topics.remove(&topic);
                 let message = protocol::error(
                     ErrorCode::Unavailable,
-                    "cannot replay from the event log now; subscribe again with since",
+                    "cannot look up since in the event log now; subscribe again with since",
                     Some(&topic.to_string()),
                 );
-                return self.write([text(message)]).await;
+                return self.answer_subscribe(topic, vec![text(message)], None).await;
             }
         };
         if !self.app.hub.send(Command::Subscribe { conn: self.conn, topic, since: Some(since) }).await {
@@ -781,14 +782,26 @@ impl Session {
     }
 
     async fn on_subscribed(&mut self, topic: Topic, cursor: i64, replay: Option<Replay>) -> Result<(), Interrupted> {
-        let resume = match self.replies.front() {
-            Some(Reply::Hub { since }) => *since,
-            _ => false,
-        };
         let mut first = vec![text(protocol::subscribed(topic, cursor))];
         if replay.as_ref().is_some_and(|r| r.resync) {
             first.push(text(protocol::topic_reply("resync", topic)));
         }
+        self.answer_subscribe(topic, first, replay).await
+    }
+
+    /// Answer the oldest outstanding subscribe with `first`, then its
+    /// replay; when no resume is outstanding any more, the events held
+    /// meanwhile follow, merged by commit order.
+    async fn answer_subscribe(
+        &mut self,
+        topic: Topic,
+        first: Vec<Message>,
+        replay: Option<Replay>,
+    ) -> Result<(), Interrupted> {
+        let resume = match self.replies.front() {
+            Some(Reply::Hub { since }) => *since,
+            _ => false,
+        };
         self.write(first).await?;
         if let Some(replay) = replay {
             let Replay { resync, from_log, recent } = replay;
