@@ -50,7 +50,7 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
-enum ListenerError {
+pub(crate) enum ListenerError {
     #[error(transparent)]
     Db(#[from] DbError),
     #[error("connection lost: {}", crate::db::describe(.0))]
@@ -89,26 +89,7 @@ impl Listener {
     }
 
     pub async fn run(self) {
-        let mut marker: Option<String> = None;
-        let mut backoff = Backoff::default();
-        loop {
-            let mut became_up = false;
-            let outcome = self.connection(&mut marker, &mut became_up).await;
-            self.set_up(false);
-            let error = match outcome {
-                Ok(()) | Err(ListenerError::HubGone) => return,
-                Err(e) => e,
-            };
-            if became_up {
-                backoff = Backoff::default();
-            }
-            let delay = backoff.next_delay();
-            warn!(error = %error, retry_in = ?delay, "listener connection lost; reconnecting");
-            tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
-            }
-        }
+        keep_connected(&self, "listener connection").await
     }
 
     fn set_up(&self, up: bool) {
@@ -272,6 +253,78 @@ impl Listener {
 
     async fn hand_over(&self, feed: Feed) -> Result<(), ListenerError> {
         self.feed.send(feed).await.map_err(|_| ListenerError::HubGone)
+    }
+}
+
+impl EventStream for Listener {
+    type Error = ListenerError;
+
+    fn hub_gone(error: &ListenerError) -> bool {
+        matches!(error, ListenerError::HubGone)
+    }
+
+    fn shutdown(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    fn set_up(&self, up: bool) {
+        Listener::set_up(self, up)
+    }
+
+    fn connection(
+        &self,
+        marker: &mut Option<String>,
+        became_up: &mut bool,
+    ) -> impl Future<Output = Result<(), ListenerError>> + Send {
+        Listener::connection(self, marker, became_up)
+    }
+}
+
+/// An event source's connection, which [`keep_connected`] runs again after
+/// each loss: the LISTEN connection, or the logical replication stream.
+pub(crate) trait EventStream: Sync {
+    type Error: std::fmt::Display;
+    /// The error says the hub stopped: nothing to reconnect for.
+    fn hub_gone(error: &Self::Error) -> bool;
+    fn shutdown(&self) -> &CancellationToken;
+    /// Report the source up or down (`/healthz`, `windflow_listener_up`).
+    fn set_up(&self, up: bool);
+    /// One connection's life, until it fails. `marker` is the last marker
+    /// snapshot seen, kept across connections for the catch-up; set
+    /// `became_up` once the connection delivered a marker.
+    fn connection(
+        &self,
+        marker: &mut Option<String>,
+        became_up: &mut bool,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+}
+
+/// Run `stream`'s connection until shutdown, reconnecting with [`Backoff`]
+/// after each loss (reset once a connection came up).
+pub(crate) async fn keep_connected<S: EventStream>(stream: &S, what: &'static str) {
+    let mut marker: Option<String> = None;
+    let mut backoff = Backoff::default();
+    loop {
+        let mut became_up = false;
+        let outcome = tokio::select! {
+            _ = stream.shutdown().cancelled() => Ok(()),
+            outcome = stream.connection(&mut marker, &mut became_up) => outcome,
+        };
+        stream.set_up(false);
+        let error = match outcome {
+            Ok(()) => return,
+            Err(e) if S::hub_gone(&e) => return,
+            Err(e) => e,
+        };
+        if became_up {
+            backoff = Backoff::default();
+        }
+        let delay = backoff.next_delay();
+        warn!(error = %error, retry_in = ?delay, "{what} lost; reconnecting");
+        tokio::select! {
+            _ = stream.shutdown().cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
     }
 }
 

@@ -64,7 +64,7 @@ use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::db::listener::Backoff;
+use crate::db::listener::{EventStream, keep_connected};
 use crate::db::pgoutput::{DecodeError, Decoded, Decoder};
 use crate::db::source::{PUBLICATION, check_logical_ready};
 use crate::db::{DbError, events, quote_identifier, refuse_standby};
@@ -82,7 +82,7 @@ const MARKER_TIMEOUT: Duration = Duration::from_secs(10);
 const STATUS_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
-enum ReplicationError {
+pub(crate) enum ReplicationError {
     #[error(transparent)]
     Db(#[from] DbError),
     #[error("connection lost: {}", crate::db::describe(.0))]
@@ -137,29 +137,7 @@ impl Replication {
     }
 
     pub async fn run(self) {
-        let mut marker: Option<String> = None;
-        let mut backoff = Backoff::default();
-        loop {
-            let mut became_up = false;
-            let outcome = tokio::select! {
-                _ = self.shutdown.cancelled() => Ok(()),
-                outcome = self.session(&mut marker, &mut became_up) => outcome,
-            };
-            self.set_up(false);
-            let error = match outcome {
-                Ok(()) | Err(ReplicationError::HubGone) => return,
-                Err(e) => e,
-            };
-            if became_up {
-                backoff = Backoff::default();
-            }
-            let delay = backoff.next_delay();
-            warn!(error = %error, retry_in = ?delay, "replication stream lost; reconnecting");
-            tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
-            }
-        }
+        keep_connected(&self, "replication stream").await
     }
 
     fn set_up(&self, up: bool) {
@@ -168,7 +146,7 @@ impl Replication {
     }
 
     /// One session: both connections, until either fails (or shutdown,
-    /// which `run` races against it).
+    /// which [`keep_connected`] races against it).
     async fn session(&self, marker: &mut Option<String>, became_up: &mut bool) -> Result<(), ReplicationError> {
         let (client, connection) = self.config.connect(NoTls).await?;
         tokio::select! {
@@ -280,5 +258,29 @@ impl Replication {
 
     async fn hand_over(&self, feed: Feed) -> Result<(), ReplicationError> {
         self.feed.send(feed).await.map_err(|_| ReplicationError::HubGone)
+    }
+}
+
+impl EventStream for Replication {
+    type Error = ReplicationError;
+
+    fn hub_gone(error: &ReplicationError) -> bool {
+        matches!(error, ReplicationError::HubGone)
+    }
+
+    fn shutdown(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    fn set_up(&self, up: bool) {
+        Replication::set_up(self, up)
+    }
+
+    fn connection(
+        &self,
+        marker: &mut Option<String>,
+        became_up: &mut bool,
+    ) -> impl Future<Output = Result<(), ReplicationError>> + Send {
+        self.session(marker, became_up)
     }
 }
