@@ -6,9 +6,6 @@
 
 mod common;
 
-use std::collections::HashSet;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::cluster::Cluster;
@@ -116,32 +113,10 @@ async fn events_arrive_with_their_data_and_the_triggers_do_not_notify() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_replication_connection_mid_stream_loses_and_duplicates_nothing() {
     let app = LogicalApp::start().await;
-    let admin = superuser();
-    let mut client = app.server.connect_as(admin).await;
-    client.subscribe("deployment_events").await;
-    let mut deployments = Vec::new();
-    for _ in 0..4 {
-        deployments.push(app.writer.create_deployment(Uuid::new_v4(), None).await);
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    let writers = spawn_log_writers(&app.database, &deployments, Arc::clone(&stop), 100);
-    for kill in 1..=3u64 {
-        eventually("stream up", || async { app.server.metric("windflow_listener_up").await == 1.0 }).await;
-        assert_eq!(app.kill_replication().await, 1, "one replication connection to kill");
-        eventually("stream reconnected", || async {
-            app.server.metric("windflow_listener_reconnects_total").await >= kill as f64
-        })
-        .await;
-    }
-    stop.store(true, Ordering::Relaxed);
-    let mut written = 0;
-    for writer in writers {
-        written += writer.await.unwrap();
-    }
-    let events = receive_exactly_once(&mut client, deployments.len() + written).await;
-    let logs: HashSet<String> = events.iter().filter_map(|(_, d)| d["logs"].as_str().map(String::from)).collect();
-    assert_eq!(logs.len(), written, "every log row arrived");
-    assert_nothing_more(&app.writer, &mut client, admin.user_id).await;
+    killing_the_source_three_times_loses_and_duplicates_nothing(&app.server, &app.database, &app.writer, || async {
+        app.kill_replication().await as u64
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

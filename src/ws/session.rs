@@ -470,10 +470,7 @@ impl Session {
     async fn drain_queue(&mut self) -> Result<(), Interrupted> {
         while let Some(message) = self.outbound.as_mut().and_then(|rx| rx.try_recv().ok()) {
             match message {
-                Outbound::Event(event) => {
-                    let messages: Vec<Message> = event_messages(&event).collect();
-                    self.write(messages).await?;
-                }
+                Outbound::Event(event) => self.write_events(&mut vec![event], None).await?,
                 Outbound::Subscribed(reply) => {
                     self.write([text(protocol::subscribed(reply.topic, reply.cursor))]).await?;
                     if reply.replay.is_some() {
@@ -820,15 +817,22 @@ impl Session {
             self.held_live = 0;
             held.sort_by_key(|event| event.seq);
             for chunk in held.chunks(BATCH) {
-                if self.kicked.is_cancelled() {
-                    self.cut = true;
-                    return Err(Interrupted::Kicked);
-                }
+                self.stop_if_kicked()?;
                 let mut chunk = chunk.to_vec();
                 self.write_events(&mut chunk, None).await?;
             }
         }
         self.hub_answered().await
+    }
+
+    /// Between two parts of a replay: a kick cuts it short, and nothing
+    /// queued after it may then be written.
+    fn stop_if_kicked(&mut self) -> Result<(), Interrupted> {
+        if self.kicked.is_cancelled() {
+            self.cut = true;
+            return Err(Interrupted::Kicked);
+        }
+        Ok(())
     }
 
     /// Page through the event log: each page is read with a pooled
@@ -839,10 +843,7 @@ impl Session {
         let mut after = since;
         let mut first = true;
         loop {
-            if self.kicked.is_cancelled() {
-                self.cut = true;
-                return Err(Interrupted::Kicked);
-            }
+            self.stop_if_kicked()?;
             let app = Arc::clone(&self.app);
             let filter = events::LogFilter {
                 deployment: topic.deployment(),

@@ -469,3 +469,44 @@ pub fn spawn_log_writers(
         })
         .collect()
 }
+
+/// Kill the event source's connection three times (`kill` returns how many
+/// backends it terminated) while four writers insert log rows; then every
+/// event arrives exactly once, in commit order per deployment, and nothing
+/// more.
+pub async fn killing_the_source_three_times_loses_and_duplicates_nothing<F, Fut>(
+    server: &TestServer,
+    database: &TestDatabase,
+    writer: &Writer,
+    kill: F,
+) where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = u64>,
+{
+    let admin = superuser();
+    let mut client = server.connect_as(admin).await;
+    client.subscribe("deployment_events").await;
+    let mut deployments = Vec::new();
+    for _ in 0..4 {
+        deployments.push(writer.create_deployment(Uuid::new_v4(), None).await);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = spawn_log_writers(database, &deployments, Arc::clone(&stop), 100);
+    for killed in 1..=3u64 {
+        eventually("source up", || async { server.metric("windflow_listener_up").await == 1.0 }).await;
+        assert_eq!(kill().await, 1, "one source connection to kill");
+        eventually("source reconnected", || async {
+            server.metric("windflow_listener_reconnects_total").await >= killed as f64
+        })
+        .await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut written = 0;
+    for writer in writers {
+        written += writer.await.unwrap();
+    }
+    let events = receive_exactly_once(&mut client, deployments.len() + written).await;
+    let logs: HashSet<String> = events.iter().filter_map(|(_, d)| d["logs"].as_str().map(String::from)).collect();
+    assert_eq!(logs.len(), written, "every log row arrived");
+    assert_nothing_more(writer, &mut client, admin.user_id).await;
+}
