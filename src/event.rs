@@ -1,16 +1,21 @@
-//! The events and their wire JSON.
+//! The events, their topics and their wire JSON.
 //!
-//! An event is built once, where it enters (the listener or a replay from
-//! the event log), with its message already serialized: every recipient
-//! shares the same bytes.
+//! Everything the code knows about an event type is one row of
+//! [`EventKind::row`]: its wire name, and the per-deployment topic that
+//! carries it alone (if any). An event is built once, where it enters (the
+//! listener or a replay from the event log), with its message already
+//! serialized: every recipient shares the same bytes.
 
+use std::fmt;
 use std::time::Instant;
 
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use uuid::Uuid;
 
-/// The event types (docs/protocol.md). A new type starts here and in the trigger
-/// that emits it (`sql/`); routing keys on [`crate::ws::protocol::Topic::of_event`].
+/// The event types (docs/events.md). Adding one: a migration whose trigger
+/// emits it, a variant here, its row in [`EventKind::row`] and its place in
+/// [`EventKind::ALL`] (see lib.rs, "Adding an event type").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum EventKind {
     StatusChanged,
@@ -19,21 +24,121 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    pub fn as_str(self) -> &'static str {
+    /// Every type, in declaration order (checked at compile time below; a
+    /// test checks it against the types the triggers emit).
+    pub const ALL: [EventKind; 3] = [EventKind::StatusChanged, EventKind::LogsUpdate, EventKind::Progress];
+
+    /// The table: (wire name, prefix of the per-deployment topic that
+    /// carries this type alone). Every type is on `deployment_events`.
+    const fn row(self) -> (&'static str, Option<&'static str>) {
         match self {
-            EventKind::StatusChanged => "DEPLOYMENT_STATUS_CHANGED",
-            EventKind::LogsUpdate => "DEPLOYMENT_LOGS_UPDATE",
-            EventKind::Progress => "DEPLOYMENT_PROGRESS",
+            EventKind::StatusChanged => ("DEPLOYMENT_STATUS_CHANGED", None),
+            EventKind::LogsUpdate => ("DEPLOYMENT_LOGS_UPDATE", Some("deployment_logs_")),
+            EventKind::Progress => ("DEPLOYMENT_PROGRESS", Some("deployment_progress_")),
         }
     }
 
+    /// The wire name: the message's `type`, and the event log's `type` column.
+    pub const fn as_str(self) -> &'static str {
+        self.row().0
+    }
+
+    const fn topic_prefix(self) -> Option<&'static str> {
+        self.row().1
+    }
+
     pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "DEPLOYMENT_STATUS_CHANGED" => Some(EventKind::StatusChanged),
-            "DEPLOYMENT_LOGS_UPDATE" => Some(EventKind::LogsUpdate),
-            "DEPLOYMENT_PROGRESS" => Some(EventKind::Progress),
-            _ => None,
+        EventKind::ALL.into_iter().find(|kind| kind.as_str() == name)
+    }
+}
+
+const _: () = {
+    let mut i = 0;
+    while i < EventKind::ALL.len() {
+        assert!(EventKind::ALL[i] as usize == i, "EventKind::ALL lists every type once, in declaration order");
+        i += 1;
+    }
+};
+
+/// A topic a connection may subscribe to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Topic {
+    /// Every event, of every deployment the viewer may see.
+    DeploymentEvents,
+    /// The events of one type for one deployment (`deployment_logs_{id}`,
+    /// `deployment_progress_{id}`): only types with a topic prefix.
+    Deployment { kind: EventKind, deployment: Uuid },
+}
+
+impl Topic {
+    /// Parses a topic name. The deployment id must be a hyphenated UUID, in
+    /// any case; anything else is not a topic.
+    pub fn parse(name: &str) -> Option<Topic> {
+        if name == "deployment_events" {
+            return Some(Topic::DeploymentEvents);
         }
+        EventKind::ALL.into_iter().find_map(|kind| {
+            let id = name.strip_prefix(kind.topic_prefix()?)?;
+            let bytes = id.as_bytes();
+            let hyphenated = id.len() == 36 && [8, 13, 18, 23].iter().all(|&i| bytes[i] == b'-');
+            let deployment = Uuid::parse_str(id).ok().filter(|_| hyphenated)?;
+            Some(Topic::Deployment { kind, deployment })
+        })
+    }
+
+    /// The per-deployment topic an event of `kind` belongs to, if its type has one.
+    pub fn of_event(kind: EventKind, deployment: Uuid) -> Option<Topic> {
+        kind.topic_prefix().map(|_| Topic::Deployment { kind, deployment })
+    }
+
+    /// The one deployment a per-deployment topic names.
+    pub fn deployment(self) -> Option<Uuid> {
+        match self {
+            Topic::DeploymentEvents => None,
+            Topic::Deployment { deployment, .. } => Some(deployment),
+        }
+    }
+
+    /// The one event type a per-deployment topic carries.
+    pub fn kind(self) -> Option<EventKind> {
+        match self {
+            Topic::DeploymentEvents => None,
+            Topic::Deployment { kind, .. } => Some(kind),
+        }
+    }
+
+    /// Whether an event of `kind` for `deployment` belongs to this topic
+    /// (who may see it is [`crate::auth::Viewer::can_see`]'s business).
+    pub fn carries(self, kind: EventKind, deployment: Uuid) -> bool {
+        match self {
+            Topic::DeploymentEvents => true,
+            Topic::Deployment { kind: k, deployment: d } => k == kind && d == deployment,
+        }
+    }
+}
+
+impl fmt::Display for Topic {
+    /// Replies name the topic in lowercase.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Topic::DeploymentEvents => f.write_str("deployment_events"),
+            Topic::Deployment { kind, deployment } => {
+                write!(f, "{}{}", kind.topic_prefix().unwrap_or_default(), deployment.hyphenated())
+            }
+        }
+    }
+}
+
+impl Serialize for Topic {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Topic {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        Topic::parse(&name).ok_or_else(|| serde::de::Error::custom(format!("unknown topic `{name}`")))
     }
 }
 
@@ -115,6 +220,84 @@ fn push_compact(out: &mut String, json: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every `windflow_emit('NAME', …)` in the migrations, in order of appearance.
+    fn emitted_by_triggers() -> Vec<String> {
+        let mut names = Vec::new();
+        let mut files: Vec<_> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/sql"))
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .collect();
+        files.sort();
+        for file in files {
+            let sql = std::fs::read_to_string(file).unwrap();
+            for call in sql.split("windflow_emit('").skip(1) {
+                let name = &call[..call.find('\'').unwrap()];
+                if !names.iter().any(|n| n == name) {
+                    names.push(name.to_string());
+                }
+            }
+        }
+        names
+    }
+
+    #[test]
+    fn every_kind_has_one_row_and_the_triggers_emit_exactly_these() {
+        let mut emitted = emitted_by_triggers();
+        let mut known: Vec<String> = EventKind::ALL.iter().map(|k| k.as_str().to_string()).collect();
+        emitted.sort();
+        known.sort();
+        assert_eq!(known, emitted, "EventKind::ALL and the types the triggers emit");
+        let clients = include_str!("../clients/src/messages.ts");
+        for kind in EventKind::ALL {
+            assert_eq!(EventKind::parse(kind.as_str()), Some(kind));
+            assert!(clients.contains(&format!("'{}'", kind.as_str())), "clients/src/messages.ts lacks {kind:?}");
+            let deployment = Uuid::new_v4();
+            assert!(Topic::DeploymentEvents.carries(kind, deployment));
+            if let Some(topic) = Topic::of_event(kind, deployment) {
+                assert_eq!(Topic::parse(&topic.to_string()), Some(topic), "{kind:?}'s topic round-trips");
+                assert_eq!((topic.kind(), topic.deployment()), (Some(kind), Some(deployment)));
+                assert!(topic.carries(kind, deployment));
+                assert!(!topic.carries(kind, Uuid::new_v4()));
+                for other in EventKind::ALL.into_iter().filter(|&other| other != kind) {
+                    assert!(!topic.carries(other, deployment), "{topic} carries {kind:?} alone");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn topics_parse_in_any_uuid_case_and_print_lowercase() {
+        let id = Uuid::new_v4();
+        let upper = format!("deployment_logs_{}", id.hyphenated().to_string().to_uppercase());
+        let topic = Topic::parse(&upper).unwrap();
+        assert_eq!(topic, Topic::Deployment { kind: EventKind::LogsUpdate, deployment: id });
+        assert_eq!(topic.to_string(), format!("deployment_logs_{id}"));
+        assert_eq!(
+            Topic::parse(&format!("deployment_progress_{id}")),
+            Some(Topic::Deployment { kind: EventKind::Progress, deployment: id })
+        );
+        assert_eq!(Topic::parse("deployment_events"), Some(Topic::DeploymentEvents));
+    }
+
+    #[test]
+    fn malformed_topics_are_refused() {
+        let id = Uuid::new_v4();
+        for name in [
+            String::new(),
+            "deployment_events_".into(),
+            "DEPLOYMENT_EVENTS".into(),
+            format!("deployment_logs_{}", id.simple()),
+            format!("deployment_logs_{{{id}}}"),
+            format!("deployment_status_{id}"),
+            format!("deployment_logs_{id}x"),
+            "deployment_logs_".into(),
+            "deployment_logs_zzzzzzzz-zzzz-zzzz-zzzz-zzzzzzzzzzzz".into(),
+            "deployment_progress_ü".into(),
+        ] {
+            assert_eq!(Topic::parse(&name), None, "{name:?}");
+        }
+    }
 
     #[test]
     fn frame_wraps_data_with_type_and_id() {

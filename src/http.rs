@@ -1,5 +1,5 @@
 //! The accept loop and the plain HTTP endpoints: `/healthz`, `/metrics`.
-//! `/ws` is handed to [`crate::ws::upgrade`].
+//! `/ws` is handed to [`crate::ws::Endpoint::upgrade`].
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -14,14 +14,17 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode, header};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::app::App;
-use crate::ws;
+use crate::metrics::Metrics;
+use crate::ws::{Endpoint, Refusal};
 
 pub type Body = Full<Bytes>;
 
-pub fn response(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+fn response(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
     let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
     if let Ok(value) = header::HeaderValue::from_str(content_type) {
@@ -30,16 +33,29 @@ pub fn response(status: StatusCode, content_type: &str, body: impl Into<Bytes>) 
     response
 }
 
-pub fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Body> {
+fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Body> {
     response(status, "application/json", body.to_string())
 }
 
-/// Accept connections until shutdown. Each HTTP connection is a task on
-/// the app's tracker; on shutdown, idle ones are closed gracefully.
-pub async fn accept_loop(listener: TcpListener, app: Arc<App>) {
+/// What the HTTP side needs, built once in [`crate::serve`].
+pub struct Server {
+    pub websocket: Arc<Endpoint>,
+    pub metrics: Arc<Metrics>,
+    /// Whether the event source is connected, for `/healthz`.
+    pub source_up: watch::Receiver<bool>,
+    /// Each socket's send buffer (`WINDFLOW_SEND_BUFFER`).
+    pub send_buffer: usize,
+    pub shutdown: CancellationToken,
+    /// Every HTTP connection is a task here, so shutdown can wait for it.
+    pub tasks: TaskTracker,
+}
+
+/// Accept connections until shutdown. On shutdown, idle HTTP connections
+/// are closed gracefully.
+pub async fn accept_loop(listener: TcpListener, server: Arc<Server>) {
     loop {
         let (stream, remote) = tokio::select! {
-            _ = app.shutdown.cancelled() => return,
+            _ = server.shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
@@ -57,12 +73,12 @@ pub async fn accept_loop(listener: TcpListener, app: Arc<App>) {
         // server's CPU to write them, before its queue filled (measured in
         // BENCHMARKS.md, bench hostile). Capped (Linux doubles the value
         // for its bookkeeping), it is found out after a few hundred KiB.
-        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(app.settings.send_buffer);
-        let app = Arc::clone(&app);
-        let tasks = app.tasks.clone();
+        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(server.send_buffer);
+        let server = Arc::clone(&server);
+        let tasks = server.tasks.clone();
         tasks.spawn(async move {
-            let shutdown = app.shutdown.clone();
-            let service = service_fn(move |request| route(request, Arc::clone(&app), remote));
+            let shutdown = server.shutdown.clone();
+            let service = service_fn(move |request| route(request, Arc::clone(&server), remote));
             let connection = http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
@@ -83,13 +99,17 @@ pub async fn accept_loop(listener: TcpListener, app: Arc<App>) {
     }
 }
 
-async fn route(request: Request<Incoming>, app: Arc<App>, remote: SocketAddr) -> Result<Response<Body>, Infallible> {
+async fn route(
+    request: Request<Incoming>,
+    server: Arc<Server>,
+    remote: SocketAddr,
+) -> Result<Response<Body>, Infallible> {
     let path = request.uri().path();
     Ok(match (request.method(), path) {
-        (&Method::GET, "/ws") => ws::upgrade(request, app, remote),
-        (&Method::GET, "/healthz") => healthz(&app),
+        (&Method::GET, "/ws") => server.websocket.upgrade(request, remote).unwrap_or_else(refused),
+        (&Method::GET, "/healthz") => healthz(&server),
         (&Method::GET, "/metrics") => {
-            response(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", app.metrics.render())
+            response(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", server.metrics.render())
         }
         (&Method::GET, "/" | "/index.html" | "/client.js" | "/dashboard.js" | "/dashboard.css") => asset(path),
         (_, "/ws" | "/healthz" | "/metrics") => {
@@ -114,9 +134,13 @@ fn asset(path: &str) -> Response<Body> {
     response
 }
 
-fn healthz(app: &App) -> Response<Body> {
-    let up = *app.listener_up.borrow();
-    let connections = app.metrics.connections.load(std::sync::atomic::Ordering::Relaxed);
+fn refused(refusal: Refusal) -> Response<Body> {
+    json_response(refusal.status, serde_json::json!({"error": refusal.code, "message": refusal.message}))
+}
+
+fn healthz(server: &Server) -> Response<Body> {
+    let up = *server.source_up.borrow();
+    let connections = server.metrics.connections.load(std::sync::atomic::Ordering::Relaxed);
     if up {
         json_response(StatusCode::OK, serde_json::json!({"status": "ok", "listener": "up", "connections": connections}))
     } else {

@@ -3,28 +3,42 @@
 //! # How an event travels
 //!
 //! 1. A writer changes `deployments` or `deployment_logs` (`sql/`). A
-//!    trigger records the event in `windflow_events` and, in the default
-//!    `notify` mode, NOTIFYs it on `windflow_events` at commit.
-//! 2. [`db::listener`] holds the one LISTEN connection and turns each
-//!    notification into an [`event::Event`], whose wire message is
-//!    serialized there, once. After a lost connection it reads what it
-//!    missed from the event log. In `logical` mode ([`db::source`])
-//!    [`db::replication`] does the same from the event log's inserts in
-//!    the WAL, and the triggers do not NOTIFY.
-//! 3. [`hub`] decides who receives it: the owner's connections, and the
-//!    subscribers of its topics who may see it ([`auth::Viewer::can_see`]).
-//!    It keeps recent events in commit order for `since` resumes
-//!    ([`history`], bounded in events and bytes) and places each resume in
-//!    that order, or before it in the event log.
+//!    trigger records the event in `windflow_events` (`windflow_emit`)
+//!    and, in the default `notify` mode, NOTIFYs it at commit.
+//! 2. An event source hands the hub each committed event, in commit order,
+//!    as an [`event::Event`] whose wire message is serialized there, once:
+//!    [`db::listener`] (LISTEN) or, in `logical` mode ([`db::source`]),
+//!    [`db::replication`] (the event log's inserts in the WAL). After a
+//!    lost connection each reads what it missed from the event log.
+//! 3. [`hub`] decides who receives it, by one rule
+//!    ([`hub`]'s `Conn::receives`): the owner's connections, and the
+//!    subscribers of the [`event::Topic`]s that carry it who may see it
+//!    ([`auth::Viewer::can_see`]). It keeps recent events in commit order
+//!    for `since` resumes ([`history`], bounded in events and bytes) and
+//!    places each resume in that order, or before it in the event log.
 //! 4. [`ws::session`] writes it to the client's socket; each client has its
 //!    own bounded queue, so a slow one never holds up the others. Replies
-//!    keep request order, and replays from the event log are paged under
-//!    server-wide limits ([`app::App::replay_queries`]).
+//!    ([`ws::protocol`]) keep request order, and replays from the event
+//!    log are paged under server-wide limits ([`db::events::EventLog`]).
 //!
-//! A new event type starts in the trigger (`sql/`) and [`event::EventKind`];
-//! a new topic in [`ws::protocol::Topic`] and the routing in [`hub`].
+//! # Adding an event type
+//!
+//! 1. A migration, `sql/V<next>__<what>.sql`, whose trigger function calls
+//!    `PERFORM windflow_emit('DEPLOYMENT_<WHAT>', <deployments row>,
+//!    json_build_object(...))`. Rebuild: migrations are embedded.
+//! 2. In [`event`]: a variant of [`event::EventKind`], its row in
+//!    `EventKind::row` (wire name, and the prefix of its per-deployment
+//!    topic, or `None` when it is only on `deployment_events`), and its
+//!    place in `EventKind::ALL`.
+//! 3. Its data type in `clients/src/messages.ts` and its fields in
+//!    `docs/events.md`.
+//!
+//! Nothing else changes: parsing, topics, routing, replays from the
+//! history and the log, `tail` and both event sources go by the table. A
+//! missing row does not compile; `ALL` out of order does not compile; a
+//! type the triggers emit but `ALL` lacks, or that `messages.ts` lacks,
+//! fails `event::tests::every_kind_has_one_row_and_the_triggers_emit_exactly_these`.
 
-pub mod app;
 pub mod auth;
 pub mod config;
 pub mod db;
@@ -46,15 +60,17 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::app::App;
 use crate::auth::Verifier;
 use crate::config::ServerArgs;
 use crate::db::DbError;
+use crate::db::events::EventLog;
 use crate::db::listener::Listener;
 use crate::db::replication::Replication;
 use crate::db::source::EventSource;
+use crate::http::Server;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::ws::Endpoint;
 
 /// How long shutdown waits for the server's tasks, so the process exits
 /// within the 5 s a SIGTERM allows.
@@ -87,15 +103,15 @@ pub async fn serve(
     info!(event_source = %source, "event source of this database");
     let metrics = Arc::new(Metrics::default());
     let tasks = TaskTracker::new();
-    let (hub, hub_handle, feed) = Hub::new(Arc::clone(&metrics), settings.history_size, settings.history_bytes);
+    let (hub, hub_handle, arrivals) = Hub::new(Arc::clone(&metrics), settings.history_size, settings.history_bytes);
     let (up_tx, mut up) = watch::channel(false);
     tasks.spawn(hub.run(shutdown.clone()));
     match source {
         EventSource::Notify => {
-            tasks.spawn(Listener::new(database, feed, Arc::clone(&metrics), up_tx, shutdown.clone()).run())
+            tasks.spawn(Listener::new(database, arrivals, Arc::clone(&metrics), up_tx, shutdown.clone()).run())
         }
         EventSource::Logical => {
-            tasks.spawn(Replication::new(database, feed, Arc::clone(&metrics), up_tx, shutdown.clone()).run())
+            tasks.spawn(Replication::new(database, arrivals, Arc::clone(&metrics), up_tx, shutdown.clone()).run())
         }
     };
     let pool = db::pool(database);
@@ -107,7 +123,15 @@ pub async fn serve(
         _ = shutdown.cancelled() => {}
         _ = up.wait_for(|up| *up) => {}
     }
-    let app = App::new(settings, verifier, pool, hub_handle, metrics, up, shutdown.clone(), tasks.clone());
+    let websocket = Endpoint::new(
+        &settings,
+        verifier,
+        hub_handle,
+        EventLog::new(pool),
+        Arc::clone(&metrics),
+        shutdown.clone(),
+        tasks.clone(),
+    );
     if !shutdown.is_cancelled() {
         if let Ok(address) = listener.local_addr() {
             info!(
@@ -116,7 +140,15 @@ pub async fn serve(
                 "serving the dashboard at /, the WebSocket at /ws, /healthz and /metrics"
             );
         }
-        http::accept_loop(listener, Arc::clone(&app)).await;
+        let server = Server {
+            websocket,
+            metrics,
+            source_up: up,
+            send_buffer: settings.send_buffer,
+            shutdown: shutdown.clone(),
+            tasks: tasks.clone(),
+        };
+        http::accept_loop(listener, Arc::new(server)).await;
     }
     info!("shutting down: closing every client with 1001");
     tasks.close();

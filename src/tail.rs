@@ -15,7 +15,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use serde_json::{Value, json};
+use serde::Deserialize;
+use serde_json::Value;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::client::Request;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -24,8 +25,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
-use crate::event::EventKind;
-use crate::ws::protocol::Topic;
+use crate::event::{EventKind, Topic};
+use crate::ws::protocol::{ClientMessage, ErrorCode, ServerMessage};
 
 /// Reconnect delays grow from the first to the last, doubled each time.
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
@@ -171,8 +172,8 @@ impl Resume {
 
     /// A `subscribed` reply: its `event_id`, when it has one, is the
     /// topic's resume point until an event of the topic comes.
-    fn subscribed(&mut self, topic: Option<Topic>, event_id: Option<i64>) {
-        let (Some(topic), Some(id)) = (topic, event_id) else { return };
+    fn subscribed(&mut self, topic: Topic, event_id: Option<i64>) {
+        let Some(id) = event_id else { return };
         for (t, since) in &mut self.cursors {
             if *t == topic {
                 *since = Some(id);
@@ -269,12 +270,10 @@ async fn session(
     shutdown: &CancellationToken,
 ) -> Result<Ended, TailError> {
     for &topic in topics {
-        let mut subscribe = json!({"type": "subscribe", "topic": topic.to_string()});
-        if let Some(since) = resume.since(topic) {
-            subscribe["since"] = json!(since);
-        }
-        debug!(%topic, since = ?resume.since(topic), "subscribing");
-        if let Err(e) = socket.send(Message::Text(subscribe.to_string().into())).await {
+        let since = resume.since(topic);
+        let subscribe = ClientMessage::Subscribe { topic: topic.to_string(), since };
+        debug!(%topic, ?since, "subscribing");
+        if let Err(e) = socket.send(Message::Text(subscribe.to_text().into())).await {
             return Ok(Ended::Lost(e.to_string()));
         }
     }
@@ -308,48 +307,56 @@ async fn session(
             Some(Err(e)) => return Ok(Ended::Lost(e.to_string())),
             None => return Ok(Ended::Lost("connection ended".into())),
         };
-        let message: Value = serde_json::from_str(text.as_str()).unwrap_or(Value::Null);
-        if let Some(id) = message.get("event_id").and_then(Value::as_i64)
-            && message["type"] != "subscribed"
-        {
-            let kind = message["type"].as_str().and_then(EventKind::parse);
-            let deployment = message["data"]["deployment_id"].as_str().and_then(|id| Uuid::parse_str(id).ok());
-            if !resume.event(id, kind, deployment) {
-                continue;
+        let message = match serde_json::from_str::<ServerMessage>(text.as_str()) {
+            Ok(message) => Some(message),
+            Err(_) => {
+                if let Ok(event) = serde_json::from_str::<EventHeader>(text.as_str())
+                    && !resume.event(event.event_id, EventKind::parse(&event.kind), event.data.deployment_id)
+                {
+                    continue;
+                }
+                None
             }
-        }
+        };
         if !print_line(text.as_str())? {
             return Ok(Ended::Stop);
         }
-        let data = &message["data"];
-        match message["type"].as_str() {
-            Some("authenticated") => {
+        match message {
+            Some(ServerMessage::Authenticated { .. }) => {
                 *backoff = FIRST_BACKOFF;
                 debug!("authenticated");
             }
-            Some("subscribed") => {
-                let topic = data["topic"].as_str().and_then(Topic::parse);
-                resume.subscribed(topic, data["event_id"].as_i64());
-            }
-            Some("error") => {
-                let code = data["code"].as_str().unwrap_or_default();
-                let text = data["message"].as_str().unwrap_or_default();
-                match code {
-                    // The database could not answer: ask again on a fresh connection.
-                    "unavailable" => return Ok(Ended::Lost(format!("unavailable: {text}"))),
-                    "token_expired" => return Err(TailError::TokenEnded(format!("the token expired ({text})"))),
-                    _ => {
-                        return Err(TailError::TopicRefused {
-                            topic: data["topic"].as_str().unwrap_or("(none)").into(),
-                            code: code.into(),
-                            message: text.into(),
-                        });
-                    }
+            Some(ServerMessage::Subscribed { topic, event_id }) => resume.subscribed(topic, event_id),
+            Some(ServerMessage::Error { code, message, topic }) => match code {
+                // The database could not answer: ask again on a fresh connection.
+                ErrorCode::Unavailable => return Ok(Ended::Lost(format!("unavailable: {message}"))),
+                ErrorCode::TokenExpired => return Err(TailError::TokenEnded(format!("the token expired ({message})"))),
+                _ => {
+                    let code = serde_json::to_value(code).ok().and_then(|c| c.as_str().map(str::to_string));
+                    return Err(TailError::TopicRefused {
+                        topic: topic.unwrap_or_else(|| "(none)".into()),
+                        code: code.unwrap_or_default(),
+                        message,
+                    });
                 }
-            }
+            },
             _ => {}
         }
     }
+}
+
+/// What `tail` reads of an event message: enough to resume after it.
+#[derive(Deserialize)]
+struct EventHeader {
+    #[serde(rename = "type")]
+    kind: String,
+    event_id: i64,
+    data: EventData,
+}
+
+#[derive(Deserialize)]
+struct EventData {
+    deployment_id: Option<Uuid>,
 }
 
 /// Print one line and flush it; false when stdout is closed (`| head`).
@@ -375,6 +382,10 @@ mod tests {
 
     const LOGS: EventKind = EventKind::LogsUpdate;
 
+    fn logs(deployment: Uuid) -> Topic {
+        Topic::Deployment { kind: LOGS, deployment }
+    }
+
     #[test]
     fn duplicates_are_dropped_and_the_resume_point_follows() {
         let topics = [Topic::DeploymentEvents];
@@ -389,44 +400,44 @@ mod tests {
     #[test]
     fn each_topic_resumes_from_its_own_last_event() {
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-        let topics = [Topic::Logs(a), Topic::Progress(b)];
+        let topics = [logs(a), Topic::Deployment { kind: EventKind::Progress, deployment: b }];
         let mut resume = Resume::new(&topics, Some(0));
         resume.event(10, Some(LOGS), Some(a));
         resume.event(11, Some(EventKind::Progress), Some(b));
         resume.event(12, Some(LOGS), Some(a));
-        assert_eq!(resume.since(Topic::Logs(a)), Some(12));
-        assert_eq!(resume.since(Topic::Progress(b)), Some(11));
+        assert_eq!(resume.since(logs(a)), Some(12));
+        assert_eq!(resume.since(Topic::Deployment { kind: EventKind::Progress, deployment: b }), Some(11));
     }
 
     #[test]
     fn subscribed_event_id_is_the_resume_point_before_any_event() {
         let d = Uuid::new_v4();
-        let topics = [Topic::Logs(d), Topic::DeploymentEvents];
+        let topics = [logs(d), Topic::DeploymentEvents];
         let mut resume = Resume::new(&topics, None);
-        resume.subscribed(Topic::parse(&format!("deployment_logs_{d}")), Some(40));
-        assert_eq!(resume.since(Topic::Logs(d)), Some(40), "a reconnect before any event loses nothing");
+        resume.subscribed(Topic::parse(&format!("deployment_logs_{d}")).unwrap(), Some(40));
+        assert_eq!(resume.since(logs(d)), Some(40), "a reconnect before any event loses nothing");
         assert_eq!(resume.since(Topic::DeploymentEvents), None, "live only until it has a cursor");
         resume.event(41, Some(LOGS), Some(d));
-        assert_eq!(resume.since(Topic::Logs(d)), Some(41));
+        assert_eq!(resume.since(logs(d)), Some(41));
     }
 
     #[test]
     fn subscribed_without_event_id_changes_nothing() {
         let d = Uuid::new_v4();
-        let topics = [Topic::Logs(d)];
+        let topics = [logs(d)];
         let mut resume = Resume::new(&topics, Some(9));
-        resume.subscribed(Some(Topic::Logs(d)), None);
-        assert_eq!(resume.since(Topic::Logs(d)), Some(9));
+        resume.subscribed(logs(d), None);
+        assert_eq!(resume.since(logs(d)), Some(9));
     }
 
     #[test]
     fn a_topic_without_a_cursor_resumes_from_the_last_event_printed() {
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-        let topics = [Topic::Logs(a)];
+        let topics = [logs(a)];
         let mut resume = Resume::new(&topics, None);
-        // The owner feed delivers an event of another deployment.
+        // The viewer's own events include other deployments'.
         resume.event(20, Some(LOGS), Some(b));
-        assert_eq!(resume.since(Topic::Logs(a)), Some(20));
+        assert_eq!(resume.since(logs(a)), Some(20));
     }
 
     #[test]

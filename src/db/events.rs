@@ -1,12 +1,130 @@
-//! Queries on the event log (`windflow_events`, see `sql/V2__events.sql`).
+//! Queries on the event log (`windflow_events`, see `sql/V2__events.sql`),
+//! and [`EventLog`]: what sessions read from the database, under
+//! server-wide limits.
 
+use std::sync::Arc;
+
+use deadpool_postgres::Pool;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::{Client, Row};
 use uuid::Uuid;
 
-use crate::auth::Viewer;
-use crate::event::{Event, EventKind};
-
 use super::DbError;
+use crate::auth::Viewer;
+use crate::event::{Event, EventKind, Topic};
+use crate::hub::{LogReplay, Since};
+
+/// Concurrent queries of `since` look-ups and replays, of the pool's 16
+/// connections: permission checks and retention always find one.
+pub const REPLAY_QUERIES: usize = 4;
+/// Bytes of replay pages held at once across the server.
+pub const REPLAY_MEMORY: usize = 64 * 1024 * 1024;
+/// Event log rows, and bytes of event data (about), read per replay query.
+const PAGE_ROWS: i64 = 256;
+pub const PAGE_BYTES: usize = 256 * 1024;
+
+/// What sessions read from the database: permission checks, `since`
+/// look-ups and replay pages. Replays share two limits: concurrent
+/// queries, and bytes of pages held (a replay waits its turn rather than
+/// failing anyone). Each query holds a pooled connection only while it runs.
+pub struct EventLog {
+    pool: Pool,
+    queries: Arc<Semaphore>,
+    /// In KiB.
+    memory: Arc<Semaphore>,
+}
+
+/// One page of a replay; holds its share of the memory limit until dropped.
+pub struct Page {
+    /// Retention deleted events after the replay's `since`: `resync` first.
+    pub pruned: bool,
+    pub events: Vec<Arc<Event>>,
+    _memory: OwnedSemaphorePermit,
+}
+
+/// A replay from the event log, read page by page in id order.
+pub struct Pages {
+    filter: Filter,
+    since: i64,
+    after: i64,
+    /// Ask retention on the first page, unless the client got `resync` already.
+    check_pruned: bool,
+    /// Ids the connection already received.
+    skip: Vec<i64>,
+    done: bool,
+}
+
+impl Pages {
+    /// The replay `log` of a subscription of `viewer` to `topic`.
+    pub fn new(topic: Topic, viewer: Viewer, log: LogReplay, resynced: bool) -> Pages {
+        let LogReplay { since, snapshot, also, skip } = log;
+        let filter = Filter { deployment: topic.deployment(), kind: topic.kind(), viewer, snapshot, also };
+        Pages { filter, since, after: since, check_pruned: !resynced, skip, done: false }
+    }
+}
+
+impl EventLog {
+    pub fn new(pool: Pool) -> EventLog {
+        let kib = u32::try_from(REPLAY_MEMORY / 1024).unwrap_or(u32::MAX) as usize;
+        EventLog { pool, queries: Arc::new(Semaphore::new(REPLAY_QUERIES)), memory: Arc::new(Semaphore::new(kib)) }
+    }
+
+    /// Whether `viewer` may subscribe to `topic`: a per-deployment topic
+    /// needs the deployment to exist and be the viewer's to see
+    /// ([`Viewer::can_see`], the rule the hub delivers by).
+    pub async fn may_watch(&self, viewer: Viewer, topic: Topic) -> Result<bool, DbError> {
+        let Some(deployment) = topic.deployment() else { return Ok(true) };
+        if viewer.is_superuser {
+            return Ok(true);
+        }
+        let client = self.pool.get().await?;
+        let row =
+            client.query_opt("SELECT user_id, organization_id FROM deployments WHERE id = $1", &[&deployment]).await?;
+        Ok(row.is_some_and(|row| viewer.can_see(row.get(0), row.get(1))))
+    }
+
+    /// What the log says of a `since` the history does not hold.
+    pub async fn look_up(&self, since: i64) -> Result<Since, DbError> {
+        let _slot = self.queries.acquire().await;
+        let client = self.pool.get().await?;
+        let row = client
+            .query_one(
+                "SELECT (SELECT xid::text FROM windflow_events WHERE id = $1), (SELECT upto FROM windflow_events_pruned)",
+                &[&since],
+            )
+            .await?;
+        let xid: Option<String> = row.get(0);
+        let pruned_upto: i64 = row.get(1);
+        Ok(match xid.and_then(|x| x.parse().ok()) {
+            Some(xid) => Since::Committed { id: since, xid },
+            None => Since::Missing { id: since, pruned: pruned_upto > 0 && pruned_upto >= since },
+        })
+    }
+
+    /// The next page of `pages`, `None` once it is read to the end. Waits
+    /// for its share of memory first, then for a query slot.
+    pub async fn next_page(&self, pages: &mut Pages) -> Result<Option<Page>, DbError> {
+        if pages.done {
+            return Ok(None);
+        }
+        let memory = Arc::clone(&self.memory).acquire_many_owned((PAGE_BYTES / 1024) as u32).await;
+        let memory = memory.map_err(|_| DbError::Closed)?;
+        let slot = self.queries.acquire().await;
+        let client = self.pool.get().await?;
+        let pruned = pages.check_pruned && pruned_upto(&client).await? > pages.since;
+        pages.check_pruned = false;
+        let page = page_after(&client, pages.after, &pages.filter, PAGE_ROWS, PAGE_BYTES as i64).await?;
+        drop((client, slot));
+        let Some(last) = page.last() else {
+            pages.done = true;
+            return Ok(pruned.then(|| Page { pruned, events: Vec::new(), _memory: memory }));
+        };
+        pages.after = last.id;
+        let skip = &pages.skip;
+        let events = page.into_iter().filter(|e| skip.binary_search(&e.id).is_err()).map(Arc::new).collect();
+        Ok(Some(Page { pruned, events, _memory: memory }))
+    }
+}
 
 const COLUMNS: &str = "id, type, deployment_id, user_id, organization_id, data::text";
 
@@ -39,25 +157,25 @@ pub async fn unfinished_at(client: &Client, snapshot: &str) -> Result<Vec<Event>
 }
 
 /// Which events of the log a replay reads.
-pub struct LogFilter<'a> {
-    pub deployment: Option<Uuid>,
-    pub kind: Option<EventKind>,
+struct Filter {
+    deployment: Option<Uuid>,
+    kind: Option<EventKind>,
     /// Only events this viewer may see.
-    pub viewer: Viewer,
+    viewer: Viewer,
     /// Only transactions this marker snapshot shows as finished...
-    pub snapshot: &'a str,
+    snapshot: String,
     /// ...or these events.
-    pub also: &'a [i64],
+    also: Vec<i64>,
 }
 
 /// A page of the events after `after` (by id) that pass `filter`: at most
 /// `rows` events, and no more than about `bytes` of event data (a page
 /// always holds at least one event, however large). Visibility is decided
 /// here, so a viewer who may see nothing pulls nothing.
-pub async fn page_after(
+async fn page_after(
     client: &Client,
     after: i64,
-    filter: &LogFilter<'_>,
+    filter: &Filter,
     rows: i64,
     bytes: i64,
 ) -> Result<Vec<Event>, DbError> {
@@ -93,26 +211,7 @@ pub async fn page_after(
     Ok(events_from_rows(&client.query(&sql, &params).await?))
 }
 
-/// What the log says of a `since`: the writing transaction of event `id`
-/// if it is there, and the highest id retention has deleted.
-pub async fn look_up(client: &Client, id: i64) -> Result<(Option<u64>, i64), DbError> {
-    let row = client
-        .query_one(
-            "SELECT (SELECT xid::text FROM windflow_events WHERE id = $1), (SELECT upto FROM windflow_events_pruned)",
-            &[&id],
-        )
-        .await?;
-    let xid: Option<String> = row.get(0);
-    Ok((xid.and_then(|x| x.parse().ok()), row.get(1)))
-}
-
 /// The highest id retention has deleted.
-pub async fn pruned_upto(client: &Client) -> Result<i64, DbError> {
+async fn pruned_upto(client: &Client) -> Result<i64, DbError> {
     Ok(client.query_one("SELECT upto FROM windflow_events_pruned", &[]).await?.get(0))
-}
-
-/// Owner and organization of a deployment, if it exists.
-pub async fn deployment_audience(client: &Client, id: Uuid) -> Result<Option<(Uuid, Option<Uuid>)>, DbError> {
-    let row = client.query_opt("SELECT user_id, organization_id FROM deployments WHERE id = $1", &[&id]).await?;
-    Ok(row.map(|row| (row.get(0), row.get(1))))
 }

@@ -35,7 +35,7 @@ use tracing::{debug, info, warn};
 use crate::db::announcement::SigningKey;
 use crate::db::{DbError, events, quote_identifier, refuse_standby};
 use crate::event::{Event, EventKind};
-use crate::hub::Feed;
+use crate::hub::Arrival;
 use crate::metrics::Metrics;
 
 pub const EVENTS_CHANNEL: &str = "windflow_events";
@@ -65,7 +65,7 @@ pub(crate) enum ListenerError {
 
 pub struct Listener {
     config: tokio_postgres::Config,
-    feed: mpsc::Sender<Feed>,
+    arrivals: mpsc::Sender<Arrival>,
     metrics: Arc<Metrics>,
     up: watch::Sender<bool>,
     marker_channel: String,
@@ -77,7 +77,7 @@ impl Listener {
     /// and false whenever it is lost.
     pub fn new(
         config: &tokio_postgres::Config,
-        feed: mpsc::Sender<Feed>,
+        arrivals: mpsc::Sender<Arrival>,
         metrics: Arc<Metrics>,
         up: watch::Sender<bool>,
         shutdown: CancellationToken,
@@ -85,7 +85,7 @@ impl Listener {
         let mut config = config.clone();
         config.application_name(APPLICATION_NAME);
         let marker_channel = format!("windflow_marker_{}", uuid::Uuid::new_v4().simple());
-        Listener { config, feed, metrics, up, marker_channel, shutdown }
+        Listener { config, arrivals, metrics, up, marker_channel, shutdown }
     }
 
     pub async fn run(self) {
@@ -141,13 +141,13 @@ impl Listener {
             // Before any marker: the newest event committed now, the resume
             // cursor of a subscription made before anything is fed.
             let origin: i64 = client.query_one("SELECT coalesce(max(id), 0) FROM windflow_events", &[]).await?.get(0);
-            self.hand_over(Feed::Origin(origin)).await?;
+            self.hand_over(Arrival::Origin(origin)).await?;
         }
         if let Some(snapshot) = marker.as_deref() {
             let missed = events::unfinished_at(client, snapshot).await?;
             info!(candidates = missed.len(), "listener reconnected; delivering what committed while it was away");
             for event in missed {
-                self.hand_over(Feed::Event(event)).await?;
+                self.hand_over(Arrival::Event(event)).await?;
             }
             self.metrics.listener_reconnects_total.fetch_add(1, Relaxed);
         }
@@ -174,7 +174,7 @@ impl Listener {
                         let snapshot = snapshot.to_string();
                         marker_sent = None;
                         *marker = Some(snapshot.clone());
-                        self.hand_over(Feed::Marker(snapshot)).await?;
+                        self.hand_over(Arrival::Marker(snapshot)).await?;
                         if !*became_up {
                             *became_up = true;
                             self.set_up(true);
@@ -248,11 +248,11 @@ impl Listener {
                 }
             },
         };
-        self.hand_over(Feed::Event(event)).await
+        self.hand_over(Arrival::Event(event)).await
     }
 
-    async fn hand_over(&self, feed: Feed) -> Result<(), ListenerError> {
-        self.feed.send(feed).await.map_err(|_| ListenerError::HubGone)
+    async fn hand_over(&self, arrival: Arrival) -> Result<(), ListenerError> {
+        self.arrivals.send(arrival).await.map_err(|_| ListenerError::HubGone)
     }
 }
 

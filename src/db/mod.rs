@@ -60,6 +60,8 @@ pub enum DbError {
     Standby,
     #[error(transparent)]
     NotReady(#[from] source::NotReady),
+    #[error("the event log's replay limits are closed (shutting down)")]
+    Closed,
     #[error(
         "cannot read the event signing key (windflow_notify_key): {}; run the server as the role that ran the migrations, or GRANT SELECT ON windflow_notify_key to its role",
         describe(.0)

@@ -23,7 +23,7 @@
 //! transactional message, so it is decoded at its transaction's commit,
 //! after every transaction that committed before it, among them every
 //! transaction its snapshot shows as finished. When it comes back it is a
-//! marker with the listener's meaning ([`Feed::Marker`]). The prefix holds
+//! marker with the listener's meaning ([`Arrival::Marker`]). The prefix holds
 //! a random id per process, so other instances' markers (the stream carries
 //! every logical message, whatever the publication) and forged ones are
 //! ignored. A marker not back within ten seconds means the stream is dead.
@@ -68,7 +68,7 @@ use crate::db::listener::{EventStream, keep_connected};
 use crate::db::pgoutput::{DecodeError, Decoded, Decoder};
 use crate::db::source::{PUBLICATION, check_logical_ready};
 use crate::db::{DbError, events, quote_identifier, refuse_standby};
-use crate::hub::Feed;
+use crate::hub::Arrival;
 use crate::metrics::Metrics;
 
 pub const APPLICATION_NAME: &str = "windflow-notify-replication";
@@ -103,7 +103,7 @@ pub(crate) enum ReplicationError {
 
 pub struct Replication {
     config: tokio_postgres::Config,
-    feed: mpsc::Sender<Feed>,
+    arrivals: mpsc::Sender<Arrival>,
     metrics: Arc<Metrics>,
     up: watch::Sender<bool>,
     marker_prefix: String,
@@ -125,7 +125,7 @@ impl Replication {
     /// false whenever it is lost.
     pub fn new(
         config: &tokio_postgres::Config,
-        feed: mpsc::Sender<Feed>,
+        arrivals: mpsc::Sender<Arrival>,
         metrics: Arc<Metrics>,
         up: watch::Sender<bool>,
         shutdown: CancellationToken,
@@ -133,7 +133,7 @@ impl Replication {
         let mut config = config.clone();
         config.application_name(APPLICATION_NAME);
         let marker_prefix = format!("windflow_marker_{}", uuid::Uuid::new_v4().simple());
-        Replication { config, feed, metrics, up, marker_prefix, shutdown }
+        Replication { config, arrivals, metrics, up, marker_prefix, shutdown }
     }
 
     pub async fn run(self) {
@@ -195,13 +195,13 @@ impl Replication {
             // Before any marker: the newest event committed now, the resume
             // cursor of a subscription made before anything is fed.
             let origin: i64 = client.query_one("SELECT coalesce(max(id), 0) FROM windflow_events", &[]).await?.get(0);
-            self.hand_over(Feed::Origin(origin)).await?;
+            self.hand_over(Arrival::Origin(origin)).await?;
         }
         if let Some(snapshot) = marker.as_deref() {
             let missed = events::unfinished_at(client, snapshot).await?;
             info!(candidates = missed.len(), "replication stream back; delivering what committed while it was away");
             for event in missed {
-                self.hand_over(Feed::Event(event)).await?;
+                self.hand_over(Arrival::Event(event)).await?;
             }
             self.metrics.listener_reconnects_total.fetch_add(1, Relaxed);
         }
@@ -213,7 +213,7 @@ impl Replication {
             tokio::select! {
                 event = stream.0.recv() => match event?.ok_or(ReplicationError::Closed)? {
                     ReplicationEvent::XLogData { data, .. } => match decoder.decode(&data) {
-                        Ok(Decoded::Event(event)) => self.hand_over(Feed::Event(event)).await?,
+                        Ok(Decoded::Event(event)) => self.hand_over(Arrival::Event(event)).await?,
                         Ok(Decoded::UnknownKind(id)) => warn!(event_id = id, "ignoring an event of unknown type"),
                         Ok(Decoded::Nothing) => {}
                         // A row the schema's constraints should have refused:
@@ -225,7 +225,7 @@ impl Replication {
                         marker_sent = None;
                         let snapshot = String::from_utf8_lossy(&content).into_owned();
                         *marker = Some(snapshot.clone());
-                        self.hand_over(Feed::Marker(snapshot)).await?;
+                        self.hand_over(Arrival::Marker(snapshot)).await?;
                         if !*became_up {
                             *became_up = true;
                             self.set_up(true);
@@ -256,8 +256,8 @@ impl Replication {
         }
     }
 
-    async fn hand_over(&self, feed: Feed) -> Result<(), ReplicationError> {
-        self.feed.send(feed).await.map_err(|_| ReplicationError::HubGone)
+    async fn hand_over(&self, arrival: Arrival) -> Result<(), ReplicationError> {
+        self.arrivals.send(arrival).await.map_err(|_| ReplicationError::HubGone)
     }
 }
 

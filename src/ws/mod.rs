@@ -7,16 +7,23 @@ pub mod session;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode, header};
-use serde_json::json;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::app::App;
-use crate::http::{Body, json_response};
+use crate::auth::Verifier;
+use crate::config::ServerArgs;
+use crate::db::events::EventLog;
+use crate::hub::{ConnId, HubHandle};
 use crate::metrics::Metrics;
 use crate::ws::protocol::ErrorCode;
 
@@ -38,6 +45,114 @@ pub fn websocket_config() -> WebSocketConfig {
         .max_frame_size(Some(MAX_MESSAGE_SIZE))
 }
 
+/// What every session shares, built once in [`crate::serve`]. Its fields
+/// are for this module's sessions only.
+pub struct Endpoint {
+    verifier: Verifier,
+    hub: HubHandle,
+    log: EventLog,
+    metrics: Arc<Metrics>,
+    /// Cancelled on SIGTERM/SIGINT (or by the embedder): every session
+    /// closes with 1001.
+    shutdown: CancellationToken,
+    /// Sessions are spawned here, so shutdown can wait for them.
+    tasks: TaskTracker,
+    ping_interval: Duration,
+    client_queue: usize,
+    max_connections: usize,
+    next_conn: AtomicU64,
+}
+
+impl Endpoint {
+    pub fn new(
+        settings: &ServerArgs,
+        verifier: Verifier,
+        hub: HubHandle,
+        log: EventLog,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+        tasks: TaskTracker,
+    ) -> Arc<Endpoint> {
+        Arc::new(Endpoint {
+            verifier,
+            hub,
+            log,
+            metrics,
+            shutdown,
+            tasks,
+            ping_interval: settings.ping_interval,
+            client_queue: settings.client_queue,
+            max_connections: settings.max_connections,
+            next_conn: AtomicU64::new(1),
+        })
+    }
+
+    /// Answer a request for `/ws`: the upgrade response (its session runs
+    /// on as a task), or why it is refused.
+    pub fn upgrade(
+        self: &Arc<Self>,
+        mut request: Request<Incoming>,
+        remote: SocketAddr,
+    ) -> Result<Response<Full<Bytes>>, Refusal> {
+        if !hyper_tungstenite::is_upgrade_request(&request) {
+            return Err(Refusal::new(
+                StatusCode::UPGRADE_REQUIRED,
+                ErrorCode::BadRequest,
+                "this endpoint speaks WebSocket only",
+            ));
+        }
+        let claims = match token_of(&request) {
+            None => None,
+            Some(Err(why)) => {
+                warn!(%remote, reason = why, "upgrade refused: 401");
+                return Err(Refusal::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, why));
+            }
+            Some(Ok(token)) => match self.verifier.verify(&token) {
+                Ok(claims) => Some(claims),
+                Err(e) => {
+                    warn!(%remote, reason = %e, "upgrade refused: 401");
+                    return Err(Refusal::new(StatusCode::UNAUTHORIZED, ErrorCode::for_auth(&e), e.to_string()));
+                }
+            },
+        };
+        let Some(slot) = ConnectionSlot::acquire(&self.metrics, self.max_connections) else {
+            warn!(%remote, max = self.max_connections, "upgrade refused: 503, connection limit reached");
+            return Err(Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Unavailable,
+                "too many connections; try again later",
+            ));
+        };
+        let (response, websocket) = hyper_tungstenite::upgrade(&mut request, Some(websocket_config()))
+            .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e.to_string()))?;
+        let conn: ConnId = self.next_conn.fetch_add(1, Relaxed);
+        let endpoint = Arc::clone(self);
+        self.tasks.spawn(async move {
+            let _slot = slot;
+            match websocket.await {
+                Ok(stream) => session::run(stream, endpoint, conn, claims, remote).await,
+                Err(e) => info!(conn, %remote, error = %e, "websocket handshake did not complete"),
+            }
+        });
+        Ok(response)
+    }
+}
+
+/// An upgrade refused before the WebSocket opens: answered in HTTP, as
+/// `{"error": code, "message": …}`.
+#[derive(Debug)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Refusal {
+        Refusal { status, code, message: message.into() }
+    }
+}
+
 /// A token from `Authorization: Bearer T` or `?token=T`; `Err` when the
 /// header is there but is not a bearer token.
 fn token_of(request: &Request<Incoming>) -> Option<Result<String, &'static str>> {
@@ -56,7 +171,7 @@ fn token_of(request: &Request<Incoming>) -> Option<Result<String, &'static str>>
 
 /// One open WebSocket connection, counted in `windflow_connections` for as
 /// long as this lives.
-pub struct ConnectionSlot(Arc<Metrics>);
+struct ConnectionSlot(Arc<Metrics>);
 
 impl ConnectionSlot {
     fn acquire(metrics: &Arc<Metrics>, max: usize) -> Option<Self> {
@@ -73,46 +188,4 @@ impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         self.0.connections.fetch_sub(1, Relaxed);
     }
-}
-
-fn refuse(status: StatusCode, code: &str, message: &str) -> Response<Body> {
-    json_response(status, json!({"error": code, "message": message}))
-}
-
-pub fn upgrade(mut request: Request<Incoming>, app: Arc<App>, remote: SocketAddr) -> Response<Body> {
-    if !hyper_tungstenite::is_upgrade_request(&request) {
-        return refuse(StatusCode::UPGRADE_REQUIRED, "bad_request", "this endpoint speaks WebSocket only");
-    }
-    let claims = match token_of(&request) {
-        None => None,
-        Some(Err(why)) => {
-            warn!(%remote, reason = why, "upgrade refused: 401");
-            return refuse(StatusCode::UNAUTHORIZED, "unauthorized", why);
-        }
-        Some(Ok(token)) => match app.verifier.verify(&token) {
-            Ok(claims) => Some(claims),
-            Err(e) => {
-                warn!(%remote, reason = %e, "upgrade refused: 401");
-                return refuse(StatusCode::UNAUTHORIZED, ErrorCode::for_auth(&e).as_str(), &e.to_string());
-            }
-        },
-    };
-    let Some(slot) = ConnectionSlot::acquire(&app.metrics, app.settings.max_connections) else {
-        warn!(%remote, max = app.settings.max_connections, "upgrade refused: 503, connection limit reached");
-        return refuse(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "too many connections; try again later");
-    };
-    let (response, websocket) = match hyper_tungstenite::upgrade(&mut request, Some(websocket_config())) {
-        Ok(pair) => pair,
-        Err(e) => return refuse(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),
-    };
-    let conn = app.next_conn_id();
-    let tasks = app.tasks.clone();
-    tasks.spawn(async move {
-        let _slot = slot;
-        match websocket.await {
-            Ok(stream) => session::run(stream, app, conn, claims, remote).await,
-            Err(e) => info!(conn, %remote, error = %e, "websocket handshake did not complete"),
-        }
-    });
-    response
 }

@@ -1,106 +1,27 @@
-//! Client and server messages (docs/protocol.md), and topic names.
+//! The messages of docs/protocol.md, as serde enums: the server parses
+//! [`ClientMessage`] and writes [`ServerMessage`]; `tail` does the reverse.
+//! Events are not here: their frames are written once, by [`crate::event`].
 
-use std::fmt;
 use std::time::SystemTime;
 
-use serde_json::{Value, json};
+use serde::{Deserialize, Deserializer, Serialize};
 use uuid::Uuid;
 
 use crate::auth::AuthError;
-use crate::event::EventKind;
+use crate::event::Topic;
 
-/// A topic a connection may subscribe to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Topic {
-    /// All three event types, for every deployment the user may see.
-    DeploymentEvents,
-    /// `DEPLOYMENT_LOGS_UPDATE` of one deployment.
-    Logs(Uuid),
-    /// `DEPLOYMENT_PROGRESS` of one deployment.
-    Progress(Uuid),
-}
-
-const LOGS_PREFIX: &str = "deployment_logs_";
-const PROGRESS_PREFIX: &str = "deployment_progress_";
-
-impl Topic {
-    /// Parses a topic name. The deployment id must be a hyphenated UUID, in
-    /// any case; anything else is not a topic.
-    pub fn parse(name: &str) -> Option<Topic> {
-        if name == "deployment_events" {
-            return Some(Topic::DeploymentEvents);
-        }
-        let hyphenated = |id: &str| {
-            let bytes = id.as_bytes();
-            id.len() == 36 && [8, 13, 18, 23].iter().all(|&i| bytes[i] == b'-')
-        };
-        let id = |rest: &str| hyphenated(rest).then(|| Uuid::parse_str(rest).ok()).flatten();
-        if let Some(rest) = name.strip_prefix(LOGS_PREFIX) {
-            return id(rest).map(Topic::Logs);
-        }
-        if let Some(rest) = name.strip_prefix(PROGRESS_PREFIX) {
-            return id(rest).map(Topic::Progress);
-        }
-        None
-    }
-
-    /// The one deployment a per-deployment topic names.
-    pub fn deployment(self) -> Option<Uuid> {
-        match self {
-            Topic::DeploymentEvents => None,
-            Topic::Logs(id) | Topic::Progress(id) => Some(id),
-        }
-    }
-
-    /// The one event type a per-deployment topic carries.
-    pub fn kind(self) -> Option<EventKind> {
-        match self {
-            Topic::DeploymentEvents => None,
-            Topic::Logs(_) => Some(EventKind::LogsUpdate),
-            Topic::Progress(_) => Some(EventKind::Progress),
-        }
-    }
-
-    /// The per-deployment topic an event belongs to, if any.
-    pub fn of_event(kind: EventKind, deployment_id: Uuid) -> Option<Topic> {
-        match kind {
-            EventKind::LogsUpdate => Some(Topic::Logs(deployment_id)),
-            EventKind::Progress => Some(Topic::Progress(deployment_id)),
-            EventKind::StatusChanged => None,
-        }
-    }
-
-    /// Whether an event of `kind` for `deployment_id` belongs to this topic
-    /// (visibility is checked separately).
-    pub fn carries(self, kind: EventKind, deployment_id: Uuid) -> bool {
-        match self {
-            Topic::DeploymentEvents => true,
-            Topic::Logs(id) => kind == EventKind::LogsUpdate && id == deployment_id,
-            Topic::Progress(id) => kind == EventKind::Progress && id == deployment_id,
-        }
-    }
-}
-
-impl fmt::Display for Topic {
-    /// Replies name the topic in lowercase.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Topic::DeploymentEvents => f.write_str("deployment_events"),
-            Topic::Logs(id) => write!(f, "{LOGS_PREFIX}{}", id.hyphenated()),
-            Topic::Progress(id) => write!(f, "{PROGRESS_PREFIX}{}", id.hyphenated()),
-        }
-    }
-}
-
-#[derive(Debug, PartialEq, Eq)]
+/// What a client sends. A bare `ping` text is a [`ClientMessage::Ping`] too.
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientMessage {
     Auth {
         token: String,
     },
-    /// `topic` is the name as sent; it is parsed by the session so that an
+    /// `topic` is the name as sent; the session parses it, so that an
     /// invalid topic gets `invalid_topic` rather than `bad_request`.
     Subscribe {
         topic: String,
+        #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "event_id")]
         since: Option<i64>,
     },
     Unsubscribe {
@@ -113,42 +34,39 @@ pub enum ClientMessage {
 #[derive(Debug, PartialEq, Eq)]
 pub struct BadRequest(pub String);
 
+/// Bad requests echo at most this much of what they quote.
+const MAX_REASON: usize = 200;
+
 impl ClientMessage {
     pub fn parse(text: &str) -> Result<ClientMessage, BadRequest> {
         if text.trim() == "ping" {
             return Ok(ClientMessage::Ping);
         }
-        let value: Value = serde_json::from_str(text).map_err(|e| BadRequest(format!("not JSON: {e}")))?;
-        let object = value.as_object().ok_or_else(|| BadRequest("a message is a JSON object".into()))?;
-        let string_field = |name: &str| -> Result<String, BadRequest> {
-            match object.get(name) {
-                Some(Value::String(s)) => Ok(s.clone()),
-                Some(_) => Err(BadRequest(format!("field `{name}` must be a string"))),
-                None => Err(BadRequest(format!("missing field `{name}`"))),
-            }
-        };
-        match object.get("type") {
-            Some(Value::String(kind)) => match kind.as_str() {
-                "auth" => Ok(ClientMessage::Auth { token: string_field("token")? }),
-                "subscribe" => {
-                    let since = match object.get("since") {
-                        None | Some(Value::Null) => None,
-                        Some(v) => match v.as_i64() {
-                            Some(n) if n >= 0 => Some(n),
-                            _ => {
-                                return Err(BadRequest("field `since` must be a non-negative integer event id".into()));
-                            }
-                        },
-                    };
-                    Ok(ClientMessage::Subscribe { topic: string_field("topic")?, since })
-                }
-                "unsubscribe" => Ok(ClientMessage::Unsubscribe { topic: string_field("topic")? }),
-                "ping" => Ok(ClientMessage::Ping),
-                other => Err(BadRequest(format!("unknown message type `{}`", truncate(other, 64)))),
-            },
-            Some(_) => Err(BadRequest("field `type` must be a string".into())),
-            None => Err(BadRequest("missing field `type`".into())),
-        }
+        serde_json::from_str(text).map_err(|e| {
+            let reason = if e.is_syntax() || e.is_eof() {
+                format!("not JSON: {e}")
+            } else if !text.trim_start().starts_with('{') {
+                "a message is a JSON object".to_string()
+            } else {
+                e.to_string()
+            };
+            BadRequest(truncate(&reason, MAX_REASON).to_string())
+        })
+    }
+
+    pub fn to_text(&self) -> String {
+        serde_json::to_string(self).expect("a client message always serializes")
+    }
+}
+
+/// `since`: absent, null, or a non-negative event id.
+fn event_id<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<i64>, D::Error> {
+    match Option::<serde_json::Value>::deserialize(deserializer)? {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(value) => match value.as_i64() {
+            Some(id) if id >= 0 => Ok(Some(id)),
+            _ => Err(serde::de::Error::custom("field `since` must be a non-negative integer event id")),
+        },
     }
 }
 
@@ -159,8 +77,61 @@ fn truncate(s: &str, max: usize) -> &str {
     }
 }
 
+/// What the server sends besides events: `{"type": …, "data": {…}}`.
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "data", rename_all = "snake_case")]
+pub enum ServerMessage {
+    Authenticated {
+        user_id: Uuid,
+        /// RFC 3339, UTC.
+        expires_at: String,
+    },
+    Subscribed {
+        topic: Topic,
+        /// The subscription's resume cursor.
+        #[serde(default)]
+        event_id: Option<i64>,
+    },
+    Unsubscribed {
+        topic: Topic,
+    },
+    /// Events after the `since` of this topic's subscribe may be gone.
+    Resync {
+        topic: Topic,
+    },
+    Pong {
+        timestamp: String,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+        /// The topic as the request named it, when the error is about one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        topic: Option<String>,
+    },
+}
+
+impl ServerMessage {
+    pub fn error(code: ErrorCode, message: impl Into<String>, topic: Option<&str>) -> ServerMessage {
+        ServerMessage::Error { code, message: message.into(), topic: topic.map(str::to_string) }
+    }
+
+    pub fn authenticated(user_id: Uuid, expires_at: SystemTime) -> ServerMessage {
+        ServerMessage::Authenticated { user_id, expires_at: humantime::format_rfc3339(expires_at).to_string() }
+    }
+
+    pub fn pong() -> ServerMessage {
+        ServerMessage::Pong { timestamp: rfc3339(SystemTime::now()) }
+    }
+
+    pub fn to_text(&self) -> String {
+        serde_json::to_string(self).expect("a server message always serializes")
+    }
+}
+
 /// The error codes of docs/protocol.md.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     BadRequest,
     Unauthorized,
@@ -170,6 +141,9 @@ pub enum ErrorCode {
     TokenExpired,
     /// The database could not answer a permission check; try again.
     Unavailable,
+    /// A code this build does not know (a newer server's), for `tail`.
+    #[serde(other)]
+    Unknown,
 }
 
 impl ErrorCode {
@@ -180,18 +154,6 @@ impl ErrorCode {
             AuthError::Invalid(_) => ErrorCode::Unauthorized,
         }
     }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::BadRequest => "bad_request",
-            ErrorCode::Unauthorized => "unauthorized",
-            ErrorCode::InvalidTopic => "invalid_topic",
-            ErrorCode::Forbidden => "forbidden",
-            ErrorCode::TooManySubscriptions => "too_many_subscriptions",
-            ErrorCode::TokenExpired => "token_expired",
-            ErrorCode::Unavailable => "unavailable",
-        }
-    }
 }
 
 /// RFC 3339 in UTC, ending in `Z`.
@@ -199,80 +161,12 @@ pub fn rfc3339(time: SystemTime) -> String {
     humantime::format_rfc3339_micros(time).to_string()
 }
 
-pub fn error(code: ErrorCode, message: &str, topic: Option<&str>) -> String {
-    let mut data = json!({"code": code.as_str(), "message": message});
-    if let Some(topic) = topic {
-        data["topic"] = json!(topic);
-    }
-    json!({"type": "error", "data": data}).to_string()
-}
-
-pub fn authenticated(user_id: Uuid, expires_at: SystemTime) -> String {
-    json!({"type": "authenticated", "data": {"user_id": user_id, "expires_at": humantime::format_rfc3339(expires_at).to_string()}})
-        .to_string()
-}
-
-/// `subscribed`, with the subscription's resume cursor.
-pub fn subscribed(topic: Topic, cursor: i64) -> String {
-    json!({"type": "subscribed", "data": {"topic": topic.to_string(), "event_id": cursor}}).to_string()
-}
-
-pub fn topic_reply(kind: &str, topic: Topic) -> String {
-    json!({"type": kind, "data": {"topic": topic.to_string()}}).to_string()
-}
-
-pub fn pong() -> String {
-    json!({"type": "pong", "data": {"timestamp": rfc3339(SystemTime::now())}}).to_string()
-}
-
 #[cfg(test)]
 mod tests {
+    use serde_json::{Value, json};
+
     use super::*;
-
-    #[test]
-    fn topics_parse_in_any_uuid_case_and_print_lowercase() {
-        let id = Uuid::new_v4();
-        let upper = format!("deployment_logs_{}", id.hyphenated().to_string().to_uppercase());
-        let topic = Topic::parse(&upper).unwrap();
-        assert_eq!(topic, Topic::Logs(id));
-        assert_eq!(topic.to_string(), format!("deployment_logs_{id}"));
-        assert_eq!(Topic::parse(&format!("deployment_progress_{id}")), Some(Topic::Progress(id)));
-        assert_eq!(Topic::parse("deployment_events"), Some(Topic::DeploymentEvents));
-    }
-
-    #[test]
-    fn malformed_topics_are_refused() {
-        let id = Uuid::new_v4();
-        for name in [
-            String::new(),
-            "deployment_events_".into(),
-            "DEPLOYMENT_EVENTS".into(),
-            format!("deployment_logs_{}", id.simple()),
-            format!("deployment_logs_{{{id}}}"),
-            format!("deployment_status_{id}"),
-            format!("deployment_logs_{id}x"),
-            "deployment_logs_".into(),
-            "deployment_logs_zzzzzzzz-zzzz-zzzz-zzzz-zzzzzzzzzzzz".into(),
-            "deployment_progress_ü".into(),
-        ] {
-            assert_eq!(Topic::parse(&name), None, "{name:?}");
-        }
-    }
-
-    #[test]
-    fn topic_carries_only_its_kind_and_deployment() {
-        let id = Uuid::new_v4();
-        assert!(Topic::Logs(id).carries(EventKind::LogsUpdate, id));
-        assert!(!Topic::Logs(id).carries(EventKind::Progress, id));
-        assert!(!Topic::Logs(id).carries(EventKind::LogsUpdate, Uuid::new_v4()));
-        assert!(Topic::Progress(id).carries(EventKind::Progress, id));
-        assert!(Topic::DeploymentEvents.carries(EventKind::StatusChanged, id));
-        for kind in [EventKind::StatusChanged, EventKind::LogsUpdate, EventKind::Progress] {
-            let topic = Topic::of_event(kind, id);
-            assert_eq!(topic.and_then(Topic::kind), if kind == EventKind::StatusChanged { None } else { Some(kind) });
-            assert!(topic.is_none_or(|t| t.carries(kind, id)));
-        }
-    }
+    use crate::event::EventKind;
 
     #[test]
     fn client_messages_parse() {
@@ -283,21 +177,28 @@ mod tests {
             Ok(ClientMessage::Subscribe { topic: "t".into(), since: Some(5) })
         );
         assert_eq!(
+            ClientMessage::parse(r#"{"type":"subscribe","topic":"t","since":null}"#),
+            Ok(ClientMessage::Subscribe { topic: "t".into(), since: None })
+        );
+        assert_eq!(
             ClientMessage::parse(r#"{"type":"auth","token":"x"}"#),
             Ok(ClientMessage::Auth { token: "x".into() })
         );
+        let subscribe = ClientMessage::Subscribe { topic: "deployment_events".into(), since: Some(3) };
+        assert_eq!(ClientMessage::parse(&subscribe.to_text()), Ok(subscribe));
     }
 
     #[test]
     fn bad_requests_say_what_is_wrong() {
+        let long = "x".repeat(10_000);
         let cases = [
             ("not json", "not JSON"),
             ("[1]", "JSON object"),
             (r#"{"topic":"t"}"#, "missing field `type`"),
-            (r#"{"type":7}"#, "`type` must be a string"),
-            (r#"{"type":"dance"}"#, "unknown message type `dance`"),
+            (r#"{"type":7}"#, "invalid type"),
+            (r#"{"type":"dance"}"#, "unknown variant `dance`"),
             (r#"{"type":"subscribe"}"#, "missing field `topic`"),
-            (r#"{"type":"subscribe","topic":1}"#, "`topic` must be a string"),
+            (r#"{"type":"subscribe","topic":1}"#, "invalid type: integer `1`, expected a string"),
             (r#"{"type":"subscribe","topic":"t","since":-1}"#, "`since`"),
             (r#"{"type":"subscribe","topic":"t","since":"5"}"#, "`since`"),
             (r#"{"type":"auth"}"#, "missing field `token`"),
@@ -306,12 +207,32 @@ mod tests {
             let BadRequest(message) = ClientMessage::parse(input).unwrap_err();
             assert!(message.contains(expected), "{input}: {message}");
         }
+        let BadRequest(message) = ClientMessage::parse(&format!(r#"{{"type":"{long}"}}"#)).unwrap_err();
+        assert!(message.len() <= MAX_REASON * 4, "a long type is not echoed whole");
+    }
+
+    #[test]
+    fn server_messages_have_type_and_data() {
+        let topic = Topic::Deployment { kind: EventKind::Progress, deployment: Uuid::nil() };
+        let subscribed = ServerMessage::Subscribed { topic, event_id: Some(7) };
+        let value: Value = serde_json::from_str(&subscribed.to_text()).unwrap();
+        assert_eq!(
+            value,
+            json!({"type": "subscribed", "data": {"topic": format!("deployment_progress_{}", Uuid::nil()), "event_id": 7}})
+        );
+        assert_eq!(serde_json::from_value::<ServerMessage>(value).unwrap(), subscribed);
+        let error = ServerMessage::error(ErrorCode::TooManySubscriptions, "at most 256", None).to_text();
+        assert_eq!(error, r#"{"type":"error","data":{"code":"too_many_subscriptions","message":"at most 256"}}"#);
+        let unknown: ServerMessage =
+            serde_json::from_str(r#"{"type":"error","data":{"code":"brand_new","message":"m"}}"#).unwrap();
+        assert!(matches!(unknown, ServerMessage::Error { code: ErrorCode::Unknown, .. }));
     }
 
     #[test]
     fn times_end_in_z() {
         assert!(rfc3339(SystemTime::now()).ends_with('Z'));
-        let reply: Value = serde_json::from_str(&authenticated(Uuid::nil(), SystemTime::UNIX_EPOCH)).unwrap();
+        let reply = ServerMessage::authenticated(Uuid::nil(), SystemTime::UNIX_EPOCH).to_text();
+        let reply: Value = serde_json::from_str(&reply).unwrap();
         assert_eq!(reply["data"]["expires_at"], "1970-01-01T00:00:00Z");
     }
 }

@@ -44,13 +44,13 @@ use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::app::App;
+use super::Endpoint;
+use super::fragments::{FRAGMENT_SIZE, Fragments, fragments};
+use super::protocol::{BadRequest, ClientMessage, ErrorCode, ServerMessage};
 use crate::auth::Claims;
-use crate::db::{DbError, events};
-use crate::event::Event;
-use crate::hub::{Command, ConnId, LogReplay, LookUp, Outbound, Replay, Since, Subscribed};
-use crate::ws::fragments::{FRAGMENT_SIZE, Fragments, fragments};
-use crate::ws::protocol::{self, BadRequest, ClientMessage, ErrorCode, Topic};
+use crate::db::events::Pages;
+use crate::event::{Event, Topic};
+use crate::hub::{ConnId, HubStopped, LogReplay, LookUp, Outbound, Replay, Since, Subscribed};
 
 /// Without a token on the upgrade, `auth` must come within this.
 const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -68,9 +68,6 @@ const BATCH: usize = 64;
 /// Replies waiting behind the hub's: past this, the client is not read
 /// until the hub answers (TCP pushes back on a client that pipelines).
 const MAX_HELD_REPLIES: usize = 256;
-/// Event log rows, and bytes of event data (about), read per replay query.
-const REPLAY_PAGE_ROWS: i64 = 256;
-pub const REPLAY_PAGE_BYTES: usize = 256 * 1024;
 
 /// Why the session stops what it is doing.
 #[derive(Debug)]
@@ -85,6 +82,12 @@ enum Interrupted {
     Silent,
     /// The authentication deadline or the token's expiry.
     Deadline,
+}
+
+impl From<HubStopped> for Interrupted {
+    fn from(_: HubStopped) -> Interrupted {
+        Interrupted::Shutdown
+    }
 }
 
 /// What the loop does next.
@@ -117,7 +120,7 @@ enum Reply {
 
 struct Session {
     conn: ConnId,
-    app: Arc<App>,
+    endpoint: Arc<Endpoint>,
     ws: HyperWebsocketStream,
     claims: Option<Claims>,
     /// Set once authenticated and registered with the hub.
@@ -151,11 +154,17 @@ struct Session {
     batch: Vec<Arc<Event>>,
 }
 
-pub async fn run(ws: HyperWebsocketStream, app: Arc<App>, conn: ConnId, claims: Option<Claims>, remote: SocketAddr) {
+pub async fn run(
+    ws: HyperWebsocketStream,
+    endpoint: Arc<Endpoint>,
+    conn: ConnId,
+    claims: Option<Claims>,
+    remote: SocketAddr,
+) {
     let now = Instant::now();
     let mut session = Session {
         conn,
-        app,
+        endpoint,
         ws,
         claims: None,
         outbound: None,
@@ -178,7 +187,8 @@ pub async fn run(ws: HyperWebsocketStream, app: Arc<App>, conn: ConnId, claims: 
     debug!(conn, %remote, authenticated = claims.is_some(), "websocket connected");
     let reason = session.serve(claims).await;
     if session.outbound.is_some() {
-        session.app.hub.send(Command::Unregister { conn }).await;
+        // On shutdown the hub is gone already, and so is the registration.
+        let _ = session.endpoint.hub.unregister(conn).await;
     }
     let user_id = session.claims.map(|c| c.viewer.user_id.to_string()).unwrap_or_default();
     info!(conn, %remote, user_id, reason, "websocket closed");
@@ -251,6 +261,10 @@ fn text(s: String) -> Message {
     Message::Text(Utf8Bytes::from(s))
 }
 
+fn reply_frame(message: &ServerMessage) -> Message {
+    text(message.to_text())
+}
+
 impl Session {
     async fn serve(&mut self, claims: Option<Claims>) -> String {
         if let Some(claims) = claims
@@ -258,9 +272,9 @@ impl Session {
         {
             return Box::pin(self.interrupted(stop)).await;
         }
-        let interval = self.app.settings.ping_interval;
+        let interval = self.endpoint.ping_interval;
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-        let shutdown = self.app.shutdown.clone();
+        let shutdown = self.endpoint.shutdown.clone();
         let kicked = self.kicked.clone();
         loop {
             let step = if let Some(message) = self.stashed.pop_front() {
@@ -339,9 +353,9 @@ impl Session {
     /// 10 s. Owns what it needs, so it can race a borrow of the socket.
     fn interrupts(&self) -> Interrupts {
         Interrupts {
-            shutdown: self.app.shutdown.clone(),
+            shutdown: self.endpoint.shutdown.clone(),
             kicked: self.kicked.clone(),
-            silent_at: self.last_heard + self.app.settings.ping_interval * 2,
+            silent_at: self.last_heard + self.endpoint.ping_interval * 2,
             deadline: self.deadline,
             slow_deadline: self.slow_deadline,
         }
@@ -384,17 +398,17 @@ impl Session {
 
     /// A reply to a request: written now, or after the hub's replies it
     /// must not overtake.
-    async fn reply(&mut self, message: String) -> Step {
+    async fn reply(&mut self, message: ServerMessage) -> Step {
         if self.replies.is_empty() {
-            self.write([text(message)]).await?;
+            self.write([reply_frame(&message)]).await?;
         } else {
-            self.replies.push_back(Reply::Text(message));
+            self.replies.push_back(Reply::Text(message.to_text()));
         }
         Ok(Next::Continue)
     }
 
     async fn error(&mut self, code: ErrorCode, message: &str, topic: Option<&str>) -> Step {
-        self.reply(protocol::error(code, message, topic)).await
+        self.reply(ServerMessage::error(code, message, topic)).await
     }
 
     /// The hub answered the oldest outstanding request: write the replies
@@ -466,24 +480,20 @@ impl Session {
     }
 
     /// Write the queued messages, stopping at a replay (whose events are
-    /// not queued).
+    /// not queued) or a look-up.
     async fn drain_queue(&mut self) -> Result<(), Interrupted> {
+        let mut batch = Vec::new();
         while let Some(message) = self.outbound.as_mut().and_then(|rx| rx.try_recv().ok()) {
             match message {
-                Outbound::Event(event) => self.write_events(&mut vec![event], None).await?,
-                Outbound::Subscribed(reply) => {
-                    self.write([text(protocol::subscribed(reply.topic, reply.cursor))]).await?;
-                    if reply.replay.is_some() {
-                        return Ok(());
-                    }
+                Outbound::LookUp(_) => break,
+                Outbound::Subscribed(reply) if reply.replay.is_some() => {
+                    self.write_events(&mut batch, None).await?;
+                    return self.on_subscribed(reply.topic, reply.cursor, None).await;
                 }
-                Outbound::Unsubscribed { topic } => {
-                    self.write([text(protocol::topic_reply("unsubscribed", topic))]).await?;
-                }
-                Outbound::LookUp { .. } => return Ok(()),
+                message => self.take(message, &mut batch).await?,
             }
         }
-        Ok(())
+        self.write_events(&mut batch, None).await
     }
 
     async fn on_ping_tick(&mut self, interval: Duration) -> Step {
@@ -499,9 +509,10 @@ impl Session {
             return Ok(Next::Close(CloseCode::Policy, "authentication timeout"));
         }
         if !self.broken {
-            let message = protocol::error(ErrorCode::TokenExpired, "token expired; send a fresh auth before exp", None);
+            let message =
+                ServerMessage::error(ErrorCode::TokenExpired, "token expired; send a fresh auth before exp", None);
             // The close follows whether or not the error could be written.
-            let _ = self.write([text(message)]).await;
+            let _ = self.write([reply_frame(&message)]).await;
         }
         Ok(Next::Close(CloseCode::Policy, "token expired"))
     }
@@ -549,7 +560,7 @@ impl Session {
             }
         };
         match message {
-            ClientMessage::Ping => self.reply(protocol::pong()).await,
+            ClientMessage::Ping => self.reply(ServerMessage::pong()).await,
             ClientMessage::Auth { token } => self.on_auth(&token).await,
             ClientMessage::Subscribe { topic, since } => self.on_subscribe(&topic, since).await,
             ClientMessage::Unsubscribe { topic } => self.on_unsubscribe(&topic).await,
@@ -557,7 +568,7 @@ impl Session {
     }
 
     async fn on_auth(&mut self, token: &str) -> Step {
-        match self.app.verifier.verify(token) {
+        match self.endpoint.verifier.verify(token) {
             Ok(claims) => self.accept_token(claims).await,
             Err(e) => {
                 let code = ErrorCode::for_auth(&e);
@@ -579,20 +590,15 @@ impl Session {
                 return self.error(ErrorCode::Forbidden, "a fresh token must be for the same user (sub)", None).await;
             }
             Some(current) => {
-                if current.viewer != viewer
-                    && !self.app.hub.send(Command::UpdateViewer { conn: self.conn, viewer }).await
-                {
-                    return Err(Interrupted::Shutdown);
+                if current.viewer != viewer {
+                    self.endpoint.hub.update_viewer(self.conn, viewer).await?;
                 }
                 false
             }
             None => {
-                let (tx, rx) = mpsc::channel(self.app.settings.client_queue);
-                let register = Command::Register { conn: self.conn, viewer, outbound: tx, kicked: self.kicked.clone() };
-                if !self.app.hub.send(register).await {
-                    return Err(Interrupted::Shutdown);
-                }
-                self.outbound = Some(rx);
+                let hub = &self.endpoint.hub;
+                let queue = hub.register(self.conn, viewer, self.endpoint.client_queue, self.kicked.clone()).await?;
+                self.outbound = Some(queue);
                 true
             }
         };
@@ -600,7 +606,7 @@ impl Session {
         let expires_in = claims.expires_at_time().duration_since(SystemTime::now()).unwrap_or_default();
         self.deadline = Instant::now() + expires_in;
         info!(conn = self.conn, user_id = %viewer.user_id, superuser = viewer.is_superuser, "authenticated");
-        let authenticated = protocol::authenticated(viewer.user_id, claims.expires_at_time());
+        let authenticated = ServerMessage::authenticated(viewer.user_id, claims.expires_at_time());
         if !registering {
             return self.reply(authenticated).await;
         }
@@ -608,7 +614,7 @@ impl Session {
         // sent before it saw `authenticated`.
         self.fence = Some((self.conn, Instant::now() + FENCE_TIMEOUT));
         let ping = Message::Ping(bytes::Bytes::copy_from_slice(&self.conn.to_be_bytes()));
-        self.write([text(authenticated), ping]).await?;
+        self.write([reply_frame(&authenticated), ping]).await?;
         Ok(Next::Continue)
     }
 
@@ -624,29 +630,18 @@ impl Session {
             let message = format!("at most {MAX_SUBSCRIPTIONS} subscriptions per connection");
             return self.error(ErrorCode::TooManySubscriptions, &message, Some(&topic_name)).await;
         }
-        if let Some(deployment) = topic.deployment()
-            && !claims.viewer.is_superuser
-        {
-            let pool = self.app.pool.clone();
-            let audience = guarded(self.interrupts(), async move {
-                let client = pool.get().await.map_err(DbError::from)?;
-                events::deployment_audience(&client, deployment).await
-            })
-            .await?;
-            match audience {
-                Ok(Some((owner, org))) if claims.viewer.can_see(owner, org) => {}
-                Ok(_) => {
-                    info!(conn = self.conn, user_id = %claims.viewer.user_id, deployment_id = %deployment, "subscription refused");
-                    return self
-                        .error(ErrorCode::Forbidden, "no such deployment, or not yours to see", Some(&topic_name))
-                        .await;
-                }
-                Err(e) => {
-                    warn!(conn = self.conn, error = %e, "permission check failed");
-                    return self
-                        .error(ErrorCode::Unavailable, "cannot check permission now; try again", Some(&topic_name))
-                        .await;
-                }
+        let log = &self.endpoint.log;
+        match guarded(self.interrupts(), log.may_watch(claims.viewer, topic)).await? {
+            Ok(true) => {}
+            Ok(false) => {
+                info!(conn = self.conn, user_id = %claims.viewer.user_id, topic = %topic_name, "subscription refused");
+                let message = "no such deployment, or not yours to see";
+                return self.error(ErrorCode::Forbidden, message, Some(&topic_name)).await;
+            }
+            Err(e) => {
+                warn!(conn = self.conn, topic = %topic_name, error = %e, "permission check failed");
+                let message = "cannot check permission now; try again";
+                return self.error(ErrorCode::Unavailable, message, Some(&topic_name)).await;
             }
         }
         self.topics.insert(topic);
@@ -654,11 +649,8 @@ impl Session {
         if since.is_some() {
             self.resumes_pending += 1;
         }
-        let since = since.map(Since::Unchecked);
-        if !self.app.hub.send(Command::Subscribe { conn: self.conn, topic, since }).await {
-            return Err(Interrupted::Shutdown);
-        }
         debug!(conn = self.conn, topic = %topic_name, ?since, "subscribing");
+        self.endpoint.hub.subscribe(self.conn, topic, since.map(Since::Unchecked)).await?;
         Ok(Next::Continue)
     }
 
@@ -671,9 +663,7 @@ impl Session {
         };
         self.topics.remove(&topic);
         self.replies.push_back(Reply::Hub { since: false });
-        if !self.app.hub.send(Command::Unsubscribe { conn: self.conn, topic }).await {
-            return Err(Interrupted::Shutdown);
-        }
+        self.endpoint.hub.unsubscribe(self.conn, topic).await?;
         Ok(Next::Continue)
     }
 
@@ -686,36 +676,14 @@ impl Session {
         let mut taken = 0;
         while let Some(message) = next.take() {
             taken += 1;
-            match message {
-                Outbound::Event(event) if self.resumes_pending > 0 => {
-                    self.held.push(event);
-                    self.held_live += 1;
-                }
-                Outbound::Event(event) => batch.push(event),
-                Outbound::Subscribed(reply) => {
-                    let Subscribed { topic, cursor, replay } = *reply;
-                    self.write_events(&mut batch, None).await?;
-                    // Boxed: a replay's future (event log queries) is large
-                    // and rare; inline it would enlarge every session task.
-                    Box::pin(self.on_subscribed(topic, cursor, replay)).await?;
-                }
-                Outbound::LookUp(look_up) => {
-                    let LookUp { topic, since } = *look_up;
-                    self.write_events(&mut batch, None).await?;
-                    Box::pin(self.look_up(topic, since)).await?;
-                }
-                Outbound::Unsubscribed { topic } => {
-                    self.write_events(&mut batch, Some(protocol::topic_reply("unsubscribed", topic))).await?;
-                    self.hub_answered().await?;
-                }
-            }
+            self.take(message, &mut batch).await?;
             if taken < BATCH && !self.kicked.is_cancelled() {
                 next = self.outbound.as_mut().and_then(|rx| rx.try_recv().ok());
             }
         }
         self.write_events(&mut batch, None).await?;
         self.batch = batch;
-        if self.held_live > self.app.settings.client_queue {
+        if self.held_live > self.endpoint.client_queue {
             // Events held behind a resume count against the queue too.
             warn!(
                 conn = self.conn,
@@ -727,72 +695,95 @@ impl Session {
         Ok(Next::Continue)
     }
 
+    /// What a queued message becomes: an event joins `batch` (or waits
+    /// behind a resume); a reply is written after the batch, in its place.
+    async fn take(&mut self, message: Outbound, batch: &mut Vec<Arc<Event>>) -> Result<(), Interrupted> {
+        match message {
+            Outbound::Event(event) if self.resumes_pending > 0 => {
+                self.held.push(event);
+                self.held_live += 1;
+            }
+            Outbound::Event(event) => batch.push(event),
+            Outbound::Subscribed(reply) => {
+                let Subscribed { topic, cursor, replay } = *reply;
+                self.write_events(batch, None).await?;
+                // Boxed: a replay's future (event log queries) is large
+                // and rare; inline it would enlarge every session task.
+                Box::pin(self.on_subscribed(topic, cursor, replay)).await?;
+            }
+            Outbound::LookUp(look_up) => {
+                let LookUp { topic, since } = *look_up;
+                self.write_events(batch, None).await?;
+                Box::pin(self.look_up(topic, since)).await?;
+            }
+            Outbound::Unsubscribed { topic } => {
+                self.write_events(batch, Some(ServerMessage::Unsubscribed { topic })).await?;
+                self.hub_answered().await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Write `events` (emptying it), then `after` if given, in one flush.
-    async fn write_events(&mut self, events: &mut Vec<Arc<Event>>, after: Option<String>) -> Result<(), Interrupted> {
+    async fn write_events(
+        &mut self,
+        events: &mut Vec<Arc<Event>>,
+        after: Option<ServerMessage>,
+    ) -> Result<(), Interrupted> {
         if events.is_empty() && after.is_none() {
             return Ok(());
         }
+        let after = after.as_ref().map(reply_frame);
         // Fed straight from the shared frames: no allocation per recipient.
         if events.iter().any(|event| event.frame.len() > FRAGMENT_SIZE) {
             // Rare, and its iterator is larger: boxed, so it does not grow
             // the future every idle session keeps (measured: +0.5 KiB per
             // connection in bench S3 when inline).
-            Box::pin(self.write(events.iter().flat_map(event_messages).chain(after.map(text)))).await?;
+            Box::pin(self.write(events.iter().flat_map(event_messages).chain(after))).await?;
         } else {
-            self.write(events.iter().map(event_frame).chain(after.map(text))).await?;
+            self.write(events.iter().map(event_frame).chain(after)).await?;
         }
         let now = Instant::now();
-        self.app.metrics.observe_deliveries(events.drain(..).map(|event| now - event.received_at));
+        self.endpoint.metrics.observe_deliveries(events.drain(..).map(|event| now - event.received_at));
         Ok(())
     }
 
     /// The hub cannot place `since` in its history: ask the event log
     /// where it stands, and subscribe again with the answer.
     async fn look_up(&mut self, topic: Topic, since: i64) -> Result<(), Interrupted> {
-        let app = Arc::clone(&self.app);
-        let answer = guarded(self.interrupts(), async move {
-            let _slot = app.replay_queries.acquire().await;
-            let client = app.pool.get().await.map_err(DbError::from)?;
-            events::look_up(&client, since).await
-        })
-        .await?;
-        let since = match answer {
-            Ok((Some(xid), _)) => Since::Committed { id: since, xid },
-            Ok((None, pruned_upto)) => Since::Missing { id: since, pruned: pruned_upto > 0 && pruned_upto >= since },
+        let looked_up = guarded(self.interrupts(), self.endpoint.log.look_up(since)).await?;
+        match looked_up {
+            Ok(since) => Ok(self.endpoint.hub.subscribe(self.conn, topic, Some(since)).await?),
             Err(e) => {
                 warn!(conn = self.conn, topic = %topic, since, error = %e, "cannot look up since in the event log");
                 // The subscribe fails as a whole (the hub has not made it):
                 // the client tries again, with the same `since`.
                 self.topics.remove(&topic);
-                let message = protocol::error(
+                let message = ServerMessage::error(
                     ErrorCode::Unavailable,
                     "cannot look up since in the event log now; subscribe again with since",
                     Some(&topic.to_string()),
                 );
-                return self.answer_subscribe(topic, vec![text(message)], None).await;
+                self.answer_subscribe(vec![reply_frame(&message)], None, None).await
             }
-        };
-        if !self.app.hub.send(Command::Subscribe { conn: self.conn, topic, since: Some(since) }).await {
-            return Err(Interrupted::Shutdown);
         }
-        Ok(())
     }
 
     async fn on_subscribed(&mut self, topic: Topic, cursor: i64, replay: Option<Replay>) -> Result<(), Interrupted> {
-        let mut first = vec![text(protocol::subscribed(topic, cursor))];
+        let mut first = vec![reply_frame(&ServerMessage::Subscribed { topic, event_id: Some(cursor) })];
         if replay.as_ref().is_some_and(|r| r.resync) {
-            first.push(text(protocol::topic_reply("resync", topic)));
+            first.push(reply_frame(&ServerMessage::Resync { topic }));
         }
-        self.answer_subscribe(topic, first, replay).await
+        self.answer_subscribe(first, Some(topic), replay).await
     }
 
-    /// Answer the oldest outstanding subscribe with `first`, then its
-    /// replay; when no resume is outstanding any more, the events held
-    /// meanwhile follow, merged by commit order.
+    /// Answer the oldest outstanding subscribe with `first`, then the
+    /// replay of `topic`; when no resume is outstanding any more, the
+    /// events held meanwhile follow, merged by commit order.
     async fn answer_subscribe(
         &mut self,
-        topic: Topic,
         first: Vec<Message>,
+        topic: Option<Topic>,
         replay: Option<Replay>,
     ) -> Result<(), Interrupted> {
         let resume = match self.replies.front() {
@@ -800,7 +791,7 @@ impl Session {
             _ => false,
         };
         self.write(first).await?;
-        if let Some(replay) = replay {
+        if let (Some(topic), Some(replay)) = (topic, replay) {
             let Replay { resync, from_log, recent } = replay;
             if let Some(log) = from_log {
                 self.replay_from_log(topic, log, resync).await?;
@@ -835,58 +826,33 @@ impl Session {
         Ok(())
     }
 
-    /// Page through the event log: each page is read with a pooled
-    /// connection that goes back before the page is written.
+    /// Page through the event log ([`crate::db::events::EventLog`]): each
+    /// page is written before the next is read.
     async fn replay_from_log(&mut self, topic: Topic, log: LogReplay, resynced: bool) -> Result<(), Interrupted> {
         let Some(viewer) = self.claims.map(|c| c.viewer) else { return Ok(()) };
-        let LogReplay { since, snapshot, also, skip } = log;
-        let mut after = since;
-        let mut first = true;
+        let mut pages = Pages::new(topic, viewer, log, resynced);
         loop {
             self.stop_if_kicked()?;
-            let app = Arc::clone(&self.app);
-            let filter = events::LogFilter {
-                deployment: topic.deployment(),
-                kind: topic.kind(),
-                viewer,
-                snapshot: &snapshot,
-                also: &also,
-            };
-            let check_pruned = first && !resynced;
-            let page = guarded(self.interrupts(), async {
-                // Bytes first, then a query slot: a replay waits its turn
-                // rather than failing anyone.
-                let memory = app.replay_memory.acquire_many(REPLAY_PAGE_KIB).await;
-                let slot = app.replay_queries.acquire().await;
-                let client = app.pool.get().await.map_err(DbError::from)?;
-                let pruned = if check_pruned { events::pruned_upto(&client).await? > since } else { false };
-                let page =
-                    events::page_after(&client, after, &filter, REPLAY_PAGE_ROWS, REPLAY_PAGE_BYTES as i64).await?;
-                drop((client, slot));
-                Ok::<_, DbError>((pruned, page, memory))
-            })
-            .await?;
-            let (pruned, page, _memory) = match page {
-                Ok(page) => page,
+            let endpoint = Arc::clone(&self.endpoint);
+            let mut page = match guarded(self.interrupts(), endpoint.log.next_page(&mut pages)).await? {
+                Ok(Some(page)) => page,
+                Ok(None) => return Ok(()),
                 Err(e) => {
                     warn!(conn = self.conn, topic = %topic, error = %e, "replay from the event log failed");
-                    let message = protocol::error(
+                    let message = ServerMessage::error(
                         ErrorCode::Unavailable,
                         "replay from the event log failed; subscribe again with since",
                         Some(&topic.to_string()),
                     );
-                    return self.write([text(message)]).await;
+                    return self.write([reply_frame(&message)]).await;
                 }
             };
-            first = false;
-            if pruned {
-                self.write([text(protocol::topic_reply("resync", topic))]).await?;
+            if page.pruned {
+                self.write([reply_frame(&ServerMessage::Resync { topic })]).await?;
             }
-            let Some(last) = page.last() else { return Ok(()) };
-            after = last.id;
-            let mut owed: Vec<Arc<Event>> =
-                page.into_iter().filter(|e| skip.binary_search(&e.id).is_err()).map(Arc::new).collect();
-            self.write_events(&mut owed, None).await?;
+            // The page's memory is held until it is written.
+            self.write_events(&mut page.events, None).await?;
+            drop(page);
             self.between_pages().await?;
         }
     }
@@ -909,13 +875,10 @@ impl Session {
                 Some(None) => return Err(Interrupted::Socket(tungstenite::Error::ConnectionClosed)),
             }
         }
-        if self.last_ping.elapsed() >= self.app.settings.ping_interval {
+        if self.last_ping.elapsed() >= self.endpoint.ping_interval {
             self.last_ping = Instant::now();
             self.write([Message::Ping(Default::default())]).await?;
         }
         Ok(())
     }
 }
-
-/// [`REPLAY_PAGE_BYTES`] in the units of `App::replay_memory` (KiB).
-const REPLAY_PAGE_KIB: u32 = (REPLAY_PAGE_BYTES / 1024) as u32;

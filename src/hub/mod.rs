@@ -1,0 +1,561 @@
+//! Routing and fan-out: who receives which event. Knows nothing about
+//! sockets: each connection is a bounded queue of [`Outbound`] messages.
+//!
+//! The hub is one task that owns all routing state. Events (from the event
+//! source) and requests (from sessions, through [`HubHandle`]) arrive on
+//! two channels and are handled one at a time, so a subscription and the
+//! events around it are always seen in one order: that is what makes
+//! `since` replay gap-free.
+//!
+//! - [`routing`]: the delivery rule and the subscriber indexes;
+//! - [`resume`]: the history, the markers and where each `since` falls.
+//!
+//! The hub never waits on a client. A connection whose queue is full is a
+//! slow consumer: it is dropped from routing and its session is told to
+//! close with 1013 after what is already queued.
+
+mod resume;
+mod routing;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use self::resume::{Plan, Timeline};
+use self::routing::{Conn, Routes};
+use crate::auth::Viewer;
+use crate::event::{Event, Topic};
+use crate::history::History;
+use crate::metrics::Metrics;
+
+pub type ConnId = u64;
+
+/// What an event source hands the hub, in commit order.
+#[derive(Debug)]
+pub enum Arrival {
+    Event(Event),
+    /// A marker snapshot (`pg_current_snapshot()` as text): every
+    /// transaction it shows as finished has already been handed over.
+    Marker(String),
+    /// Once, before the first marker: the newest event id committed when
+    /// this process started, the resume cursor while nothing came yet.
+    Origin(i64),
+}
+
+/// What sessions ask of the hub, through [`HubHandle`]'s methods.
+#[derive(Debug)]
+enum Command {
+    Register { conn: ConnId, viewer: Viewer, outbound: mpsc::Sender<Outbound>, kicked: CancellationToken },
+    UpdateViewer { conn: ConnId, viewer: Viewer },
+    Subscribe { conn: ConnId, topic: Topic, since: Option<Since> },
+    Unsubscribe { conn: ConnId, topic: Topic },
+    Unregister { conn: ConnId },
+}
+
+/// A `since` and what the event log says of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Since {
+    /// Not looked up: fine when the history holds it.
+    Unchecked(i64),
+    /// In the event log, written by transaction `xid`.
+    Committed { id: i64, xid: u64 },
+    /// Not in the event log. `pruned`: retention deleted it, or events
+    /// after it (or it is 0 and retention deleted anything).
+    Missing { id: i64, pruned: bool },
+}
+
+impl Since {
+    pub fn id(self) -> i64 {
+        match self {
+            Since::Unchecked(id) | Since::Committed { id, .. } | Since::Missing { id, .. } => id,
+        }
+    }
+}
+
+/// What a session's queue carries. Replies to (un)subscribe travel in the
+/// same queue as events, so they keep their place among them. Every queue
+/// slot is the size of this enum, and a connection's queue allocates slots
+/// 32 at a time: the rare replies are boxed so that a slot stays 24 bytes.
+#[derive(Debug)]
+pub enum Outbound {
+    Event(Arc<Event>),
+    Subscribed(Box<Subscribed>),
+    /// The history does not hold `since`: look it up in the event log and
+    /// subscribe again with the answer.
+    LookUp(Box<LookUp>),
+    Unsubscribed {
+        topic: Topic,
+    },
+}
+
+#[derive(Debug)]
+pub struct Subscribed {
+    pub topic: Topic,
+    /// The subscription's resume cursor (the `event_id` of `subscribed`).
+    pub cursor: i64,
+    pub replay: Option<Replay>,
+}
+
+#[derive(Debug)]
+pub struct LookUp {
+    pub topic: Topic,
+    pub since: i64,
+}
+
+/// The events a `subscribe` with `since` owes the client, oldest first.
+#[derive(Debug, Default)]
+pub struct Replay {
+    /// `resync` comes first: events after `since` may be gone.
+    pub resync: bool,
+    /// Then, when `since` is older than the history: events to read from
+    /// the event log.
+    pub from_log: Option<LogReplay>,
+    /// Then these, from the history, in commit order.
+    pub recent: Vec<Arc<Event>>,
+}
+
+/// Events of the log handed over before a marker (or before this process
+/// started), after `since` by id. Events after the marker come from the
+/// history, in commit order.
+#[derive(Debug)]
+pub struct LogReplay {
+    pub since: i64,
+    /// Events whose transactions this marker snapshot shows as finished...
+    pub snapshot: String,
+    /// ...or these, handed over just before it or since evicted from the history...
+    pub also: Vec<i64>,
+    /// ...except these (sorted), which the connection already received.
+    pub skip: Vec<i64>,
+}
+
+/// The hub has stopped: the server is shutting down.
+#[derive(Debug, thiserror::Error)]
+#[error("the hub has stopped")]
+pub struct HubStopped;
+
+/// How sessions talk to the hub. Each request is answered, when it is, in
+/// the connection's queue.
+#[derive(Clone, Debug)]
+pub struct HubHandle {
+    commands: mpsc::Sender<Command>,
+}
+
+impl HubHandle {
+    async fn send(&self, command: Command) -> Result<(), HubStopped> {
+        self.commands.send(command).await.map_err(|_| HubStopped)
+    }
+
+    /// An authenticated connection: from now on its queue (of `capacity`
+    /// messages) receives its viewer's own events. A full queue cancels
+    /// `kicked`.
+    pub async fn register(
+        &self,
+        conn: ConnId,
+        viewer: Viewer,
+        capacity: usize,
+        kicked: CancellationToken,
+    ) -> Result<mpsc::Receiver<Outbound>, HubStopped> {
+        let (outbound, queue) = mpsc::channel(capacity);
+        self.send(Command::Register { conn, viewer, outbound, kicked }).await?;
+        Ok(queue)
+    }
+
+    /// A re-authentication changed the viewer's organization or role.
+    pub async fn update_viewer(&self, conn: ConnId, viewer: Viewer) -> Result<(), HubStopped> {
+        self.send(Command::UpdateViewer { conn, viewer }).await
+    }
+
+    /// Answered with exactly one [`Outbound::Subscribed`], or first with an
+    /// [`Outbound::LookUp`], after which the session subscribes again with
+    /// the `since` looked up.
+    pub async fn subscribe(&self, conn: ConnId, topic: Topic, since: Option<Since>) -> Result<(), HubStopped> {
+        self.send(Command::Subscribe { conn, topic, since }).await
+    }
+
+    /// Answered with [`Outbound::Unsubscribed`] (after the `subscribed` of
+    /// a resume of the topic still waiting for its `since`).
+    pub async fn unsubscribe(&self, conn: ConnId, topic: Topic) -> Result<(), HubStopped> {
+        self.send(Command::Unsubscribe { conn, topic }).await
+    }
+
+    pub async fn unregister(&self, conn: ConnId) -> Result<(), HubStopped> {
+        self.send(Command::Unregister { conn }).await
+    }
+}
+
+pub struct Hub {
+    metrics: Arc<Metrics>,
+    arrivals: mpsc::Receiver<Arrival>,
+    commands: mpsc::Receiver<Command>,
+    routes: Routes,
+    timeline: Timeline,
+    /// `publish`'s candidates, kept to reuse the allocation.
+    recipients: Vec<ConnId>,
+}
+
+/// Capacity of the source → hub channel. When the hub falls behind, the
+/// source waits here and PostgreSQL holds the rest.
+const ARRIVALS_CAPACITY: usize = 4096;
+/// Sessions wait here only for the hub to take their requests.
+const COMMAND_CAPACITY: usize = 1024;
+
+impl Hub {
+    pub fn new(
+        metrics: Arc<Metrics>,
+        history_size: usize,
+        history_bytes: usize,
+    ) -> (Hub, HubHandle, mpsc::Sender<Arrival>) {
+        let (arrivals_tx, arrivals) = mpsc::channel(ARRIVALS_CAPACITY);
+        let (commands_tx, commands) = mpsc::channel(COMMAND_CAPACITY);
+        let hub = Hub {
+            metrics,
+            arrivals,
+            commands,
+            routes: Routes::default(),
+            timeline: Timeline::new(History::new(history_size, history_bytes)),
+            recipients: Vec::new(),
+        };
+        (hub, HubHandle { commands: commands_tx }, arrivals_tx)
+    }
+
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(arrival) = self.arrivals.recv() => match arrival {
+                    Arrival::Event(event) => self.publish(event),
+                    Arrival::Marker(snapshot) => self.on_marker(snapshot),
+                    Arrival::Origin(id) => self.timeline.origin = id,
+                },
+                Some(command) = self.commands.recv() => self.handle(command),
+                else => break,
+            }
+        }
+    }
+
+    fn on_marker(&mut self, snapshot: String) {
+        // Lagging resumes whose `since` this marker shows as finished can
+        // now be placed: in the history, or before it.
+        for d in self.timeline.on_marker(snapshot) {
+            self.subscribe(d.conn, d.topic, Some(d.since()));
+        }
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Register { conn, viewer, outbound, kicked } => {
+                let seq = self.timeline.next_seq();
+                self.routes.register(conn, Conn::new(viewer, outbound, kicked, seq));
+            }
+            Command::UpdateViewer { conn, viewer } => self.routes.set_viewer(conn, viewer),
+            Command::Subscribe { conn, topic, since } => self.subscribe(conn, topic, since),
+            Command::Unsubscribe { conn, topic } => {
+                // A subscribe still waiting for its `since` is answered first.
+                if let Some(d) = self.timeline.cancel_wait(conn, topic) {
+                    self.queue(conn, Outbound::Subscribed(Box::new(Subscribed { topic, cursor: d.id, replay: None })));
+                }
+                self.routes.unsubscribe(conn, topic);
+                self.count_subscriptions();
+                self.queue(conn, Outbound::Unsubscribed { topic });
+            }
+            Command::Unregister { conn } => self.remove(conn),
+        }
+    }
+
+    fn subscribe(&mut self, conn: ConnId, topic: Topic, since: Option<Since>) {
+        let Some(entry) = self.routes.get(conn) else { return };
+        let (cursor, replay, from) = match self.timeline.plan(conn, entry, topic, since) {
+            Plan::Ready { cursor, replay, from } => (cursor, replay, from),
+            Plan::LookUp(since) => {
+                self.queue(conn, Outbound::LookUp(Box::new(LookUp { topic, since })));
+                return;
+            }
+            Plan::Wait => {
+                debug!(conn, topic = %topic, ?since, "since has not reached this instance yet; waiting");
+                return;
+            }
+        };
+        self.routes.subscribe(conn, topic, from);
+        self.count_subscriptions();
+        self.queue(conn, Outbound::Subscribed(Box::new(Subscribed { topic, cursor, replay })));
+    }
+
+    fn publish(&mut self, event: Event) {
+        let event_id = event.id;
+        let Some(event) = self.timeline.admit(event) else {
+            debug!(event_id, "event already delivered; skipped");
+            return;
+        };
+        self.metrics.events_total.fetch_add(1, Relaxed);
+        self.metrics.history_bytes.store(self.timeline.history_bytes() as i64, Relaxed);
+
+        let mut recipients = std::mem::take(&mut self.recipients);
+        recipients.clear();
+        self.routes.candidates(&event, &mut recipients);
+        for &conn in &recipients {
+            let Some(entry) = self.routes.get_mut(conn) else { continue };
+            if entry.last_seq == event.seq || !entry.receives(event.seq, &event) {
+                continue;
+            }
+            entry.last_seq = event.seq;
+            self.queue(conn, Outbound::Event(Arc::clone(&event)));
+        }
+        self.recipients = recipients;
+
+        // A lagging resume waiting for this very event can now be placed.
+        for d in self.timeline.waiting_for(event.id) {
+            self.subscribe(d.conn, d.topic, Some(d.since()));
+        }
+    }
+
+    /// Queue a message for a connection without waiting; a full queue makes
+    /// it a slow consumer.
+    fn queue(&mut self, conn: ConnId, message: Outbound) {
+        let Some(entry) = self.routes.get(conn) else { return };
+        match entry.outbound.try_send(message) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                warn!(conn, user_id = %entry.viewer.user_id, "slow consumer: queue full, closing with 1013");
+                self.metrics.slow_consumer_disconnects_total.fetch_add(1, Relaxed);
+                entry.kicked.cancel();
+                self.remove(conn);
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => self.remove(conn),
+        }
+    }
+
+    fn remove(&mut self, conn: ConnId) {
+        self.timeline.forget(conn);
+        self.routes.remove(conn);
+        self.count_subscriptions();
+    }
+
+    fn count_subscriptions(&self) {
+        self.metrics.subscriptions.store(self.routes.subscriptions() as i64, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::event::EventKind;
+
+    fn logs(deployment: Uuid) -> Topic {
+        Topic::Deployment { kind: EventKind::LogsUpdate, deployment }
+    }
+
+    fn progress(deployment: Uuid) -> Topic {
+        Topic::Deployment { kind: EventKind::Progress, deployment }
+    }
+
+    fn viewer(user: Uuid) -> Viewer {
+        Viewer { user_id: user, organization_id: None, is_superuser: false }
+    }
+
+    fn event(id: i64, kind: EventKind, deployment: Uuid, owner: Uuid, org: Option<Uuid>) -> Event {
+        Event::new(id, kind, deployment, owner, org, "{}")
+    }
+
+    struct Client {
+        conn: ConnId,
+        rx: mpsc::Receiver<Outbound>,
+        kicked: CancellationToken,
+    }
+
+    impl Client {
+        fn events(&mut self) -> Vec<i64> {
+            let mut ids = Vec::new();
+            while let Ok(message) = self.rx.try_recv() {
+                match message {
+                    Outbound::Event(e) => ids.push(e.id),
+                    Outbound::Subscribed(reply) => {
+                        if let Some(replay) = &reply.replay {
+                            ids.extend(replay.recent.iter().map(|e| e.id))
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            ids
+        }
+    }
+
+    fn hub() -> Hub {
+        Hub::new(Arc::new(Metrics::default()), 100, usize::MAX).0
+    }
+
+    fn connect(hub: &mut Hub, conn: ConnId, viewer: Viewer, queue: usize) -> Client {
+        let (tx, rx) = mpsc::channel(queue);
+        let kicked = CancellationToken::new();
+        hub.handle(Command::Register { conn, viewer, outbound: tx, kicked: kicked.clone() });
+        Client { conn, rx, kicked }
+    }
+
+    #[test]
+    fn owner_gets_own_events_without_subscribing() {
+        let mut hub = hub();
+        let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+        let mut a = connect(&mut hub, 1, viewer(alice), 16);
+        let mut b = connect(&mut hub, 2, viewer(bob), 16);
+        hub.publish(event(1, EventKind::StatusChanged, Uuid::new_v4(), alice, None));
+        assert_eq!(a.events(), vec![1]);
+        assert_eq!(b.events(), Vec::<i64>::new());
+    }
+
+    #[test]
+    fn one_event_once_per_connection_however_many_subscriptions_match() {
+        let mut hub = hub();
+        let (alice, deployment) = (Uuid::new_v4(), Uuid::new_v4());
+        let mut a = connect(&mut hub, 1, Viewer { is_superuser: true, ..viewer(alice) }, 16);
+        hub.handle(Command::Subscribe { conn: 1, topic: Topic::DeploymentEvents, since: None });
+        hub.handle(Command::Subscribe { conn: 1, topic: logs(deployment), since: None });
+        hub.publish(event(1, EventKind::LogsUpdate, deployment, alice, None));
+        assert_eq!(a.events(), vec![1]);
+    }
+
+    #[test]
+    fn organization_members_see_deployment_events_of_their_organization_only() {
+        let mut hub = hub();
+        let (org, other_org) = (Uuid::new_v4(), Uuid::new_v4());
+        let mut member = connect(&mut hub, 1, Viewer { organization_id: Some(org), ..viewer(Uuid::new_v4()) }, 16);
+        hub.handle(Command::Subscribe { conn: 1, topic: Topic::DeploymentEvents, since: None });
+        hub.publish(event(1, EventKind::Progress, Uuid::new_v4(), Uuid::new_v4(), Some(org)));
+        hub.publish(event(2, EventKind::Progress, Uuid::new_v4(), Uuid::new_v4(), Some(other_org)));
+        hub.publish(event(3, EventKind::Progress, Uuid::new_v4(), Uuid::new_v4(), None));
+        assert_eq!(member.events(), vec![1]);
+    }
+
+    #[test]
+    fn full_queue_kicks_only_the_slow_consumer() {
+        let mut hub = hub();
+        let owner = Uuid::new_v4();
+        let mut slow = connect(&mut hub, 1, viewer(owner), 2);
+        let mut fast = connect(&mut hub, 2, viewer(owner), 64);
+        for id in 1..=5 {
+            hub.publish(event(id, EventKind::LogsUpdate, Uuid::new_v4(), owner, None));
+            fast.events();
+        }
+        assert!(slow.kicked.is_cancelled());
+        assert!(!fast.kicked.is_cancelled());
+        assert_eq!(slow.events(), vec![1, 2], "what was queued before the kick stays queued");
+        assert!(hub.routes.get(slow.conn).is_none());
+        assert_eq!(hub.metrics.slow_consumer_disconnects_total.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn replay_from_history_follows_commit_order_not_id_order() {
+        let mut hub = hub();
+        let (owner, deployment) = (Uuid::new_v4(), Uuid::new_v4());
+        let watcher = Viewer { is_superuser: true, ..viewer(Uuid::new_v4()) };
+        // Commit order 5, 3, 7, 4: resuming after 3 owes 7 and 4.
+        for id in [5, 3, 7, 4] {
+            hub.publish(event(id, EventKind::StatusChanged, deployment, owner, None));
+        }
+        let mut client = connect(&mut hub, 1, watcher, 16);
+        hub.handle(Command::Subscribe { conn: 1, topic: Topic::DeploymentEvents, since: Some(Since::Unchecked(3)) });
+        assert_eq!(client.events(), vec![7, 4]);
+    }
+
+    #[test]
+    fn replay_skips_what_the_connection_already_received() {
+        let mut hub = hub();
+        let owner = Uuid::new_v4();
+        let mut client = connect(&mut hub, 1, viewer(owner), 16);
+        hub.publish(event(1, EventKind::StatusChanged, Uuid::new_v4(), owner, None));
+        hub.publish(event(2, EventKind::StatusChanged, Uuid::new_v4(), owner, None));
+        assert_eq!(client.events(), vec![1, 2]);
+        hub.handle(Command::Subscribe { conn: 1, topic: Topic::DeploymentEvents, since: Some(Since::Unchecked(1)) });
+        assert_eq!(client.events(), Vec::<i64>::new());
+    }
+
+    #[test]
+    fn replay_older_than_history_is_looked_up_then_read_from_the_log_before_the_oldest_marker() {
+        let mut hub = Hub::new(Arc::new(Metrics::default()), 2, usize::MAX).0;
+        let owner = Uuid::new_v4();
+        let deployment = Uuid::new_v4();
+        hub.on_marker("10:10:".into());
+        for id in 1..=3 {
+            hub.publish(event(id, EventKind::Progress, deployment, owner, None));
+        }
+        hub.on_marker("20:20:".into());
+        let (tx, mut rx) = mpsc::channel(8);
+        let watcher = Viewer { is_superuser: true, ..viewer(Uuid::new_v4()) };
+        hub.handle(Command::Register { conn: 9, viewer: watcher, outbound: tx, kicked: CancellationToken::new() });
+        let topic = progress(deployment);
+        hub.handle(Command::Subscribe { conn: 9, topic, since: Some(Since::Unchecked(1)) });
+        let Ok(Outbound::LookUp(look_up)) = rx.try_recv() else { panic!("the hub asks for a look-up") };
+        assert_eq!(look_up.since, 1);
+        hub.handle(Command::Subscribe { conn: 9, topic, since: Some(Since::Committed { id: 1, xid: 5 }) });
+        let Ok(Outbound::Subscribed(reply)) = rx.try_recv() else { panic!("no reply") };
+        let Subscribed { cursor: 1, replay: Some(replay), .. } = *reply else { panic!("no reply") };
+        let log = replay.from_log.expect("since 1 is older than the history");
+        // The oldest marker at or after the history's start is the second:
+        // events fed before it come from the log, the rest from the history.
+        assert_eq!((log.since, log.snapshot.as_str()), (1, "20:20:"));
+        assert_eq!(log.also.iter().copied().collect::<HashSet<_>>(), HashSet::from([1, 2, 3]));
+        assert!(replay.recent.is_empty());
+    }
+
+    #[test]
+    fn a_lagging_resume_waits_for_its_since_then_replays_from_its_place() {
+        let mut hub = hub();
+        let (owner, deployment) = (Uuid::new_v4(), Uuid::new_v4());
+        hub.on_marker("100:100:".into());
+        let watcher = Viewer { is_superuser: true, ..viewer(Uuid::new_v4()) };
+        let mut client = connect(&mut hub, 1, watcher, 16);
+        let topic = logs(deployment);
+        hub.handle(Command::Subscribe { conn: 1, topic, since: Some(Since::Committed { id: 7, xid: 150 }) });
+        assert!(client.rx.try_recv().is_err(), "no reply before since arrives");
+        for id in [7, 8] {
+            hub.publish(event(id, EventKind::LogsUpdate, deployment, owner, None));
+        }
+        assert_eq!(client.events(), vec![8], "exactly what followed since");
+        hub.publish(event(9, EventKind::LogsUpdate, deployment, owner, None));
+        assert_eq!(client.events(), vec![9]);
+    }
+
+    #[test]
+    fn subscribed_carries_the_newest_event_as_cursor() {
+        let mut hub = hub();
+        hub.handle(Command::Register {
+            conn: 1,
+            viewer: viewer(Uuid::new_v4()),
+            outbound: mpsc::channel(8).0,
+            kicked: CancellationToken::new(),
+        });
+        hub.timeline.origin = 41;
+        assert_eq!(hub.timeline.cursor(), 41, "before any event, the origin");
+        hub.publish(event(44, EventKind::Progress, Uuid::new_v4(), Uuid::new_v4(), None));
+        hub.publish(event(43, EventKind::Progress, Uuid::new_v4(), Uuid::new_v4(), None));
+        assert_eq!(hub.timeline.cursor(), 43, "the last in commit order, not the largest id");
+    }
+
+    #[test]
+    fn duplicate_event_from_catch_up_is_published_once() {
+        let mut hub = hub();
+        let owner = Uuid::new_v4();
+        let mut client = connect(&mut hub, 1, viewer(owner), 16);
+        hub.publish(event(1, EventKind::StatusChanged, Uuid::new_v4(), owner, None));
+        hub.publish(event(1, EventKind::StatusChanged, Uuid::new_v4(), owner, None));
+        assert_eq!(client.events(), vec![1]);
+    }
+
+    #[test]
+    fn topic_subscriber_who_loses_visibility_stops_receiving() {
+        let mut hub = hub();
+        let (org, deployment, owner) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let mut member = connect(&mut hub, 1, Viewer { organization_id: Some(org), ..viewer(Uuid::new_v4()) }, 16);
+        hub.handle(Command::Subscribe { conn: 1, topic: logs(deployment), since: None });
+        hub.publish(event(1, EventKind::LogsUpdate, deployment, owner, Some(org)));
+        // The deployment moved to another organization.
+        hub.publish(event(2, EventKind::LogsUpdate, deployment, owner, Some(Uuid::new_v4())));
+        assert_eq!(member.events(), vec![1]);
+    }
+}

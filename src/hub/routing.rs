@@ -1,0 +1,206 @@
+//! Who receives what: the delivery rule, written once ([`Conn::receives`]),
+//! and the indexes that find its candidates without visiting every
+//! connection. The indexes only narrow: the rule decides.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::{ConnId, Outbound};
+use crate::auth::Viewer;
+use crate::event::{Event, Topic};
+
+/// A registered connection, as the hub sees it.
+pub(super) struct Conn {
+    pub viewer: Viewer,
+    pub outbound: mpsc::Sender<Outbound>,
+    pub kicked: CancellationToken,
+    /// Each subscription with the first seq it delivers from.
+    pub subscriptions: HashMap<Topic, u64>,
+    /// The first seq of the viewer's own events it receives.
+    pub registered_seq: u64,
+    /// Seq of the last event queued for it: each event at most once.
+    pub last_seq: u64,
+}
+
+impl Conn {
+    pub fn new(viewer: Viewer, outbound: mpsc::Sender<Outbound>, kicked: CancellationToken, seq: u64) -> Conn {
+        Conn { viewer, outbound, kicked, subscriptions: HashMap::new(), registered_seq: seq, last_seq: 0 }
+    }
+
+    /// The delivery rule: whether this connection receives the event fed at
+    /// `seq`. Its viewer's own events since it registered, and the events
+    /// of each topic it subscribes to that its viewer may see, since the
+    /// subscription took effect. Live fan-out, replays from the history
+    /// and the "already sent" check of a resume all ask this.
+    pub fn receives(&self, seq: u64, event: &Event) -> bool {
+        let own = seq >= self.registered_seq && event.owner == self.viewer.user_id;
+        // The only topics that can carry an event: every subscription is
+        // one of these or does not carry it.
+        let topics = [Some(Topic::DeploymentEvents), Topic::of_event(event.kind, event.deployment_id)];
+        own || topics.into_iter().flatten().any(|topic| {
+            self.subscriptions.get(&topic).is_some_and(|&from| seq >= from && on_topic(topic, self.viewer, event))
+        })
+    }
+}
+
+/// Whether a subscription of `viewer` to `topic` carries `event`: the
+/// topic's events, of deployments the viewer may see.
+pub(super) fn on_topic(topic: Topic, viewer: Viewer, event: &Event) -> bool {
+    topic.carries(event.kind, event.deployment_id) && viewer.can_see(event.owner, event.organization_id)
+}
+
+/// The registered connections and their indexes.
+#[derive(Default)]
+pub(super) struct Routes {
+    conns: HashMap<ConnId, Conn>,
+    /// Every connection, by user: their own events.
+    owners: HashMap<Uuid, Vec<ConnId>>,
+    /// `deployment_events` subscribers who see every deployment.
+    everything: HashSet<ConnId>,
+    /// `deployment_events` subscribers, by their organization.
+    by_organization: HashMap<Uuid, HashSet<ConnId>>,
+    /// Per-deployment topic subscribers.
+    by_topic: HashMap<Topic, HashSet<ConnId>>,
+    subscriptions: usize,
+}
+
+impl Routes {
+    pub fn get(&self, conn: ConnId) -> Option<&Conn> {
+        self.conns.get(&conn)
+    }
+
+    pub fn get_mut(&mut self, conn: ConnId) -> Option<&mut Conn> {
+        self.conns.get_mut(&conn)
+    }
+
+    /// How many subscriptions all connections hold.
+    pub fn subscriptions(&self) -> usize {
+        self.subscriptions
+    }
+
+    pub fn register(&mut self, id: ConnId, conn: Conn) {
+        self.owners.entry(conn.viewer.user_id).or_default().push(id);
+        self.conns.insert(id, conn);
+    }
+
+    /// A re-authentication changed the viewer's organization or role.
+    pub fn set_viewer(&mut self, id: ConnId, viewer: Viewer) {
+        let Some(conn) = self.conns.get_mut(&id) else { return };
+        let old = std::mem::replace(&mut conn.viewer, viewer);
+        if conn.subscriptions.contains_key(&Topic::DeploymentEvents) {
+            self.unindex(id, Topic::DeploymentEvents, old);
+            self.index(id, Topic::DeploymentEvents, viewer);
+        }
+    }
+
+    /// Subscribe `id` to `topic` from `seq` on (or, when it already is,
+    /// from the earlier of the two).
+    pub fn subscribe(&mut self, id: ConnId, topic: Topic, seq: u64) {
+        let Some(conn) = self.conns.get_mut(&id) else { return };
+        let viewer = conn.viewer;
+        let from = conn.subscriptions.entry(topic).or_insert(u64::MAX);
+        let new = *from == u64::MAX;
+        *from = (*from).min(seq);
+        if new {
+            self.index(id, topic, viewer);
+            self.subscriptions += 1;
+        }
+    }
+
+    pub fn unsubscribe(&mut self, id: ConnId, topic: Topic) {
+        let Some(conn) = self.conns.get_mut(&id) else { return };
+        let viewer = conn.viewer;
+        if conn.subscriptions.remove(&topic).is_some() {
+            self.unindex(id, topic, viewer);
+            self.subscriptions -= 1;
+        }
+    }
+
+    pub fn remove(&mut self, id: ConnId) -> Option<Conn> {
+        let conn = self.conns.remove(&id)?;
+        if let Some(ids) = self.owners.get_mut(&conn.viewer.user_id) {
+            ids.retain(|c| *c != id);
+            if ids.is_empty() {
+                self.owners.remove(&conn.viewer.user_id);
+            }
+        }
+        for topic in conn.subscriptions.keys() {
+            self.unindex(id, *topic, conn.viewer);
+        }
+        self.subscriptions -= conn.subscriptions.len();
+        Some(conn)
+    }
+
+    /// Every connection that may receive `event`, some more than once, and
+    /// perhaps some that do not ([`Conn::receives`] decides).
+    pub fn candidates(&self, event: &Event, out: &mut Vec<ConnId>) {
+        if let Some(ids) = self.owners.get(&event.owner) {
+            out.extend(ids);
+        }
+        out.extend(&self.everything);
+        if let Some(ids) = event.organization_id.and_then(|org| self.by_organization.get(&org)) {
+            out.extend(ids);
+        }
+        if let Some(ids) = Topic::of_event(event.kind, event.deployment_id).and_then(|t| self.by_topic.get(&t)) {
+            out.extend(ids);
+        }
+        #[cfg(debug_assertions)]
+        self.check_candidates(event, out);
+    }
+
+    /// The indexes may only narrow: nobody the rule delivers to is missed.
+    #[cfg(debug_assertions)]
+    fn check_candidates(&self, event: &Event, candidates: &[ConnId]) {
+        let candidates: HashSet<&ConnId> = candidates.iter().collect();
+        for (id, conn) in &self.conns {
+            debug_assert!(
+                candidates.contains(id) || !conn.receives(event.seq, event),
+                "conn {id} receives event {} but no index names it",
+                event.id
+            );
+        }
+    }
+
+    /// `deployment_events` for a viewer's own deployments comes through
+    /// `owners`; only superusers and organization members need an index.
+    fn index(&mut self, id: ConnId, topic: Topic, viewer: Viewer) {
+        match topic {
+            Topic::DeploymentEvents if viewer.is_superuser => {
+                self.everything.insert(id);
+            }
+            Topic::DeploymentEvents => {
+                if let Some(org) = viewer.organization_id {
+                    self.by_organization.entry(org).or_default().insert(id);
+                }
+            }
+            Topic::Deployment { .. } => {
+                self.by_topic.entry(topic).or_default().insert(id);
+            }
+        }
+    }
+
+    fn unindex(&mut self, id: ConnId, topic: Topic, viewer: Viewer) {
+        match topic {
+            Topic::DeploymentEvents => {
+                self.everything.remove(&id);
+                if let Some(org) = viewer.organization_id {
+                    remove_from(&mut self.by_organization, org, id);
+                }
+            }
+            Topic::Deployment { .. } => remove_from(&mut self.by_topic, topic, id),
+        }
+    }
+}
+
+fn remove_from<K: Hash + Eq>(index: &mut HashMap<K, HashSet<ConnId>>, key: K, id: ConnId) {
+    if let Some(ids) = index.get_mut(&key) {
+        ids.remove(&id);
+        if ids.is_empty() {
+            index.remove(&key);
+        }
+    }
+}
