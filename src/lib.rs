@@ -123,15 +123,7 @@ pub async fn serve(
         _ = shutdown.cancelled() => {}
         _ = up.wait_for(|up| *up) => {}
     }
-    let websocket = Endpoint::new(
-        &settings,
-        verifier,
-        hub_handle,
-        EventLog::new(pool),
-        Arc::clone(&metrics),
-        shutdown.clone(),
-        tasks.clone(),
-    );
+    let websocket = Endpoint::new(&settings, verifier, hub_handle, EventLog::new(pool), &metrics, &shutdown, &tasks);
     if !shutdown.is_cancelled() {
         if let Ok(address) = listener.local_addr() {
             info!(

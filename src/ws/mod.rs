@@ -64,22 +64,23 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// Sessions are spawned on `tasks` and close when `shutdown` is cancelled.
     pub fn new(
         settings: &ServerArgs,
         verifier: Verifier,
         hub: HubHandle,
         log: EventLog,
-        metrics: Arc<Metrics>,
-        shutdown: CancellationToken,
-        tasks: TaskTracker,
+        metrics: &Arc<Metrics>,
+        shutdown: &CancellationToken,
+        tasks: &TaskTracker,
     ) -> Arc<Endpoint> {
         Arc::new(Endpoint {
             verifier,
             hub,
             log,
-            metrics,
-            shutdown,
-            tasks,
+            metrics: Arc::clone(metrics),
+            shutdown: shutdown.clone(),
+            tasks: tasks.clone(),
             ping_interval: settings.ping_interval,
             client_queue: settings.client_queue,
             max_connections: settings.max_connections,
