@@ -21,7 +21,8 @@ pub const REPLAY_QUERIES: usize = 4;
 pub const REPLAY_MEMORY: usize = 64 * 1024 * 1024;
 /// Event log rows, and bytes of event data (about), read per replay query.
 const PAGE_ROWS: i64 = 256;
-pub const PAGE_BYTES: usize = 256 * 1024;
+const PAGE_BYTES: usize = 256 * 1024;
+const PAGE_KIB: u32 = (PAGE_BYTES / 1024) as u32;
 
 /// What sessions read from the database: permission checks, `since`
 /// look-ups and replay pages. Replays share two limits: concurrent
@@ -65,8 +66,8 @@ impl Pages {
 
 impl EventLog {
     pub fn new(pool: Pool) -> EventLog {
-        let kib = u32::try_from(REPLAY_MEMORY / 1024).unwrap_or(u32::MAX) as usize;
-        EventLog { pool, queries: Arc::new(Semaphore::new(REPLAY_QUERIES)), memory: Arc::new(Semaphore::new(kib)) }
+        let memory = Arc::new(Semaphore::new(REPLAY_MEMORY / 1024));
+        EventLog { pool, queries: Arc::new(Semaphore::new(REPLAY_QUERIES)), memory }
     }
 
     /// Whether `viewer` may subscribe to `topic`: a per-deployment topic
@@ -107,7 +108,7 @@ impl EventLog {
         if pages.done {
             return Ok(None);
         }
-        let memory = Arc::clone(&self.memory).acquire_many_owned((PAGE_BYTES / 1024) as u32).await;
+        let memory = Arc::clone(&self.memory).acquire_many_owned(PAGE_KIB).await;
         let memory = memory.map_err(|_| DbError::Closed)?;
         let slot = self.queries.acquire().await;
         let client = self.pool.get().await?;
