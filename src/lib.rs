@@ -64,7 +64,7 @@ use crate::auth::Verifier;
 use crate::config::ServerArgs;
 use crate::db::DbError;
 use crate::db::events::EventLog;
-use crate::db::listener::Listener;
+use crate::db::listener::{Listener, SourceLink};
 use crate::db::replication::Replication;
 use crate::db::source::EventSource;
 use crate::http::Server;
@@ -106,13 +106,10 @@ pub async fn serve(
     let (hub, hub_handle, arrivals) = Hub::new(Arc::clone(&metrics), settings.history_size, settings.history_bytes);
     let (up_tx, mut up) = watch::channel(false);
     tasks.spawn(hub.run(shutdown.clone()));
+    let link = SourceLink::new(arrivals, Arc::clone(&metrics), up_tx, shutdown.clone());
     match source {
-        EventSource::Notify => {
-            tasks.spawn(Listener::new(database, arrivals, Arc::clone(&metrics), up_tx, shutdown.clone()).run())
-        }
-        EventSource::Logical => {
-            tasks.spawn(Replication::new(database, arrivals, Arc::clone(&metrics), up_tx, shutdown.clone()).run())
-        }
+        EventSource::Notify => tasks.spawn(Listener::new(database, link).run()),
+        EventSource::Logical => tasks.spawn(Replication::new(database, link).run()),
     };
     let pool = db::pool(database);
     let switched = CancellationToken::new();

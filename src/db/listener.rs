@@ -59,42 +59,69 @@ pub(crate) enum ListenerError {
     Closed,
     #[error("no marker came back within {MARKER_TIMEOUT:?}; connection presumed dead")]
     Stalled,
-    #[error("hub stopped")]
-    HubGone,
+    #[error(transparent)]
+    HubGone(#[from] HubGone),
 }
 
-pub struct Listener {
-    config: tokio_postgres::Config,
+/// What either event source needs besides its connection: the hub to hand
+/// events to, the up/down report, shutdown, and this process's own marker
+/// name (a LISTEN channel, or a logical message prefix).
+pub struct SourceLink {
     arrivals: mpsc::Sender<Arrival>,
-    metrics: Arc<Metrics>,
     up: watch::Sender<bool>,
-    marker_channel: String,
-    shutdown: CancellationToken,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) marker_name: String,
 }
 
-impl Listener {
-    /// `up` turns true once the connection listens and a marker came back,
-    /// and false whenever it is lost.
+/// The hub stopped: nothing to reconnect for.
+#[derive(Debug, thiserror::Error)]
+#[error("hub stopped")]
+pub struct HubGone;
+
+impl SourceLink {
+    /// `up` turns true once the source delivered a marker, and false
+    /// whenever its connection is lost.
     pub fn new(
-        config: &tokio_postgres::Config,
         arrivals: mpsc::Sender<Arrival>,
         metrics: Arc<Metrics>,
         up: watch::Sender<bool>,
         shutdown: CancellationToken,
-    ) -> Self {
-        let mut config = config.clone();
-        config.application_name(APPLICATION_NAME);
-        let marker_channel = format!("windflow_marker_{}", uuid::Uuid::new_v4().simple());
-        Listener { config, arrivals, metrics, up, marker_channel, shutdown }
+    ) -> SourceLink {
+        let marker_name = format!("windflow_marker_{}", uuid::Uuid::new_v4().simple());
+        SourceLink { arrivals, up, metrics, shutdown, marker_name }
+    }
+
+    /// Report the source up or down (`/healthz`, `windflow_listener_up`).
+    pub(crate) fn set_up(&self, up: bool) {
+        self.up.send_replace(up);
+        self.metrics.listener_up.store(i64::from(up), Relaxed);
+    }
+
+    pub(crate) async fn hand_over(&self, arrival: Arrival) -> Result<(), HubGone> {
+        self.arrivals.send(arrival).await.map_err(|_| HubGone)
+    }
+}
+
+/// `config` with this process's `application_name` for a source connection.
+pub(crate) fn named(config: &tokio_postgres::Config, application_name: &str) -> tokio_postgres::Config {
+    let mut config = config.clone();
+    config.application_name(application_name);
+    config
+}
+
+pub struct Listener {
+    config: tokio_postgres::Config,
+    link: SourceLink,
+}
+
+impl Listener {
+    pub fn new(config: &tokio_postgres::Config, link: SourceLink) -> Self {
+        Listener { config: named(config, APPLICATION_NAME), link }
     }
 
     pub async fn run(self) {
-        keep_connected(&self, "listener connection").await
-    }
-
-    fn set_up(&self, up: bool) {
-        self.up.send_replace(up);
-        self.metrics.listener_up.store(i64::from(up), Relaxed);
+        keep_connected(&self, &self.link, "listener connection").await
     }
 
     /// One connection's life; returns Ok only on shutdown.
@@ -135,7 +162,7 @@ impl Listener {
         refuse_standby(client).await?;
         let key = SigningKey::load(client).await?;
         client
-            .batch_execute(&format!("LISTEN {EVENTS_CHANNEL}; LISTEN {}", quote_identifier(&self.marker_channel)))
+            .batch_execute(&format!("LISTEN {EVENTS_CHANNEL}; LISTEN {}", quote_identifier(&self.link.marker_name)))
             .await?;
         if marker.is_none() {
             // Before any marker: the newest event committed now, the resume
@@ -149,19 +176,19 @@ impl Listener {
             for event in missed {
                 self.hand_over(Arrival::Event(event)).await?;
             }
-            self.metrics.listener_reconnects_total.fetch_add(1, Relaxed);
+            self.link.metrics.listener_reconnects_total.fetch_add(1, Relaxed);
         }
         let mut tick = tokio::time::interval(MARKER_EVERY);
         // The nonce and send time of the marker awaited.
         let mut marker_sent: Option<(String, Instant)> = None;
         loop {
             tokio::select! {
-                _ = self.shutdown.cancelled() => return Ok(()),
+                _ = self.link.shutdown.cancelled() => return Ok(()),
                 notification = notifications.recv() => {
                     let Some(notification) = notification else { return Err(ListenerError::Closed) };
                     if notification.channel() == EVENTS_CHANNEL {
                         self.on_announcement(client, &key, notification.payload()).await?;
-                    } else if notification.channel() == self.marker_channel {
+                    } else if notification.channel() == self.link.marker_name {
                         // Only the marker this connection sent counts: its
                         // payload starts with the nonce it was sent with.
                         let Some(snapshot) = marker_sent
@@ -177,7 +204,7 @@ impl Listener {
                         self.hand_over(Arrival::Marker(snapshot)).await?;
                         if !*became_up {
                             *became_up = true;
-                            self.set_up(true);
+                            self.link.set_up(true);
                             info!(application_name = APPLICATION_NAME, "listener up");
                         }
                     }
@@ -193,12 +220,12 @@ impl Listener {
                     match client
                         .query_one(
                             "SELECT pg_notification_queue_usage(), pg_notify($1, $2 || pg_current_snapshot()::text)",
-                            &[&self.marker_channel, &nonce],
+                            &[&self.link.marker_name, &nonce],
                         )
                         .await
                     {
                         Ok(row) => {
-                            self.metrics.set_notification_queue_usage(row.get(0));
+                            self.link.metrics.set_notification_queue_usage(row.get(0));
                             marker_sent = Some((nonce, Instant::now()));
                         }
                         // A snapshot too long for a NOTIFY payload (thousands of
@@ -217,7 +244,7 @@ impl Listener {
         let announcement = match key.verify(payload) {
             Ok(a) => a,
             Err(why) => {
-                self.metrics.forged_notifications_total.fetch_add(1, Relaxed);
+                self.link.metrics.forged_notifications_total.fetch_add(1, Relaxed);
                 warn!(reason = %why, payload = %truncated(payload),
                     "ignoring a notification on windflow_events that no trigger signed");
                 return Ok(());
@@ -252,7 +279,7 @@ impl Listener {
     }
 
     async fn hand_over(&self, arrival: Arrival) -> Result<(), ListenerError> {
-        self.arrivals.send(arrival).await.map_err(|_| ListenerError::HubGone)
+        Ok(self.link.hand_over(arrival).await?)
     }
 }
 
@@ -260,15 +287,7 @@ impl EventStream for Listener {
     type Error = ListenerError;
 
     fn hub_gone(error: &ListenerError) -> bool {
-        matches!(error, ListenerError::HubGone)
-    }
-
-    fn shutdown(&self) -> &CancellationToken {
-        &self.shutdown
-    }
-
-    fn set_up(&self, up: bool) {
-        Listener::set_up(self, up)
+        matches!(error, ListenerError::HubGone(_))
     }
 
     fn connection(
@@ -286,9 +305,6 @@ pub(crate) trait EventStream: Sync {
     type Error: std::fmt::Display;
     /// The error says the hub stopped: nothing to reconnect for.
     fn hub_gone(error: &Self::Error) -> bool;
-    fn shutdown(&self) -> &CancellationToken;
-    /// Report the source up or down (`/healthz`, `windflow_listener_up`).
-    fn set_up(&self, up: bool);
     /// One connection's life, until it fails. `marker` is the last marker
     /// snapshot seen, kept across connections for the catch-up; set
     /// `became_up` once the connection delivered a marker.
@@ -301,16 +317,16 @@ pub(crate) trait EventStream: Sync {
 
 /// Run `stream`'s connection until shutdown, reconnecting with [`Backoff`]
 /// after each loss (reset once a connection came up).
-pub(crate) async fn keep_connected<S: EventStream>(stream: &S, what: &'static str) {
+pub(crate) async fn keep_connected<S: EventStream>(stream: &S, link: &SourceLink, what: &'static str) {
     let mut marker: Option<String> = None;
     let mut backoff = Backoff::default();
     loop {
         let mut became_up = false;
         let outcome = tokio::select! {
-            _ = stream.shutdown().cancelled() => Ok(()),
+            _ = link.shutdown.cancelled() => Ok(()),
             outcome = stream.connection(&mut marker, &mut became_up) => outcome,
         };
-        stream.set_up(false);
+        link.set_up(false);
         let error = match outcome {
             Ok(()) => return,
             Err(e) if S::hub_gone(&e) => return,
@@ -322,7 +338,7 @@ pub(crate) async fn keep_connected<S: EventStream>(stream: &S, what: &'static st
         let delay = backoff.next_delay();
         warn!(error = %error, retry_in = ?delay, "{what} lost; reconnecting");
         tokio::select! {
-            _ = stream.shutdown().cancelled() => return,
+            _ = link.shutdown.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}
         }
     }

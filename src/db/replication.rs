@@ -54,22 +54,18 @@
 //! transaction (writers are not blocked by it), and catch-up delivers what
 //! committed meanwhile.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use pgwire_replication::{PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
-use tokio::sync::{mpsc, watch};
 use tokio_postgres::{Client, NoTls};
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::db::listener::{EventStream, keep_connected};
+use crate::db::listener::{EventStream, HubGone, SourceLink, keep_connected, named};
 use crate::db::pgoutput::{DecodeError, Decoded, Decoder};
 use crate::db::source::{PUBLICATION, check_logical_ready};
 use crate::db::{DbError, events, quote_identifier, refuse_standby};
 use crate::hub::Arrival;
-use crate::metrics::Metrics;
 
 pub const APPLICATION_NAME: &str = "windflow-notify-replication";
 
@@ -97,17 +93,13 @@ pub(crate) enum ReplicationError {
     Closed,
     #[error("no marker came back within {MARKER_TIMEOUT:?}; stream presumed dead")]
     Stalled,
-    #[error("hub stopped")]
-    HubGone,
+    #[error(transparent)]
+    HubGone(#[from] HubGone),
 }
 
 pub struct Replication {
     config: tokio_postgres::Config,
-    arrivals: mpsc::Sender<Arrival>,
-    metrics: Arc<Metrics>,
-    up: watch::Sender<bool>,
-    marker_prefix: String,
-    shutdown: CancellationToken,
+    link: SourceLink,
 }
 
 /// The replication client, aborted (its connection closed, its temporary
@@ -121,28 +113,12 @@ impl Drop for Stream {
 }
 
 impl Replication {
-    /// `up` turns true once the stream runs and a marker came back, and
-    /// false whenever it is lost.
-    pub fn new(
-        config: &tokio_postgres::Config,
-        arrivals: mpsc::Sender<Arrival>,
-        metrics: Arc<Metrics>,
-        up: watch::Sender<bool>,
-        shutdown: CancellationToken,
-    ) -> Self {
-        let mut config = config.clone();
-        config.application_name(APPLICATION_NAME);
-        let marker_prefix = format!("windflow_marker_{}", uuid::Uuid::new_v4().simple());
-        Replication { config, arrivals, metrics, up, marker_prefix, shutdown }
+    pub fn new(config: &tokio_postgres::Config, link: SourceLink) -> Self {
+        Replication { config: named(config, APPLICATION_NAME), link }
     }
 
     pub async fn run(self) {
-        keep_connected(&self, "replication stream").await
-    }
-
-    fn set_up(&self, up: bool) {
-        self.up.send_replace(up);
-        self.metrics.listener_up.store(i64::from(up), Relaxed);
+        keep_connected(&self, &self.link, "replication stream").await
     }
 
     /// One session: both connections, until either fails (or shutdown,
@@ -203,7 +179,7 @@ impl Replication {
             for event in missed {
                 self.hand_over(Arrival::Event(event)).await?;
             }
-            self.metrics.listener_reconnects_total.fetch_add(1, Relaxed);
+            self.link.metrics.listener_reconnects_total.fetch_add(1, Relaxed);
         }
 
         let mut decoder = Decoder::default();
@@ -221,14 +197,14 @@ impl Replication {
                         Err(e @ DecodeError::BadValue { .. }) => warn!(error = %e, "ignoring an event log row"),
                         Err(e) => return Err(e.into()),
                     },
-                    ReplicationEvent::Message { prefix, content, .. } if prefix == self.marker_prefix => {
+                    ReplicationEvent::Message { prefix, content, .. } if prefix == self.link.marker_name => {
                         marker_sent = None;
                         let snapshot = String::from_utf8_lossy(&content).into_owned();
                         *marker = Some(snapshot.clone());
                         self.hand_over(Arrival::Marker(snapshot)).await?;
                         if !*became_up {
                             *became_up = true;
-                            self.set_up(true);
+                            self.link.set_up(true);
                             info!(application_name = APPLICATION_NAME, slot = %slot, "replication stream up");
                         }
                     }
@@ -247,7 +223,7 @@ impl Replication {
                     client
                         .execute(
                             "SELECT pg_logical_emit_message(true, $1, pg_current_snapshot()::text)",
-                            &[&self.marker_prefix],
+                            &[&self.link.marker_name],
                         )
                         .await?;
                     marker_sent = Some(Instant::now());
@@ -257,7 +233,7 @@ impl Replication {
     }
 
     async fn hand_over(&self, arrival: Arrival) -> Result<(), ReplicationError> {
-        self.arrivals.send(arrival).await.map_err(|_| ReplicationError::HubGone)
+        Ok(self.link.hand_over(arrival).await?)
     }
 }
 
@@ -265,15 +241,7 @@ impl EventStream for Replication {
     type Error = ReplicationError;
 
     fn hub_gone(error: &ReplicationError) -> bool {
-        matches!(error, ReplicationError::HubGone)
-    }
-
-    fn shutdown(&self) -> &CancellationToken {
-        &self.shutdown
-    }
-
-    fn set_up(&self, up: bool) {
-        Replication::set_up(self, up)
+        matches!(error, ReplicationError::HubGone(_))
     }
 
     fn connection(
