@@ -55,6 +55,10 @@ pub(crate) enum ListenerError {
     Db(#[from] DbError),
     #[error("connection lost: {}", crate::db::describe(.0))]
     Lost(#[from] tokio_postgres::Error),
+    /// PostgreSQL answered the `LISTEN` statement with an error (the
+    /// connection itself still worked).
+    #[error("LISTEN refused: {}", crate::db::describe(.0))]
+    ListenRefused(tokio_postgres::Error),
     #[error("connection closed by the server")]
     Closed,
     #[error("no marker came back within {MARKER_TIMEOUT:?}; connection presumed dead")]
@@ -163,7 +167,11 @@ impl Listener {
         let key = SigningKey::load(client).await?;
         client
             .batch_execute(&format!("LISTEN {EVENTS_CHANNEL}; LISTEN {}", quote_identifier(&self.link.marker_name)))
-            .await?;
+            .await
+            .map_err(|e| match e.as_db_error() {
+                Some(_) => ListenerError::ListenRefused(e),
+                None => ListenerError::Lost(e),
+            })?;
         if marker.is_none() {
             // Before any marker: the newest event committed now, the resume
             // cursor of a subscription made before anything is fed.
