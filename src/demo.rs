@@ -233,9 +233,8 @@ async fn run_slots(client: &Client, slots: &[Slot], shutdown: &CancellationToken
         if !pause(Duration::from_millis(1500 * index as u64), shutdown).await {
             return Ok::<(), DbError>(());
         }
-        let mut random = Random::new();
         let mut life = 0u32;
-        while live(client, slot, life, &mut random, shutdown).await? {
+        while live(client, slot, life, shutdown).await? {
             life += 1;
         }
         Ok(())
@@ -258,13 +257,7 @@ const STEPS: [&str; 6] = [
 
 /// One life of a deployment: pending, deploying step by step, then running
 /// or failed, then a pause. Returns false once shutdown is requested.
-async fn live(
-    client: &Client,
-    slot: &Slot,
-    life: u32,
-    random: &mut Random,
-    shutdown: &CancellationToken,
-) -> Result<bool, DbError> {
+async fn live(client: &Client, slot: &Slot, life: u32, shutdown: &CancellationToken) -> Result<bool, DbError> {
     let id = &slot.id;
     let log = |message: String| async move {
         client.execute("INSERT INTO deployment_logs (deployment_id, message) VALUES ($1, $2)", &[id, &message]).await
@@ -278,7 +271,7 @@ async fn live(
             .await?;
         log(format!("[INFO] Redeploy #{life} of {} requested", slot.name)).await?;
     }
-    if !pause(random.between(1000, 2500), shutdown).await {
+    if !pause(between(1000, 2500), shutdown).await {
         return Ok(false);
     }
     let total = STEPS.len() as i32;
@@ -291,7 +284,7 @@ async fn live(
     log(format!("[INFO] Deploying {} ({})", slot.name, slot.image)).await?;
     let fails = slot.fail_every > 0 && life.is_multiple_of(slot.fail_every);
     for index in 0..STEPS.len() {
-        if !pause(random.between(700, 1600), shutdown).await {
+        if !pause(between(700, 1600), shutdown).await {
             return Ok(false);
         }
         for line in step_logs(slot, index) {
@@ -303,7 +296,7 @@ async fn live(
                 .execute("UPDATE deployments SET status = 'failed', error_message = $2 WHERE id = $1", &[id, &error])
                 .await?;
             log(format!("[ERROR] {error}")).await?;
-            return Ok(pause(random.between(8000, 14000), shutdown).await);
+            return Ok(pause(between(8000, 14000), shutdown).await);
         }
         let progress = ((index as i32 + 1) * 100 / total).min(100);
         let next = STEPS.get(index + 1).copied().unwrap_or("Done");
@@ -313,7 +306,7 @@ async fn live(
     }
     client.execute("UPDATE deployments SET status = 'running', current_step = 'Running' WHERE id = $1", &[id]).await?;
     log(format!("[INFO] {} is running", slot.name)).await?;
-    Ok(pause(random.between(8000, 14000), shutdown).await)
+    Ok(pause(between(8000, 14000), shutdown).await)
 }
 
 fn step_logs(slot: &Slot, step: usize) -> Vec<String> {
@@ -338,20 +331,9 @@ async fn pause(duration: Duration, shutdown: &CancellationToken) -> bool {
     }
 }
 
-/// A small xorshift generator for human-looking delays; not for secrets.
-struct Random(u64);
-
-impl Random {
-    fn new() -> Self {
-        Random((Uuid::new_v4().as_u128() as u64) | 1)
-    }
-
-    fn between(&mut self, low_ms: u64, high_ms: u64) -> Duration {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        Duration::from_millis(low_ms + self.0 % (high_ms - low_ms).max(1))
-    }
+/// A human-looking delay of `low_ms` up to (not including) `high_ms`.
+fn between(low_ms: u64, high_ms: u64) -> Duration {
+    Duration::from_millis(fastrand::u64(low_ms..high_ms))
 }
 
 #[cfg(test)]
@@ -367,9 +349,8 @@ mod tests {
 
     #[test]
     fn delays_stay_in_range() {
-        let mut random = Random::new();
         for _ in 0..1000 {
-            let delay = random.between(700, 1600);
+            let delay = between(700, 1600);
             assert!(delay >= Duration::from_millis(700) && delay < Duration::from_millis(1600));
         }
     }

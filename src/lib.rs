@@ -40,6 +40,7 @@
 //! fails `event::tests::every_kind_has_one_row_and_the_triggers_emit_exactly_these`.
 
 pub mod auth;
+pub mod backoff;
 pub mod config;
 pub mod db;
 pub mod demo;

@@ -25,12 +25,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
+use crate::backoff::Backoff;
 use crate::event::{EventKind, Topic};
 use crate::ws::protocol::{ClientMessage, ErrorCode, ServerMessage};
 
-/// Reconnect delays grow from the first to the last, doubled each time.
-const FIRST_BACKOFF: Duration = Duration::from_millis(250);
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Reconnect delays: up to 250 ms first, doubling to 10 s.
+const RECONNECT_BACKOFF: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
 /// How many recent event ids are remembered to drop duplicates.
 const SEEN_CAPACITY: usize = 10_000;
 /// Where `serve` listens when WINDFLOW_BIND is unset.
@@ -199,26 +199,28 @@ pub async fn run(args: TailArgs, shutdown: CancellationToken) -> Result<(), Tail
     request.headers_mut().insert("authorization", bearer);
     info!(%url, from = source, "connecting");
     let mut resume = Resume::new(&topics, args.since);
-    let mut backoff = FIRST_BACKOFF;
+    let mut backoff = RECONNECT_BACKOFF;
     loop {
         let connected = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             connected = tokio_tungstenite::connect_async(request.clone()) => connected,
         };
-        let delay = jittered(backoff);
-        match connected {
+        let delay = match connected {
             Ok((socket, _)) => match session(socket, &url, &topics, &mut resume, &mut backoff, &shutdown).await? {
                 Ended::Stop => return Ok(()),
                 Ended::Lost(reason) => {
-                    warn!(%url, %reason, retry_in = ?delay, "disconnected; will reconnect and resume")
+                    let delay = backoff.next_delay();
+                    warn!(%url, %reason, retry_in = ?delay, "disconnected; will reconnect and resume");
+                    delay
                 }
             },
             Err(e) => {
                 let reason = transient_or_fail(e, &url, &request)?;
+                let delay = backoff.next_delay();
                 warn!(%url, %reason, retry_in = ?delay, "cannot connect; will retry");
+                delay
             }
-        }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        };
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(delay) => {}
@@ -266,7 +268,7 @@ async fn session(
     url: &str,
     topics: &[Topic],
     resume: &mut Resume,
-    backoff: &mut Duration,
+    backoff: &mut Backoff,
     shutdown: &CancellationToken,
 ) -> Result<Ended, TailError> {
     for &topic in topics {
@@ -323,7 +325,7 @@ async fn session(
         }
         match message {
             Some(ServerMessage::Authenticated { .. }) => {
-                *backoff = FIRST_BACKOFF;
+                backoff.reset();
                 debug!("authenticated");
             }
             Some(ServerMessage::Subscribed { topic, event_id }) => resume.subscribed(topic, event_id),
@@ -367,13 +369,6 @@ fn print_line(line: &str) -> Result<bool, TailError> {
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(false),
         Err(e) => Err(e.into()),
     }
-}
-
-/// Between half and all of `delay`, so clients dropped together by a
-/// restart do not all come back in the same instant.
-fn jittered(delay: Duration) -> Duration {
-    let fraction = (uuid::Uuid::new_v4().as_u128() % 1000) as f64 / 2000.0 + 0.5;
-    delay.mul_f64(fraction)
 }
 
 #[cfg(test)]
@@ -454,13 +449,5 @@ mod tests {
         assert_eq!(args(None, Some("0.0.0.0:9000")).target().0, "ws://127.0.0.1:9000/ws");
         assert_eq!(args(None, Some("[::]:9000")).target().0, "ws://[::1]:9000/ws");
         assert_eq!(args(Some("ws://h:1/ws"), Some("127.0.0.1:2")).target(), ("ws://h:1/ws".into(), "--url"));
-    }
-
-    #[test]
-    fn jitter_stays_within_half_and_all() {
-        for _ in 0..100 {
-            let delay = jittered(Duration::from_secs(2));
-            assert!(delay >= Duration::from_secs(1) && delay <= Duration::from_secs(2), "{delay:?}");
-        }
     }
 }

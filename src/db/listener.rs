@@ -19,8 +19,8 @@
 //! the listener reads every event whose transaction the last marker did not
 //! show as finished, in id order; the hub drops the ones it already had.
 //! Events that commit after the LISTEN arrive as notifications and are
-//! deduplicated the same way. Reconnects back off exponentially, so a
-//! database that is down is not stormed.
+//! deduplicated the same way. Reconnects back off exponentially
+//! ([`Backoff`]), so a database that is down is not stormed.
 
 use std::future::poll_fn;
 use std::sync::Arc;
@@ -32,6 +32,7 @@ use tokio_postgres::{AsyncMessage, Client, NoTls, Notification};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::backoff::Backoff;
 use crate::db::announcement::SigningKey;
 use crate::db::{DbError, events, quote_identifier, refuse_standby};
 use crate::event::{Event, EventKind};
@@ -46,8 +47,8 @@ const MARKER_EVERY: Duration = Duration::from_secs(1);
 /// A marker not echoed within this long means the connection is dead even
 /// if TCP has not noticed yet.
 const MARKER_TIMEOUT: Duration = Duration::from_secs(10);
-const BACKOFF_FIRST: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Reconnect delays: up to 100 ms first, doubling to 5 s.
+const RECONNECT_BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ListenerError {
@@ -327,7 +328,7 @@ pub(crate) trait EventStream: Sync {
 /// after each loss (reset once a connection came up).
 pub(crate) async fn keep_connected<S: EventStream>(stream: &S, link: &SourceLink, what: &'static str) {
     let mut marker: Option<String> = None;
-    let mut backoff = Backoff::default();
+    let mut backoff = RECONNECT_BACKOFF;
     loop {
         let mut became_up = false;
         let outcome = tokio::select! {
@@ -341,7 +342,7 @@ pub(crate) async fn keep_connected<S: EventStream>(stream: &S, link: &SourceLink
             Err(e) => e,
         };
         if became_up {
-            backoff = Backoff::default();
+            backoff.reset();
         }
         let delay = backoff.next_delay();
         warn!(error = %error, retry_in = ?delay, "{what} lost; reconnecting");
@@ -355,45 +356,4 @@ pub(crate) async fn keep_connected<S: EventStream>(stream: &S, link: &SourceLink
 /// The start of an untrusted payload, for a log line.
 fn truncated(payload: &str) -> String {
     payload.chars().take(200).collect()
-}
-
-/// Exponential backoff between reconnects: 100 ms doubling to 5 s, so a
-/// database that is down is not stormed, with up to a quarter of random
-/// slack so instances that lost it together do not return in lockstep.
-#[derive(Debug)]
-pub(crate) struct Backoff {
-    next: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff { next: BACKOFF_FIRST }
-    }
-}
-
-impl Backoff {
-    pub(crate) fn next_delay(&mut self) -> Duration {
-        let base = self.next;
-        self.next = (self.next * 2).min(BACKOFF_MAX);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or_default();
-        base + base.mul_f64(f64::from(nanos % 1000) / 4000.0)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_to_a_ceiling_with_bounded_jitter() {
-        let mut backoff = Backoff::default();
-        let delays: Vec<Duration> = (0..10).map(|_| backoff.next_delay()).collect();
-        let bases = [100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000, 5000].map(Duration::from_millis);
-        for (delay, base) in delays.iter().zip(bases) {
-            assert!(*delay >= base && *delay <= base + base / 4, "{delay:?} for base {base:?}");
-        }
-    }
 }
