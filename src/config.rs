@@ -4,13 +4,37 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
 use jsonwebtoken::Algorithm;
 
-pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@localhost:5432/windflow";
+/// Every setting's default, written once: clap shows and applies these,
+/// [`ServerArgs::with_bind`] builds from them, and `tail` and the demo
+/// reuse them. docs/settings.md states the same values.
+pub mod defaults {
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+    use std::num::NonZeroUsize;
+
+    pub const DATABASE_URL: &str = "postgres://postgres@localhost:5432/windflow";
+    pub const JWT_ALGORITHM: &str = "HS256";
+    pub const BIND: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8000);
+    // Durations and sizes are written as an operator writes them (clap
+    // shows them so in --help), and parsed by the setting's own parser.
+    pub const EVENT_RETENTION: &str = "24h";
+    pub const PING_INTERVAL: &str = "30s";
+    pub const MAX_CONNECTIONS: NonZeroUsize = NonZeroUsize::new(100_000).unwrap();
+    pub const CLIENT_QUEUE: NonZeroUsize = NonZeroUsize::new(4096).unwrap();
+    pub const HISTORY_SIZE: NonZeroUsize = NonZeroUsize::new(100_000).unwrap();
+    pub const HISTORY_BYTES: &str = "64MiB";
+    pub const SEND_BUFFER: &str = "128KiB";
+    /// Leaves out the NOTICEs PostgreSQL sends at every start and
+    /// refinery's own account of each migration (we log each one applied).
+    pub const RUST_LOG: &str = "info,tokio_postgres=warn,refinery_core=warn";
+    pub const LOG_FORMAT: &str = "text";
+}
 
 #[derive(Args, Clone)]
 pub struct DatabaseArgs {
@@ -19,7 +43,7 @@ pub struct DatabaseArgs {
         long,
         env = "DATABASE_URL",
         value_name = "DATABASE_URL",
-        default_value = DEFAULT_DATABASE_URL,
+        default_value = defaults::DATABASE_URL,
         hide_env_values = true
     )]
     pub database_url: String,
@@ -32,7 +56,7 @@ pub struct JwtArgs {
         long,
         env = "JWT_ALGORITHM",
         value_name = "JWT_ALGORITHM",
-        default_value = "HS256",
+        default_value = defaults::JWT_ALGORITHM,
         value_parser = parse_algorithm
     )]
     pub jwt_algorithm: Algorithm,
@@ -66,14 +90,14 @@ impl fmt::Debug for JwtArgs {
 #[derive(Args, Clone, Debug)]
 pub struct ServerArgs {
     /// Address to listen on.
-    #[arg(long, env = "WINDFLOW_BIND", value_name = "WINDFLOW_BIND", default_value = "127.0.0.1:8000")]
+    #[arg(long, env = "WINDFLOW_BIND", value_name = "WINDFLOW_BIND", default_value_t = defaults::BIND)]
     pub bind: SocketAddr,
     /// How long events stay in the event log (humantime: `24h`, `90m`).
     #[arg(
         long,
         env = "WINDFLOW_EVENT_RETENTION",
         value_name = "WINDFLOW_EVENT_RETENTION",
-        default_value = "24h",
+        default_value = defaults::EVENT_RETENTION,
         value_parser = parse_duration
     )]
     pub event_retention: Duration,
@@ -82,7 +106,7 @@ pub struct ServerArgs {
         long,
         env = "WINDFLOW_PING_INTERVAL",
         value_name = "WINDFLOW_PING_INTERVAL",
-        default_value = "30s",
+        default_value = defaults::PING_INTERVAL,
         value_parser = parse_duration
     )]
     pub ping_interval: Duration,
@@ -91,35 +115,32 @@ pub struct ServerArgs {
         long,
         env = "WINDFLOW_MAX_CONNECTIONS",
         value_name = "WINDFLOW_MAX_CONNECTIONS",
-        default_value = "100000",
-        value_parser = parse_positive
+        default_value_t = defaults::MAX_CONNECTIONS
     )]
-    pub max_connections: usize,
+    pub max_connections: NonZeroUsize,
     /// Messages queued for one client before it counts as a slow consumer.
     #[arg(
         long,
         env = "WINDFLOW_CLIENT_QUEUE",
         value_name = "WINDFLOW_CLIENT_QUEUE",
-        default_value = "4096",
-        value_parser = parse_positive
+        default_value_t = defaults::CLIENT_QUEUE
     )]
-    pub client_queue: usize,
+    pub client_queue: NonZeroUsize,
     /// Recent events kept in commit order for `since` resumes.
     #[arg(
         long,
         env = "WINDFLOW_HISTORY_SIZE",
         value_name = "WINDFLOW_HISTORY_SIZE",
-        default_value = "100000",
-        value_parser = parse_positive
+        default_value_t = defaults::HISTORY_SIZE
     )]
-    pub history_size: usize,
+    pub history_size: NonZeroUsize,
     /// Bytes of event messages the history may hold (`64MiB`, `512KiB`,
     /// or plain bytes); the oldest events leave it first.
     #[arg(
         long,
         env = "WINDFLOW_HISTORY_BYTES",
         value_name = "WINDFLOW_HISTORY_BYTES",
-        default_value = "64MiB",
+        default_value = defaults::HISTORY_BYTES,
         value_parser = parse_bytes
     )]
     pub history_bytes: usize,
@@ -130,24 +151,28 @@ pub struct ServerArgs {
         long,
         env = "WINDFLOW_SEND_BUFFER",
         value_name = "WINDFLOW_SEND_BUFFER",
-        default_value = "128KiB",
+        default_value = defaults::SEND_BUFFER,
         value_parser = parse_bytes
     )]
     pub send_buffer: usize,
 }
 
 impl ServerArgs {
-    /// The documented defaults (README's settings table), for tests and embedding.
+    /// The [`defaults`] but for `bind`, for tests and embedding.
     pub fn with_bind(bind: SocketAddr) -> Self {
+        // The defaults are constants that a unit test parses; a bad one
+        // fails that test, not a server at run time.
+        let duration = |value| parse_duration(value).unwrap_or_else(|e| panic!("default {value:?}: {e}"));
+        let bytes = |value| parse_bytes(value).unwrap_or_else(|e| panic!("default {value:?}: {e}"));
         ServerArgs {
             bind,
-            event_retention: Duration::from_secs(24 * 3600),
-            ping_interval: Duration::from_secs(30),
-            max_connections: 100_000,
-            client_queue: 4096,
-            history_size: 100_000,
-            history_bytes: 64 << 20,
-            send_buffer: 128 << 10,
+            event_retention: duration(defaults::EVENT_RETENTION),
+            ping_interval: duration(defaults::PING_INTERVAL),
+            max_connections: defaults::MAX_CONNECTIONS,
+            client_queue: defaults::CLIENT_QUEUE,
+            history_size: defaults::HISTORY_SIZE,
+            history_bytes: bytes(defaults::HISTORY_BYTES),
+            send_buffer: bytes(defaults::SEND_BUFFER),
         }
     }
 }
@@ -165,14 +190,6 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
         return Err("must be longer than zero".into());
     }
     Ok(duration)
-}
-
-fn parse_positive(value: &str) -> Result<usize, String> {
-    match value.parse::<usize>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(n) => Ok(n),
-        Err(e) => Err(format!("{e}")),
-    }
 }
 
 /// A size in bytes: a whole number, optionally followed by KiB, MiB or GiB.
@@ -213,12 +230,34 @@ mod tests {
         assert!(parse_duration("soon").is_err());
     }
 
+    /// `ServerArgs` as clap builds it from `args` alone (no environment).
+    fn parse(args: &[&str]) -> Result<ServerArgs, clap::Error> {
+        use clap::{FromArgMatches, Parser};
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            server: ServerArgs,
+        }
+        let command = <Cli as clap::CommandFactory>::command().mut_args(|arg| arg.env(None));
+        let matches = command.try_get_matches_from(std::iter::once("serve").chain(args.iter().copied()))?;
+        Ok(Cli::from_arg_matches(&matches)?.server)
+    }
+
+    #[test]
+    fn with_bind_is_what_clap_gives_without_settings() {
+        let parsed = parse(&[]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(format!("{parsed:?}"), format!("{:?}", ServerArgs::with_bind(defaults::BIND)));
+        assert_eq!(parsed.history_bytes, 64 << 20);
+        assert_eq!(parsed.event_retention, Duration::from_secs(86_400));
+    }
+
     #[test]
     fn counts_must_be_positive_integers() {
-        assert_eq!(parse_positive("4096"), Ok(4096));
-        assert!(parse_positive("0").is_err());
-        assert!(parse_positive("-1").is_err());
-        assert!(parse_positive("many").is_err());
+        let count = |value: &str| parse(&["--client-queue", value]).map(|args| args.client_queue.get());
+        assert_eq!(count("4096").ok(), Some(4096));
+        for bad in ["0", "-1", "many"] {
+            assert!(count(bad).is_err(), "{bad} accepted");
+        }
     }
 
     #[test]

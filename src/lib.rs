@@ -104,7 +104,8 @@ pub async fn serve(
     info!(event_source = %source, "event source of this database");
     let metrics = Arc::new(Metrics::default());
     let tasks = TaskTracker::new();
-    let (hub, hub_handle, arrivals) = Hub::new(Arc::clone(&metrics), settings.history_size, settings.history_bytes);
+    let (hub, hub_handle, arrivals) =
+        Hub::new(Arc::clone(&metrics), settings.history_size.get(), settings.history_bytes);
     let (up_tx, mut up) = watch::channel(false);
     tasks.spawn(hub.run(shutdown.clone()));
     let link = SourceLink::new(arrivals, Arc::clone(&metrics), up_tx, shutdown.clone());

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use windflow_notify::auth::{self, TokenRequest, Verifier, Viewer};
-use windflow_notify::config::{DatabaseArgs, JwtArgs, ServerArgs};
+use windflow_notify::config::{DatabaseArgs, JwtArgs, ServerArgs, defaults};
 use windflow_notify::db;
 use windflow_notify::db::source::EventSource;
 
@@ -26,7 +26,7 @@ struct Cli {
         long,
         env = "RUST_LOG",
         value_name = "RUST_LOG",
-        default_value = "info,tokio_postgres=warn,refinery_core=warn",
+        default_value = defaults::RUST_LOG,
         global = true
     )]
     rust_log: String,
@@ -35,7 +35,7 @@ struct Cli {
         long,
         env = "WINDFLOW_LOG_FORMAT",
         value_name = "WINDFLOW_LOG_FORMAT",
-        default_value = "text",
+        default_value = defaults::LOG_FORMAT,
         global = true
     )]
     log_format: LogFormat,

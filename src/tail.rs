@@ -26,6 +26,7 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::backoff::Backoff;
+use crate::config::defaults;
 use crate::event::{EventKind, Topic};
 use crate::ws::protocol::{ClientMessage, ErrorCode, ServerMessage};
 
@@ -33,8 +34,6 @@ use crate::ws::protocol::{ClientMessage, ErrorCode, ServerMessage};
 const RECONNECT_BACKOFF: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
 /// How many recent event ids are remembered to drop duplicates.
 const SEEN_CAPACITY: usize = 10_000;
-/// Where `serve` listens when WINDFLOW_BIND is unset.
-const DEFAULT_BIND: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8000);
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct TailArgs {
@@ -65,7 +64,7 @@ impl TailArgs {
         }
         match self.bind {
             Some(bind) => (url_for_bind(bind), "WINDFLOW_BIND"),
-            None => (url_for_bind(DEFAULT_BIND), "the default; set --url or WINDFLOW_BIND to change it"),
+            None => (url_for_bind(defaults::BIND), "the default; set --url or WINDFLOW_BIND to change it"),
         }
     }
 }

@@ -147,6 +147,7 @@ async fn a_status_change_waits_for_a_repeatable_read_log_writer_so_ids_follow_co
 // ---------------------------------------------------------------------
 
 use std::collections::HashSet;
+use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -212,7 +213,7 @@ async fn ids_after(writer: &Writer, deployment: Uuid, after: i64) -> Vec<i64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kicked_slow_consumer_got_a_gap_free_prefix_and_resumes_without_loss() {
-    let app = spawn_app_with(|s| s.client_queue = 4).await;
+    let app = spawn_app_with(|s| s.client_queue = NonZeroUsize::new(4).unwrap()).await;
     let owner = user();
     let deployment = app.writer.create_deployment(owner.user_id, None).await;
     app.writer.log(deployment, "before").await;

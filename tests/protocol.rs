@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use common::*;
@@ -123,7 +124,7 @@ async fn message_over_64_kib_closes_with_1009() {
 
 #[tokio::test]
 async fn upgrades_past_max_connections_get_503() {
-    let app = spawn_app_with(|settings| settings.max_connections = 2).await;
+    let app = spawn_app_with(|settings| settings.max_connections = NonZeroUsize::new(2).unwrap()).await;
     let _first = app.server.connect_as(user()).await;
     let mut second = app.server.connect_as(user()).await;
     let refused = Client::connect(app.server.ws_url().into_client_request().unwrap()).await.err().expect("refused");

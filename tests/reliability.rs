@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
@@ -103,7 +104,7 @@ async fn resume_with_since_replays_then_goes_live_without_gap_or_duplicate() {
 
 #[tokio::test]
 async fn resume_older_than_the_history_reads_the_event_log() {
-    let app = spawn_app_with(|settings| settings.history_size = 10).await;
+    let app = spawn_app_with(|settings| settings.history_size = NonZeroUsize::new(10).unwrap()).await;
     let (owner, mut reference, deployment) = app.owner_with_deployment().await;
     for i in 0..40 {
         app.writer.log(deployment, &format!("{i}")).await;
@@ -126,7 +127,7 @@ async fn resume_older_than_the_history_reads_the_event_log() {
 async fn retention_prunes_and_a_resume_from_pruned_events_gets_resync_first() {
     let app = spawn_app_with(|settings| {
         settings.event_retention = Duration::from_secs(3);
-        settings.history_size = 1;
+        settings.history_size = NonZeroUsize::MIN;
     })
     .await;
     let (_, mut reference, deployment) = app.owner_with_deployment().await;

@@ -5,6 +5,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::process::Stdio;
 
 use common::*;
@@ -292,7 +293,7 @@ async fn tail_resumes_from_subscribed_when_no_event_came_before_the_restart() {
 
 #[tokio::test]
 async fn tail_retries_a_full_server_and_gets_in_once_a_slot_frees() {
-    let app = spawn_app_with(|settings| settings.max_connections = 1).await;
+    let app = spawn_app_with(|settings| settings.max_connections = NonZeroUsize::new(1).unwrap()).await;
     let occupant = app.server.connect_as(user()).await;
     let owner = user();
     let mut tail = Tail::start(app.server.addr, &token(owner), &["--topic", "deployment_events"]);

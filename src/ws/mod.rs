@@ -82,8 +82,8 @@ impl Endpoint {
             shutdown: shutdown.clone(),
             tasks: tasks.clone(),
             ping_interval: settings.ping_interval,
-            client_queue: settings.client_queue,
-            max_connections: settings.max_connections,
+            client_queue: settings.client_queue.get(),
+            max_connections: settings.max_connections.get(),
             next_conn: AtomicU64::new(1),
         })
     }
