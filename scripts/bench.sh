@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --release --locked --bins >&2
+# The bench (bench/, a workspace member) and the server it runs, side by side.
+cargo build --release --locked --workspace --bins >&2
 # Many connections: as many file descriptors as allowed (the tool raises its
 # soft limit to the hard one too), and a wide ephemeral port range when the
 # kernel lets us (the tool also spreads clients over 127.0.0.x sources).

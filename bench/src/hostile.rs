@@ -1,4 +1,4 @@
-//! `bench hostile` (issue 8): do hostile clients hurt the good ones?
+//! `bench hostile`: do hostile clients hurt the good ones?
 //!
 //! Two phases in one invocation, each on a fresh database and a fresh
 //! server with the same settings, the same event log and the same writes:

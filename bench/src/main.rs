@@ -1,6 +1,8 @@
-//! The windflow-notify benchmark (BENCHMARKS.md, issue 5).
+//! The windflow-notify benchmark (BENCHMARKS.md).
 //!
-//! `cargo build --release && target/release/bench s1` (or `scripts/bench.sh s1`).
+//! `scripts/bench.sh s1`, or `cargo build --release --workspace --bins &&
+//! target/release/bench s1`: the bench runs the `windflow-notify` binary
+//! built beside it.
 //! Each scenario creates its own database, runs the real
 //! `windflow-notify serve` binary as a child process (CPU and RSS read from
 //! /proc), drives writers (tokio-postgres) and WebSocket clients
@@ -114,7 +116,7 @@ enum Scenario {
         #[arg(long, default_value_t = 1 << 20)]
         size: usize,
     },
-    /// Hostile clients beside S1's good ones: never-reading `since 0` replayers and slow consumers (issue 8).
+    /// Hostile clients beside S1's good ones: never-reading `since 0` replayers and slow consumers.
     Hostile(hostile::Args),
     /// CI smoke: a few hundred clients for a few seconds; fails on any lost or duplicated event.
     Smoke,

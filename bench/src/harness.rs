@@ -92,7 +92,10 @@ pub fn server_bin() -> Result<PathBuf> {
     let me = std::env::current_exe().context("current_exe")?;
     let path = me.with_file_name("windflow-notify");
     if !path.exists() {
-        bail!("{} not found: build it first (cargo build --release) or set BENCH_SERVER_BIN", path.display());
+        bail!(
+            "{} not found: build it first (cargo build --release --workspace --bins) or set BENCH_SERVER_BIN",
+            path.display()
+        );
     }
     Ok(path)
 }
