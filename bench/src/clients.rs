@@ -7,14 +7,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::net::TcpSocket;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 
@@ -98,29 +97,17 @@ pub async fn open_with(spec: &ClientSpec, recv_buffer: Option<u32>) -> Result<Ws
     socket.bind(SocketAddr::new(spec.source, 0)).with_context(|| format!("bind {}", spec.source))?;
     let stream = socket.connect(spec.target).await.with_context(|| format!("connect {}", spec.target))?;
     stream.set_nodelay(true)?;
-    let mut request = format!("ws://{}/ws", spec.target).into_client_request()?;
-    if let Some(token) = &spec.token {
-        request.headers_mut().insert("authorization", format!("Bearer {token}").parse()?);
-    }
+    let request = windflow_testkit::upgrade_request(spec.target, spec.token.as_deref())?;
     let (ws, _) = tokio_tungstenite::client_async_with_config(request, stream, Some(client_config()))
         .await
         .context("websocket handshake")?;
     Ok(ws)
 }
 
-/// The next text frame as JSON (pings and pongs skipped), within 30 s.
+/// The next text frame as JSON (pings and pongs skipped), within 30 s:
+/// the replies a client waits for while it sets up.
 pub async fn next_json(ws: &mut Ws) -> Result<Value> {
-    loop {
-        let frame = tokio::time::timeout(Duration::from_secs(30), ws.next())
-            .await
-            .map_err(|_| anyhow!("no reply within 30 s"))?
-            .ok_or_else(|| anyhow!("closed during setup"))??;
-        match frame {
-            Message::Text(text) => return Ok(serde_json::from_str(text.as_str())?),
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => bail!("unexpected frame during setup: {other:?}"),
-        }
-    }
+    windflow_testkit::next_json(ws, Duration::from_secs(30)).await.context("during setup")
 }
 
 async fn setup(spec: &ClientSpec) -> Result<Ws> {

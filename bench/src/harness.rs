@@ -1,5 +1,6 @@
-//! What every scenario needs: a clock shared with child processes, a
-//! fresh database, the real server as a child process, and /proc readings.
+//! What every scenario needs besides `windflow-testkit` (fresh databases,
+//! private clusters, tokens, HTTP reads): a clock shared with child
+//! processes, the real server as a child process, and /proc readings.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,12 +8,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
-use uuid::Uuid;
-
-pub const SECRET: &str = "bench-secret";
+pub use windflow_testkit::{Database, connect, metric};
+use windflow_testkit::{SECRET, free_port, http_get};
 
 /// CLOCK_MONOTONIC in nanoseconds: one clock for writers, clients and the
 /// bare broadcaster (a child process), so their times can be subtracted.
@@ -36,51 +34,9 @@ pub fn raise_nofile() -> u64 {
     limit.rlim_cur
 }
 
+/// The PostgreSQL server the scenarios create their databases on.
 pub fn admin_url() -> String {
-    std::env::var("BENCH_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-pub async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client> {
-    let (client, connection) = config.connect(tokio_postgres::NoTls).await.context("connect to PostgreSQL")?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            eprintln!("bench: database connection error: {e}");
-        }
-    });
-    Ok(client)
-}
-
-/// A database of our own, dropped by [`BenchDatabase::drop_now`].
-pub struct BenchDatabase {
-    pub name: String,
-    pub url: String,
-    pub config: tokio_postgres::Config,
-    admin_url: String,
-}
-
-impl BenchDatabase {
-    /// A fresh database on the server `admin_url` points to.
-    pub async fn create_at(admin_url: &str) -> Result<BenchDatabase> {
-        let name = format!("wf_bench_{}", Uuid::new_v4().simple());
-        let admin: tokio_postgres::Config = admin_url.parse().context("BENCH_DATABASE_URL")?;
-        connect(&admin).await?.batch_execute(&format!("CREATE DATABASE {name}")).await.context("create database")?;
-        let mut config = admin.clone();
-        config.dbname(&name);
-        let url = match admin_url.rsplit_once('/') {
-            Some((base, _)) => format!("{base}/{name}"),
-            None => bail!("BENCH_DATABASE_URL must end in /<database>"),
-        };
-        Ok(BenchDatabase { name, url, config, admin_url: admin_url.to_string() })
-    }
-
-    pub async fn drop_now(&self) {
-        if let Ok(admin) = self.admin_url.parse::<tokio_postgres::Config>()
-            && let Ok(client) = connect(&admin).await
-            && let Err(e) = client.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).await
-        {
-            eprintln!("bench: could not drop {}: {e}", self.name);
-        }
-    }
+    windflow_testkit::admin_url("BENCH_DATABASE_URL")
 }
 
 /// The `windflow-notify` binary next to this one (same profile), unless
@@ -100,11 +56,6 @@ pub fn server_bin() -> Result<PathBuf> {
     Ok(path)
 }
 
-pub fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("bind port 0")?;
-    Ok(listener.local_addr()?.port())
-}
-
 /// A child process whose CPU time and RSS we read from /proc.
 pub struct Process {
     pub child: Child,
@@ -115,12 +66,12 @@ pub struct Process {
 
 impl Process {
     /// `windflow-notify serve` on a free port, logging at warn to `log`.
-    pub async fn server(database: &BenchDatabase, log: &str) -> Result<Process> {
+    pub async fn server(database: &Database, log: &str) -> Result<Process> {
         Process::server_with(database, log, &[]).await
     }
 
     /// The same, with extra environment variables (`WINDFLOW_CLIENT_QUEUE`...).
-    pub async fn server_with(database: &BenchDatabase, log: &str, env: &[(&str, String)]) -> Result<Process> {
+    pub async fn server_with(database: &Database, log: &str, env: &[(&str, String)]) -> Result<Process> {
         let port = free_port()?;
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
         let logfile = std::fs::File::create(log).with_context(|| format!("create {log}"))?;
@@ -153,7 +104,7 @@ impl Process {
             if let Some(status) = self.child.try_wait()? {
                 bail!("server exited with {status} before it was healthy; see {log}");
             }
-            if let Ok((200, _)) = http_get(self.addr, "/healthz").await {
+            if let Ok((200, _)) = http_get(self.addr, "/healthz", &[]).await {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -255,25 +206,6 @@ impl Sampler {
     }
 }
 
-/// A plain HTTP/1.1 GET: (status, body).
-pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let mut stream = TcpStream::connect(addr).await?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response)).await??;
-    let response = String::from_utf8_lossy(&response).to_string();
-    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).context("no HTTP status")?;
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Ok((status, body))
-}
-
-/// One value from the server's /metrics.
-pub async fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
-    let (_, body) = http_get(addr, "/metrics").await.ok()?;
-    body.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' '))).and_then(|v| v.parse().ok())
-}
-
 /// A current-thread runtime on its own OS thread. Writers and the bare
 /// LISTEN client run on these, so their timestamps are not delayed behind
 /// thousands of busy client tasks (and writers keep their pace).
@@ -309,88 +241,10 @@ impl Drop for SideRuntime {
 }
 
 /// A PostgreSQL cluster of the bench's own, with `wal_level = logical`, for
-/// `--source logical` when the given server runs with `replica`. Stock
-/// settings otherwise (fsync and synchronous_commit on), so that its figures
-/// compare with the machine's cluster. Stopped and removed on drop.
-pub struct LogicalCluster {
-    root: PathBuf,
-    bin: PathBuf,
-    pub admin_url: String,
-}
-
-fn as_postgres(program: &std::path::Path) -> std::process::Command {
-    let root = std::process::Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
-    if root {
-        let mut command = std::process::Command::new("runuser");
-        command.args(["-u", "postgres", "--"]).arg(program);
-        command
-    } else {
-        std::process::Command::new(program)
-    }
-}
-
-fn run_tool(command: &mut std::process::Command, what: &str) -> Result<()> {
-    let output = command.output().with_context(|| format!("run {what}"))?;
-    if !output.status.success() {
-        bail!("{what} failed: {}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    }
-    Ok(())
-}
-
-impl LogicalCluster {
-    pub fn start() -> Result<LogicalCluster> {
-        let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-            .context("PostgreSQL server binaries under /usr/lib/postgresql")?
-            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
-            .filter(|bin| bin.join("initdb").exists())
-            .collect();
-        versions.sort();
-        let bin = versions.pop().context("no initdb under /usr/lib/postgresql")?;
-        let root = std::env::temp_dir().join(format!("wf_bench_cluster_{}", Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&root)?;
-        let _ = std::process::Command::new("chown").args(["-R", "postgres:postgres"]).arg(&root).status();
-        let data = root.join("data");
-        let port = free_port()?;
-        let cluster = LogicalCluster {
-            root: root.clone(),
-            bin,
-            admin_url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
-        };
-        run_tool(
-            as_postgres(&cluster.bin.join("initdb")).arg("-D").arg(&data).args([
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-            ]),
-            "initdb",
-        )?;
-        // As the machine's cluster is configured (autovacuum off), but logical.
-        let options = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c wal_level=logical -c autovacuum=off",
-            root.display()
-        );
-        run_tool(
-            as_postgres(&cluster.bin.join("pg_ctl"))
-                .arg("-D")
-                .arg(&data)
-                .args(["-o", &options, "-l"])
-                .arg(root.join("log"))
-                .args(["-w", "start"]),
-            "pg_ctl start",
-        )?;
-        Ok(cluster)
-    }
-}
-
-impl Drop for LogicalCluster {
-    fn drop(&mut self) {
-        let _ = as_postgres(&self.bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(self.root.join("data"))
-            .args(["-m", "fast", "-w", "stop"])
-            .output();
-        let _ = std::fs::remove_dir_all(&self.root);
-    }
+/// `--source logical` when the given server runs with `replica`. As the
+/// machine's cluster is configured (autovacuum off), fsync and
+/// synchronous_commit on, so that its figures compare with it. Stopped and
+/// removed on drop.
+pub fn logical_cluster() -> Result<windflow_testkit::Cluster> {
+    windflow_testkit::Cluster::start_new_with(&["wal_level=logical", "autovacuum=off"])
 }

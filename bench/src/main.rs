@@ -33,10 +33,10 @@ use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use uuid::Uuid;
-use windflow_notify::auth::{self, TokenRequest, Viewer};
+use windflow_notify::auth::Viewer;
 
 use crate::clients::{ClientSpec, Fleet, source_ip};
-use crate::harness::{BenchDatabase, Process, Sampler, SideRuntime, admin_url, now_ns};
+use crate::harness::{Database, Process, Sampler, SideRuntime, admin_url, now_ns};
 use crate::report::{Delivery, Owed, analyse, print_table, round};
 use crate::writers::{Floor, WritePlan};
 use windflow_notify::db::source::EventSource;
@@ -221,8 +221,7 @@ fn loadavg() -> String {
 }
 
 fn token(viewer: Viewer) -> Result<String> {
-    let request = TokenRequest { viewer, ttl: Duration::from_secs(6 * 3600), audience: None, issuer: None };
-    Ok(auth::sign(&request, jsonwebtoken::Algorithm::HS256, Some(harness::SECRET), None)?)
+    windflow_testkit::token(viewer, Duration::from_secs(6 * 3600))
 }
 
 fn user(user_id: Uuid) -> Viewer {
@@ -230,7 +229,7 @@ fn user(user_id: Uuid) -> Viewer {
 }
 
 /// Insert one deployment per owner (ids chosen here), in batches.
-async fn create_deployments(db: &BenchDatabase, owners: &[Uuid], org: Option<Uuid>) -> Result<Vec<Uuid>> {
+async fn create_deployments(db: &Database, owners: &[Uuid], org: Option<Uuid>) -> Result<Vec<Uuid>> {
     let client = harness::connect(&db.config).await?;
     let ids: Vec<Uuid> = owners.iter().map(|_| Uuid::new_v4()).collect();
     for (ids, owners) in ids.chunks(10_000).zip(owners.chunks(10_000)) {
@@ -248,12 +247,12 @@ async fn create_deployments(db: &BenchDatabase, owners: &[Uuid], org: Option<Uui
 }
 
 /// Migrate (the server does it on start, but deployments must exist before).
-async fn migrate(db: &BenchDatabase) -> Result<()> {
+async fn migrate(db: &Database) -> Result<()> {
     windflow_notify::db::migrate(&db.config).await.context("migrate")?;
     Ok(())
 }
 
-async fn start_servers(db: &BenchDatabase, instances: usize) -> Result<Vec<Process>> {
+async fn start_servers(db: &Database, instances: usize) -> Result<Vec<Process>> {
     let mut servers = Vec::new();
     for i in 0..instances {
         servers.push(Process::server(db, &format!("/tmp/{}-server{i}.log", db.name)).await?);
@@ -273,7 +272,7 @@ async fn stop_all(servers: Vec<Process>) {
 /// whatever happens.
 async fn with_database<T, F, Fut>(body: F) -> Result<T>
 where
-    F: FnOnce(Arc<BenchDatabase>) -> Fut,
+    F: FnOnce(Arc<Database>) -> Fut,
     Fut: std::future::Future<Output = Result<T>>,
 {
     with_database_at(&admin_url(), EventSource::Notify, body).await
@@ -282,10 +281,10 @@ where
 /// Runs `body` with a fresh database on `admin`'s server, switched to `source`.
 async fn with_database_at<T, F, Fut>(admin: &str, source: EventSource, body: F) -> Result<T>
 where
-    F: FnOnce(Arc<BenchDatabase>) -> Fut,
+    F: FnOnce(Arc<Database>) -> Fut,
     Fut: std::future::Future<Output = Result<T>>,
 {
-    let db = Arc::new(BenchDatabase::create_at(admin).await?);
+    let db = Arc::new(Database::create_at(admin, "wf_bench").await?);
     let outcome = async {
         migrate(&db).await?;
         if source == EventSource::Logical {
@@ -295,7 +294,9 @@ where
         body(db.clone()).await
     }
     .await;
-    db.drop_now().await;
+    if let Err(e) = db.drop_now().await {
+        eprintln!("bench: {e:#}");
+    }
     outcome
 }
 
@@ -316,9 +317,9 @@ where
         eprintln!(
             "bench: {given} runs with wal_level = {wal_level}; starting a cluster of our own with wal_level = logical"
         );
-        Some(harness::LogicalCluster::start()?)
+        Some(harness::logical_cluster()?)
     };
-    let url = own.as_ref().map_or(given, |c| c.admin_url.clone());
+    let url = own.as_ref().map_or(given, |c| c.url("postgres"));
     let notify = scenario(url.clone(), EventSource::Notify).await?;
     let mut logical = scenario(url, EventSource::Logical).await?;
     let rate = |v: &Value, side: &str| v[side]["writes_per_s"].as_f64().unwrap_or(f64::NAN);
@@ -350,7 +351,7 @@ where
 /// Connect the clients, run the writes, wait for delivery, and analyse.
 /// Returns the windflow row, the floor's row and the write outcome.
 async fn deliver(
-    db: &BenchDatabase,
+    db: &Database,
     servers: &[Process],
     clients: Vec<(ClientSpec, Owed)>,
     plan: &WritePlan,
@@ -359,7 +360,7 @@ async fn deliver(
 }
 
 async fn deliver_from(
-    db: &BenchDatabase,
+    db: &Database,
     servers: &[Process],
     clients: Vec<(ClientSpec, Owed)>,
     plan: &WritePlan,
@@ -388,7 +389,7 @@ async fn connect_fleet(specs: Vec<ClientSpec>) -> Result<Fleet> {
 /// outcome and what `during` returned.
 #[allow(clippy::too_many_arguments)]
 async fn deliver_to<F: std::future::Future>(
-    db: &BenchDatabase,
+    db: &Database,
     servers: &[Process],
     fleet: Fleet,
     owed: &[Owed],
@@ -452,7 +453,7 @@ async fn deliver_to<F: std::future::Future>(
     Ok((windflow, bare_row, outcome, extra))
 }
 
-async fn run_writes(side: &SideRuntime, db: &BenchDatabase, plan: &WritePlan) -> Result<writers::WriteOutcome> {
+async fn run_writes(side: &SideRuntime, db: &Database, plan: &WritePlan) -> Result<writers::WriteOutcome> {
     let (config, plan) = (db.config.clone(), plan.clone());
     side.handle.spawn(async move { writers::run(&config, &plan).await }).await?
 }

@@ -1,20 +1,21 @@
 //! Test harness: a real server on port 0 against a fresh PostgreSQL
 //! database per test (created, migrated, dropped), and a WebSocket client
 //! that waits on messages with a timeout. Set TEST_LOG=1 to see the
-//! server's logs.
+//! server's logs. What the benchmark needs too lives in `windflow-testkit`
+//! (`testkit/`); this wraps it to panic with what failed.
 #![allow(dead_code)]
 
 pub mod cluster;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -23,15 +24,15 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-use windflow_notify::auth::{self, TokenRequest, Verifier, Viewer};
+use windflow_notify::auth::{Verifier, Viewer};
 use windflow_notify::config::{JwtArgs, ServerArgs};
+pub use windflow_testkit::SECRET;
 
-pub const SECRET: &str = "test-secret";
 /// How long a test waits for something that should happen.
 pub const WAIT: Duration = Duration::from_secs(15);
 
 pub fn admin_url() -> String {
-    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    windflow_testkit::admin_url("TEST_DATABASE_URL")
 }
 
 fn init_logging() {
@@ -45,18 +46,12 @@ fn init_logging() {
 }
 
 pub async fn admin_client() -> tokio_postgres::Client {
-    let (client, connection) =
-        tokio_postgres::connect(&admin_url(), tokio_postgres::NoTls).await.expect("PostgreSQL must be running");
-    tokio::spawn(connection);
-    client
+    let admin = admin_url().parse().expect("TEST_DATABASE_URL");
+    windflow_testkit::connect(&admin).await.expect("PostgreSQL must be running")
 }
 
 /// A fresh, empty database; dropped when the value is.
-pub struct TestDatabase {
-    pub name: String,
-    pub config: tokio_postgres::Config,
-    admin_url: String,
-}
+pub struct TestDatabase(windflow_testkit::Database);
 
 impl TestDatabase {
     pub async fn create() -> TestDatabase {
@@ -65,38 +60,21 @@ impl TestDatabase {
 
     /// A fresh database on the server `admin_url` points to.
     pub async fn create_in(admin_url: &str) -> TestDatabase {
-        let name = format!("wf_test_{}", Uuid::new_v4().simple());
-        let (client, connection) =
-            tokio_postgres::connect(admin_url, tokio_postgres::NoTls).await.expect("PostgreSQL must be running");
-        tokio::spawn(connection);
-        client.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create test database");
-        let mut config: tokio_postgres::Config = admin_url.parse().expect("admin URL");
-        config.dbname(&name);
-        TestDatabase { name, config, admin_url: admin_url.to_string() }
+        TestDatabase(
+            windflow_testkit::Database::create_at(admin_url, "wf_test").await.unwrap_or_else(|e| panic!("{e:#}")),
+        )
     }
 
     pub async fn client(&self) -> tokio_postgres::Client {
-        let (client, connection) = self.config.connect(tokio_postgres::NoTls).await.expect("connect to test database");
-        tokio::spawn(connection);
-        client
+        self.0.client().await.unwrap_or_else(|e| panic!("{e:#}"))
     }
 }
 
-impl Drop for TestDatabase {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        let admin_url = self.admin_url.clone();
-        // Drop runs outside async context; use a thread with its own runtime.
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            runtime.block_on(async {
-                if let Ok((client, connection)) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls).await {
-                    tokio::spawn(connection);
-                    let _ = client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
-                }
-            });
-        })
-        .join();
+impl Deref for TestDatabase {
+    type Target = windflow_testkit::Database;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
     }
 }
 
@@ -173,8 +151,7 @@ impl TestServer {
     /// Connect with a token in the Authorization header and read the
     /// `authenticated` reply.
     pub async fn connect(&self, token: &str) -> Client {
-        let mut request = self.ws_url().into_client_request().expect("request");
-        request.headers_mut().insert("authorization", format!("Bearer {token}").parse().expect("header"));
+        let request = windflow_testkit::upgrade_request(self.addr, Some(token)).expect("request");
         let mut client = Client::connect(request).await.expect("upgrade accepted");
         client.recv_type("authenticated").await;
         client
@@ -199,12 +176,7 @@ impl TestServer {
     }
 
     pub async fn metric(&self, name: &str) -> f64 {
-        let (_, body) = self.get("/metrics").await;
-        body.lines()
-            .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-            .unwrap_or_else(|| panic!("metric {name} missing"))
-            .parse()
-            .expect("metric value")
+        windflow_testkit::metric(self.addr, name).await.unwrap_or_else(|e| panic!("{e:#}"))
     }
 }
 
@@ -228,19 +200,7 @@ where
 }
 
 pub async fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).await.expect("connect");
-    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
-    }
-    request.push_str("\r\n");
-    stream.write_all(request.as_bytes()).await.expect("write request");
-    let mut response = Vec::new();
-    tokio::time::timeout(WAIT, stream.read_to_end(&mut response)).await.expect("response in time").expect("read");
-    let response = String::from_utf8_lossy(&response).to_string();
-    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status line");
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (status, body)
+    windflow_testkit::http_get(addr, path, headers).await.unwrap_or_else(|e| panic!("GET {path}: {e:#}"))
 }
 
 pub fn user() -> Viewer {
@@ -260,8 +220,7 @@ pub fn token(viewer: Viewer) -> String {
 }
 
 pub fn token_for(viewer: Viewer, ttl: Duration) -> String {
-    let request = TokenRequest { viewer, ttl, audience: None, issuer: None };
-    auth::sign(&request, jsonwebtoken::Algorithm::HS256, Some(SECRET), None).expect("sign")
+    windflow_testkit::token(viewer, ttl).expect("sign")
 }
 
 pub struct Client {
@@ -290,16 +249,7 @@ impl Client {
 
     /// The next JSON message (pings and pongs are skipped).
     pub async fn recv(&mut self) -> Value {
-        loop {
-            let frame = tokio::time::timeout(WAIT, self.ws.next())
-                .await
-                .unwrap_or_else(|_| panic!("no message within {WAIT:?}"));
-            match frame {
-                Some(Ok(Message::Text(text))) => return serde_json::from_str(text.as_str()).expect("JSON message"),
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                other => panic!("expected a text message, got {other:?}"),
-            }
-        }
+        windflow_testkit::next_json(&mut self.ws, WAIT).await.unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     /// The next message, which must be of `kind`.
