@@ -12,8 +12,9 @@ use clap::Args;
 use jsonwebtoken::Algorithm;
 
 /// Every setting's default, written once: clap shows and applies these,
-/// [`ServerArgs::with_bind`] builds from them, and `tail` and the demo
-/// reuse them. docs/settings.md states the same values.
+/// [`ServerArgs::with_bind`] builds from them, and `tail` takes its
+/// default URL from [`defaults::BIND`]. docs/settings.md states the same
+/// values (a test holds it to them).
 pub mod defaults {
     use std::net::{IpAddr, Ipv4Addr, SocketAddr};
     use std::num::NonZeroUsize;
@@ -249,6 +250,31 @@ mod tests {
         assert_eq!(format!("{parsed:?}"), format!("{:?}", ServerArgs::with_bind(defaults::BIND)));
         assert_eq!(parsed.history_bytes, 64 << 20);
         assert_eq!(parsed.event_retention, Duration::from_secs(86_400));
+    }
+
+    #[test]
+    fn docs_settings_states_each_default() {
+        let docs = include_str!("../docs/settings.md");
+        let documented = [
+            ("DATABASE_URL", defaults::DATABASE_URL.to_string()),
+            ("WINDFLOW_BIND", defaults::BIND.to_string()),
+            ("JWT_ALGORITHM", defaults::JWT_ALGORITHM.to_string()),
+            ("WINDFLOW_EVENT_RETENTION", defaults::EVENT_RETENTION.to_string()),
+            ("WINDFLOW_PING_INTERVAL", defaults::PING_INTERVAL.to_string()),
+            ("WINDFLOW_MAX_CONNECTIONS", defaults::MAX_CONNECTIONS.to_string()),
+            ("WINDFLOW_CLIENT_QUEUE", defaults::CLIENT_QUEUE.to_string()),
+            ("WINDFLOW_HISTORY_SIZE", defaults::HISTORY_SIZE.to_string()),
+            ("WINDFLOW_HISTORY_BYTES", defaults::HISTORY_BYTES.to_string()),
+            ("WINDFLOW_SEND_BUFFER", defaults::SEND_BUFFER.to_string()),
+            ("RUST_LOG", defaults::RUST_LOG.to_string()),
+            ("WINDFLOW_LOG_FORMAT", defaults::LOG_FORMAT.to_string()),
+        ];
+        for (variable, default) in documented {
+            let row = docs.lines().find(|line| line.starts_with(&format!("| `{variable}` |")));
+            let row = row.unwrap_or_else(|| panic!("docs/settings.md has no row for {variable}"));
+            let cells: Vec<&str> = row.split(" | ").collect();
+            assert_eq!(cells.get(2), Some(&format!("`{default}`").as_str()), "{variable}'s default in: {row}");
+        }
     }
 
     #[test]
