@@ -243,6 +243,14 @@ async fn a_kicked_slow_consumer_got_a_gap_free_prefix_and_resumes_without_loss()
     let received = event_ids(&messages);
     assert!(received.len() < owed.len(), "the client was kicked before it had everything");
     assert_eq!(received, owed[..received.len()], "what a kicked client got is a prefix of what it was owed");
+    // Every event reaches the server before the resume: one still arriving
+    // live while the replay is written would fill this 4-slot queue and
+    // get the resume kicked too (a slow consumer, rightly, but not this test).
+    let written: i64 = app.writer.db.query_one("SELECT count(*) FROM windflow_events", &[]).await.unwrap().get(0);
+    eventually("every event reached the server", || async {
+        app.server.metric("windflow_events_total").await >= written as f64
+    })
+    .await;
     // Resume from the last event it saw.
     let resume_from = received.last().copied().unwrap_or(since);
     let mut again = app.server.connect_as(watcher).await;

@@ -18,8 +18,7 @@ pub(super) struct Conn {
     pub viewer: Viewer,
     pub outbound: mpsc::Sender<Outbound>,
     pub kicked: CancellationToken,
-    /// Each subscription with the first seq it delivers from.
-    pub subscriptions: HashMap<Topic, u64>,
+    pub subscriptions: Subscriptions,
     /// The first seq of the viewer's own events it receives.
     pub registered_seq: u64,
     /// Seq of the last event queued for it: each event at most once.
@@ -28,7 +27,7 @@ pub(super) struct Conn {
 
 impl Conn {
     pub fn new(viewer: Viewer, outbound: mpsc::Sender<Outbound>, kicked: CancellationToken, seq: u64) -> Conn {
-        Conn { viewer, outbound, kicked, subscriptions: HashMap::new(), registered_seq: seq, last_seq: 0 }
+        Conn { viewer, outbound, kicked, subscriptions: Subscriptions::default(), registered_seq: seq, last_seq: 0 }
     }
 
     /// The delivery rule: whether this connection receives the event fed at
@@ -42,8 +41,58 @@ impl Conn {
         // one of these or does not carry it.
         let topics = [Some(Topic::DeploymentEvents), Topic::of_event(event.kind, event.deployment_id)];
         own || topics.into_iter().flatten().any(|topic| {
-            self.subscriptions.get(&topic).is_some_and(|&from| seq >= from && on_topic(topic, self.viewer, event))
+            self.subscriptions.from(topic).is_some_and(|from| seq >= from && on_topic(topic, self.viewer, event))
         })
+    }
+}
+
+/// A connection's subscriptions, each with the first seq it delivers from.
+/// `deployment_events` is kept apart: fan-out asks for it once per
+/// recipient per event, and a field costs no hashing.
+#[derive(Default)]
+pub(super) struct Subscriptions {
+    deployment_events: Option<u64>,
+    per_deployment: HashMap<Topic, u64>,
+}
+
+impl Subscriptions {
+    pub fn from(&self, topic: Topic) -> Option<u64> {
+        match topic {
+            Topic::DeploymentEvents => self.deployment_events,
+            Topic::Deployment { .. } => self.per_deployment.get(&topic).copied(),
+        }
+    }
+
+    pub fn contains(&self, topic: Topic) -> bool {
+        self.from(topic).is_some()
+    }
+
+    /// Deliver `topic` from `seq` on (or from the earlier of the two, when
+    /// subscribed already); true when the subscription is new.
+    fn insert(&mut self, topic: Topic, seq: u64) -> bool {
+        let from = match topic {
+            Topic::DeploymentEvents => &mut self.deployment_events,
+            Topic::Deployment { .. } => {
+                let from = self.per_deployment.entry(topic).or_insert(u64::MAX);
+                let new = *from == u64::MAX;
+                *from = (*from).min(seq);
+                return new;
+            }
+        };
+        let new = from.is_none();
+        *from = Some(from.map_or(seq, |f| f.min(seq)));
+        new
+    }
+
+    fn remove(&mut self, topic: Topic) -> bool {
+        match topic {
+            Topic::DeploymentEvents => self.deployment_events.take().is_some(),
+            Topic::Deployment { .. } => self.per_deployment.remove(&topic).is_some(),
+        }
+    }
+
+    fn topics(&self) -> impl Iterator<Item = Topic> + '_ {
+        self.deployment_events.map(|_| Topic::DeploymentEvents).into_iter().chain(self.per_deployment.keys().copied())
     }
 }
 
@@ -91,7 +140,7 @@ impl Routes {
     pub fn set_viewer(&mut self, id: ConnId, viewer: Viewer) {
         let Some(conn) = self.conns.get_mut(&id) else { return };
         let old = std::mem::replace(&mut conn.viewer, viewer);
-        if conn.subscriptions.contains_key(&Topic::DeploymentEvents) {
+        if conn.subscriptions.contains(Topic::DeploymentEvents) {
             self.unindex(id, Topic::DeploymentEvents, old);
             self.index(id, Topic::DeploymentEvents, viewer);
         }
@@ -102,10 +151,7 @@ impl Routes {
     pub fn subscribe(&mut self, id: ConnId, topic: Topic, seq: u64) {
         let Some(conn) = self.conns.get_mut(&id) else { return };
         let viewer = conn.viewer;
-        let from = conn.subscriptions.entry(topic).or_insert(u64::MAX);
-        let new = *from == u64::MAX;
-        *from = (*from).min(seq);
-        if new {
+        if conn.subscriptions.insert(topic, seq) {
             self.index(id, topic, viewer);
             self.subscriptions += 1;
         }
@@ -114,7 +160,7 @@ impl Routes {
     pub fn unsubscribe(&mut self, id: ConnId, topic: Topic) {
         let Some(conn) = self.conns.get_mut(&id) else { return };
         let viewer = conn.viewer;
-        if conn.subscriptions.remove(&topic).is_some() {
+        if conn.subscriptions.remove(topic) {
             self.unindex(id, topic, viewer);
             self.subscriptions -= 1;
         }
@@ -128,10 +174,10 @@ impl Routes {
                 self.owners.remove(&conn.viewer.user_id);
             }
         }
-        for topic in conn.subscriptions.keys() {
-            self.unindex(id, *topic, conn.viewer);
+        for topic in conn.subscriptions.topics() {
+            self.unindex(id, topic, conn.viewer);
+            self.subscriptions -= 1;
         }
-        self.subscriptions -= conn.subscriptions.len();
         Some(conn)
     }
 

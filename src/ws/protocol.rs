@@ -15,16 +15,19 @@ use crate::event::Topic;
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientMessage {
     Auth {
+        #[serde(deserialize_with = "token")]
         token: String,
     },
     /// `topic` is the name as sent; the session parses it, so that an
     /// invalid topic gets `invalid_topic` rather than `bad_request`.
     Subscribe {
+        #[serde(deserialize_with = "topic")]
         topic: String,
         #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "event_id")]
         since: Option<i64>,
     },
     Unsubscribe {
+        #[serde(deserialize_with = "topic")]
         topic: String,
     },
     Ping,
@@ -57,6 +60,22 @@ impl ClientMessage {
     pub fn to_text(&self) -> String {
         serde_json::to_string(self).expect("a client message always serializes")
     }
+}
+
+/// A string field; anything else is refused naming the field.
+fn string_field<'de, D: Deserializer<'de>>(deserializer: D, name: &str) -> Result<String, D::Error> {
+    match serde_json::Value::deserialize(deserializer)? {
+        serde_json::Value::String(value) => Ok(value),
+        _ => Err(serde::de::Error::custom(format!("field `{name}` must be a string"))),
+    }
+}
+
+fn topic<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    string_field(deserializer, "topic")
+}
+
+fn token<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    string_field(deserializer, "token")
 }
 
 /// `since`: absent, null, or a non-negative event id.
@@ -198,7 +217,9 @@ mod tests {
             (r#"{"type":7}"#, "invalid type"),
             (r#"{"type":"dance"}"#, "unknown variant `dance`"),
             (r#"{"type":"subscribe"}"#, "missing field `topic`"),
-            (r#"{"type":"subscribe","topic":1}"#, "invalid type: integer `1`, expected a string"),
+            (r#"{"type":"subscribe","topic":1}"#, "field `topic` must be a string"),
+            (r#"{"type":"unsubscribe","topic":null}"#, "field `topic` must be a string"),
+            (r#"{"type":"auth","token":["x"]}"#, "field `token` must be a string"),
             (r#"{"type":"subscribe","topic":"t","since":-1}"#, "`since`"),
             (r#"{"type":"subscribe","topic":"t","since":"5"}"#, "`since`"),
             (r#"{"type":"auth"}"#, "missing field `token`"),
