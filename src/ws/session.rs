@@ -490,7 +490,8 @@ impl Session {
                     self.write_events(&mut batch, None).await?;
                     return self.on_subscribed(reply.topic, reply.cursor, None).await;
                 }
-                message => self.take(message, &mut batch).await?,
+                Outbound::Event(event) => self.take_event(event, &mut batch),
+                reply => self.take_reply(reply, &mut batch).await?,
             }
         }
         self.write_events(&mut batch, None).await
@@ -676,7 +677,12 @@ impl Session {
         let mut taken = 0;
         while let Some(message) = next.take() {
             taken += 1;
-            self.take(message, &mut batch).await?;
+            match message {
+                Outbound::Event(event) => self.take_event(event, &mut batch),
+                // Boxed: replies are rare next to events, and their futures
+                // would otherwise size every idle session task.
+                reply => Box::pin(self.take_reply(reply, &mut batch)).await?,
+            }
             if taken < BATCH && !self.kicked.is_cancelled() {
                 next = self.outbound.as_mut().and_then(|rx| rx.try_recv().ok());
             }
@@ -695,15 +701,20 @@ impl Session {
         Ok(Next::Continue)
     }
 
-    /// What a queued message becomes: an event joins `batch` (or waits
-    /// behind a resume); a reply is written after the batch, in its place.
-    async fn take(&mut self, message: Outbound, batch: &mut Vec<Arc<Event>>) -> Result<(), Interrupted> {
+    /// A queued event joins `batch`, or waits behind a resume.
+    fn take_event(&mut self, event: Arc<Event>, batch: &mut Vec<Arc<Event>>) {
+        if self.resumes_pending > 0 {
+            self.held.push(event);
+            self.held_live += 1;
+        } else {
+            batch.push(event);
+        }
+    }
+
+    /// A queued reply is written after `batch`, in its place among events.
+    async fn take_reply(&mut self, message: Outbound, batch: &mut Vec<Arc<Event>>) -> Result<(), Interrupted> {
         match message {
-            Outbound::Event(event) if self.resumes_pending > 0 => {
-                self.held.push(event);
-                self.held_live += 1;
-            }
-            Outbound::Event(event) => batch.push(event),
+            Outbound::Event(event) => self.take_event(event, batch),
             Outbound::Subscribed(reply) => {
                 let Subscribed { topic, cursor, replay } = *reply;
                 self.write_events(batch, None).await?;
