@@ -25,7 +25,11 @@
 //!
 //! 1. A migration, `sql/V<next>__<what>.sql`, whose trigger function calls
 //!    `PERFORM windflow_emit('DEPLOYMENT_<WHAT>', <deployments row>,
-//!    json_build_object(...))`. Rebuild: migrations are embedded.
+//!    json_build_object(...))`. Replacing an existing trigger function
+//!    (`CREATE OR REPLACE FUNCTION windflow_deployment_events()`) restates
+//!    the whole body and `SECURITY DEFINER SET search_path FROM CURRENT`:
+//!    `CREATE OR REPLACE` resets what it does not state, and without them
+//!    writers lose the right to emit. Rebuild: migrations are embedded.
 //! 2. In [`event`]: a variant of [`event::EventKind`], its row in
 //!    `EventKind::row` (wire name, and the prefix of its per-deployment
 //!    topic, or `None` when it is only on `deployment_events`), and its
