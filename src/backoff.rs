@@ -1,5 +1,5 @@
 //! The delay between reconnect attempts, for every loop that reconnects:
-//! the event source's connection ([`crate::db::listener::keep_connected`])
+//! the event source's connection (`db::listener::keep_connected`)
 //! and `tail`'s WebSocket.
 //!
 //! Exponential with *equal jitter*: the ceiling starts at `base` and

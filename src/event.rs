@@ -1,7 +1,7 @@
 //! The events, their topics and their wire JSON.
 //!
 //! Everything the code knows about an event type is one row of
-//! [`EventKind::row`]: its wire name, and the per-deployment topic that
+//! `EventKind::row`: its wire name, and the per-deployment topic that
 //! carries it alone (if any). An event is built once, where it enters (the
 //! listener or a replay from the event log), with its message already
 //! serialized: every recipient shares the same bytes.
@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use uuid::Uuid;
 
 /// The event types (docs/events.md). Adding one: a migration whose trigger
-/// emits it, a variant here, its row in [`EventKind::row`] and its place in
+/// emits it, a variant here, its row in `EventKind::row` and its place in
 /// [`EventKind::ALL`] (see lib.rs, "Adding an event type").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum EventKind {

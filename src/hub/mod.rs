@@ -7,8 +7,8 @@
 //! events around it are always seen in one order: that is what makes
 //! `since` replay gap-free.
 //!
-//! - [`routing`]: the delivery rule and the subscriber indexes;
-//! - [`resume`]: the history, the markers and where each `since` falls.
+//! - `routing`: the delivery rule and the subscriber indexes;
+//! - `resume`: the history, the markers and where each `since` falls.
 //!
 //! The hub never waits on a client. A connection whose queue is full is a
 //! slow consumer: it is dropped from routing and its session is told to

@@ -6,7 +6,7 @@
 //!
 //! - Replies come in request order. `subscribed` travels through the hub
 //!   (so that it keeps its place among events); any reply produced while a
-//!   hub reply is outstanding waits behind it ([`Reply`]).
+//!   hub reply is outstanding waits behind it (`Reply`).
 //! - Events of one deployment arrive in commit order, even around a
 //!   resume. After registering, no event is written until the client
 //!   answers a ping sent right after `authenticated`, so a `subscribe` with
