@@ -562,3 +562,47 @@ async fn a_writer_role_with_no_privilege_on_the_event_log_still_emits_events() {
     assert_eq!(client.recv_event().await.2["logs"], "from the api role");
     assert_eq!(client.recv_event().await.2["status"], "running");
 }
+
+#[tokio::test]
+async fn two_resumes_read_from_the_log_on_one_connection_send_each_event_once() {
+    // An owner resumes both topics of a dashboard after a server restart:
+    // both `since`s are older than the new server's history, so both
+    // replays read the event log, and their events overlap.
+    let database = TestDatabase::create().await;
+    let writer = Writer::new(&database).await;
+    let mut before = TestServer::start(&database, |_| {}).await;
+    let owner = user();
+    let deployment = writer.create_deployment(owner.user_id, None).await;
+    writer.log(deployment, "L1").await;
+    writer.set_progress(deployment, 1).await;
+    writer.log(deployment, "L2").await;
+    writer.set_progress(deployment, 2).await;
+    let all = |after| ids_after(&writer, deployment, after);
+    let ids = all(0).await;
+    let (logs_since, events_since) = (ids[3], ids[4]);
+    // Written while the client is away.
+    writer.log(deployment, "L3").await;
+    writer.set_progress(deployment, 3).await;
+    writer.log(deployment, "L4").await;
+    before.stop().await;
+    let server = TestServer::start(&database, |_| {}).await;
+    let mut client = server.connect_as(owner).await;
+    let logs = format!("deployment_logs_{deployment}");
+    client.send(json!({"type": "subscribe", "topic": "deployment_events", "since": events_since})).await;
+    client.send(json!({"type": "subscribe", "topic": logs, "since": logs_since})).await;
+    writer.log(deployment, "L5").await;
+    let owed = all(events_since).await;
+    let mut received = Vec::new();
+    let mut subscribed = 0;
+    while subscribed < 2 || received.len() < owed.len() {
+        let message = client.recv().await;
+        match message["type"].as_str() {
+            Some("subscribed") => subscribed += 1,
+            Some(kind) if kind.starts_with("DEPLOYMENT_") => received.push(message["event_id"].as_i64().unwrap()),
+            _ => panic!("unexpected {message}"),
+        }
+    }
+    received.sort_unstable();
+    assert_eq!(received, owed, "every event since the older cursor once, the live one included");
+    assert_nothing_more(&writer, &mut client, owner.user_id).await;
+}

@@ -45,22 +45,49 @@ pub struct Page {
 
 /// A replay from the event log, read page by page in id order.
 pub struct Pages {
+    topic: Topic,
     filter: Filter,
     since: i64,
     after: i64,
     /// Ask retention on the first page, unless the client got `resync` already.
     check_pruned: bool,
-    /// Ids the connection already received.
+    /// Ids the connection already received from the history.
     skip: Vec<i64>,
+    /// What earlier replays from the log sent the connection.
+    replayed: Vec<Replayed>,
     done: bool,
 }
 
+/// What one replay from the log sent a connection: the events of `topic`
+/// with ids in `since..=upto` (those the log had before its marker).
+#[derive(Clone, Copy, Debug)]
+pub struct Replayed {
+    pub topic: Topic,
+    pub since: i64,
+    pub upto: i64,
+}
+
+impl Replayed {
+    /// Whether this replay sent `event` (given it is one of the log's
+    /// events before a marker no older than this replay's: the events of
+    /// `topic` after that marker reached the connection live).
+    fn sent(&self, event: &Event) -> bool {
+        event.id > self.since && event.id <= self.upto && self.topic.carries(event.kind, event.deployment_id)
+    }
+}
+
 impl Pages {
-    /// The replay `log` of a subscription of `viewer` to `topic`.
-    pub fn new(topic: Topic, viewer: Viewer, log: LogReplay, resynced: bool) -> Pages {
+    /// The replay `log` of a subscription of `viewer` to `topic`, leaving
+    /// out what the connection's earlier log replays (`replayed`) sent.
+    pub fn new(topic: Topic, viewer: Viewer, log: LogReplay, resynced: bool, replayed: Vec<Replayed>) -> Pages {
         let LogReplay { since, snapshot, also, skip } = log;
         let filter = Filter { deployment: topic.deployment(), kind: topic.kind(), viewer, snapshot, also };
-        Pages { filter, since, after: since, check_pruned: !resynced, skip, done: false }
+        Pages { topic, filter, since, after: since, check_pruned: !resynced, skip, replayed, done: false }
+    }
+
+    /// What this replay has sent so far, assuming every page read was written.
+    pub fn replayed(&self) -> Replayed {
+        Replayed { topic: self.topic, since: self.since, upto: if self.done { i64::MAX } else { self.after } }
     }
 }
 
@@ -121,8 +148,12 @@ impl EventLog {
             return Ok(pruned.then(|| Page { pruned, events: Vec::new(), _memory: memory }));
         };
         pages.after = last.id;
-        let skip = &pages.skip;
-        let events = page.into_iter().filter(|e| skip.binary_search(&e.id).is_err()).map(Arc::new).collect();
+        let (skip, replayed) = (&pages.skip, &pages.replayed);
+        let events = page
+            .into_iter()
+            .filter(|e| skip.binary_search(&e.id).is_err() && !replayed.iter().any(|r| r.sent(e)))
+            .map(Arc::new)
+            .collect();
         Ok(Some(Page { pruned, events, _memory: memory }))
     }
 }

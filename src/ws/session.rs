@@ -48,7 +48,7 @@ use super::Endpoint;
 use super::fragments::{FRAGMENT_SIZE, Fragments, fragments};
 use super::protocol::{BadRequest, ClientMessage, ErrorCode, ServerMessage};
 use crate::auth::Claims;
-use crate::db::events::Pages;
+use crate::db::events::{Pages, Replayed};
 use crate::event::{Event, Topic};
 use crate::hub::{ConnId, HubStopped, LogReplay, LookUp, Outbound, Replay, Since, Subscribed};
 
@@ -152,6 +152,9 @@ struct Session {
     stashed: VecDeque<Message>,
     /// `deliver`'s batch, kept to reuse its allocation.
     batch: Vec<Arc<Event>>,
+    /// What this connection's replays from the event log sent, so that a
+    /// later one does not send it again (two resumes whose topics overlap).
+    replayed: Vec<Replayed>,
 }
 
 pub async fn run(
@@ -183,6 +186,7 @@ pub async fn run(
         cut: false,
         stashed: VecDeque::new(),
         batch: Vec::new(),
+        replayed: Vec::new(),
     };
     debug!(conn, %remote, authenticated = claims.is_some(), "websocket connected");
     let reason = session.serve(claims).await;
@@ -663,6 +667,7 @@ impl Session {
             return self.error(ErrorCode::InvalidTopic, "unknown topic", Some(name)).await;
         };
         self.topics.remove(&topic);
+        self.replayed.retain(|r| r.topic != topic);
         self.replies.push_back(Reply::Hub { since: false });
         self.endpoint.hub.unsubscribe(self.conn, topic).await?;
         Ok(Next::Continue)
@@ -841,11 +846,17 @@ impl Session {
     /// page is written before the next is read.
     async fn replay_from_log(&mut self, topic: Topic, log: LogReplay, resynced: bool) -> Result<(), Interrupted> {
         let Some(viewer) = self.claims.map(|c| c.viewer) else { return Ok(()) };
-        let mut pages = Pages::new(topic, viewer, log, resynced);
+        let mut pages = Pages::new(topic, viewer, log, resynced, self.replayed.clone());
+        let outcome = self.write_pages(topic, &mut pages).await;
+        self.replayed.push(pages.replayed());
+        outcome
+    }
+
+    async fn write_pages(&mut self, topic: Topic, pages: &mut Pages) -> Result<(), Interrupted> {
         loop {
             self.stop_if_kicked()?;
             let endpoint = Arc::clone(&self.endpoint);
-            let mut page = match guarded(self.interrupts(), endpoint.log.next_page(&mut pages)).await? {
+            let mut page = match guarded(self.interrupts(), endpoint.log.next_page(pages)).await? {
                 Ok(Some(page)) => page,
                 Ok(None) => return Ok(()),
                 Err(e) => {
