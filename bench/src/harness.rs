@@ -72,8 +72,19 @@ impl Process {
 
     /// The same, with extra environment variables (`WINDFLOW_CLIENT_QUEUE`...).
     pub async fn server_with(database: &Database, log: &str, env: &[(&str, String)]) -> Result<Process> {
-        let port = free_port()?;
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        Process::server_at(database, log, addr, env).await
+    }
+
+    /// `windflow-notify serve` on `addr`: a server started again where its
+    /// clients will reconnect.
+    pub async fn server_at(
+        database: &Database,
+        log: &str,
+        addr: SocketAddr,
+        env: &[(&str, String)],
+    ) -> Result<Process> {
+        let port = addr.port();
         let logfile = std::fs::File::create(log).with_context(|| format!("create {log}"))?;
         // Run the binary through a private symlink: other people's
         // `pkill windflow-notify` on a shared machine must not stop our run.
