@@ -145,6 +145,13 @@ impl Process {
         let _ = std::fs::remove_file(&self.link);
         Ok(Stopped { status, seconds: (now_ns() - started) as f64 / 1e9 })
     }
+
+    /// SIGKILL, as a crash: no close frame for anyone.
+    pub async fn kill(mut self) -> Result<()> {
+        self.child.kill().await.with_context(|| format!("kill process {}", self.pid))?;
+        let _ = std::fs::remove_file(&self.link);
+        Ok(())
+    }
 }
 
 /// How a process took its SIGTERM.
