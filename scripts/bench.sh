@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run one benchmark scenario (BENCHMARKS.md): scripts/bench.sh s1 [options]
-# Scenarios: s1 s2 s3 s4 s5 hostile smoke; `scripts/bench.sh s1 --help` lists options.
+# Scenarios: s1 s2 s3 s4 s5 hostile faults smoke; `scripts/bench.sh s1 --help` lists options.
 # Needs PostgreSQL (BENCH_DATABASE_URL, default postgres://postgres@127.0.0.1:5432/postgres).
 set -euo pipefail
 cd "$(dirname "$0")/.."

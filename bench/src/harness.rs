@@ -72,8 +72,19 @@ impl Process {
 
     /// The same, with extra environment variables (`WINDFLOW_CLIENT_QUEUE`...).
     pub async fn server_with(database: &Database, log: &str, env: &[(&str, String)]) -> Result<Process> {
-        let port = free_port()?;
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        Process::server_at(database, log, addr, env).await
+    }
+
+    /// `windflow-notify serve` on `addr`: a server started again where its
+    /// clients will reconnect.
+    pub async fn server_at(
+        database: &Database,
+        log: &str,
+        addr: SocketAddr,
+        env: &[(&str, String)],
+    ) -> Result<Process> {
+        let port = addr.port();
         let logfile = std::fs::File::create(log).with_context(|| format!("create {log}"))?;
         // Run the binary through a private symlink: other people's
         // `pkill windflow-notify` on a shared machine must not stop our run.
@@ -133,6 +144,13 @@ impl Process {
         };
         let _ = std::fs::remove_file(&self.link);
         Ok(Stopped { status, seconds: (now_ns() - started) as f64 / 1e9 })
+    }
+
+    /// SIGKILL, as a crash: no close frame for anyone.
+    pub async fn kill(mut self) -> Result<()> {
+        self.child.kill().await.with_context(|| format!("kill process {}", self.pid))?;
+        let _ = std::fs::remove_file(&self.link);
+        Ok(())
     }
 }
 

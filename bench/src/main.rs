@@ -17,9 +17,11 @@
 
 mod bare;
 mod clients;
+mod faults;
 mod harness;
 mod hostile;
 mod report;
+mod resuming;
 mod writers;
 
 use std::net::SocketAddr;
@@ -118,6 +120,8 @@ enum Scenario {
     },
     /// Hostile clients beside S1's good ones: never-reading `since 0` replayers and slow consumers.
     Hostile(hostile::Args),
+    /// Faults under writes: the source's backend killed, PostgreSQL restarted, the server stopped; clients resume.
+    Faults(faults::Args),
     /// CI smoke: a few hundred clients for a few seconds; fails on any lost or duplicated event.
     Smoke,
     /// (internal) The bare WebSocket broadcaster, as a child process.
@@ -200,6 +204,7 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool> {
         }
         Scenario::S5 { conns, rate, duration, size } => s5(conns, rate, duration, size).await?,
         Scenario::Hostile(args) => hostile::run(&args).await?,
+        Scenario::Faults(args) => faults::run(&args).await?,
         Scenario::Smoke => s1(admin_url(), EventSource::Notify, 300, 10, 300.0, 3, 2, 1).await?,
     };
     let ok = result.get("ok").and_then(Value::as_bool).unwrap_or(true);
@@ -840,6 +845,13 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn faults_take_a_source_and_default_to_a_30_s_server_outage() {
+        let cli = Cli::try_parse_from(["bench", "faults", "--source", "logical"]);
+        let Ok(Cli { scenario: Scenario::Faults(args), .. }) = cli else { panic!("faults did not parse") };
+        assert_eq!((args.source, args.kills, args.server_down, args.kill_server), (EventSource::Logical, 3, 30, false));
     }
 
     #[test]

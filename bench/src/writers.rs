@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use crate::clients::{find_marker, marker};
 use crate::harness::{connect, now_ns};
+use windflow_notify::backoff::Backoff;
 
 /// One committed write: its marker, the deployment (index into the
 /// scenario's list) and when the commit returned to the writer.
@@ -49,68 +50,138 @@ impl WritePlan {
     }
 }
 
-/// One writer's writes, failure count and first error.
-type WriterResult = (Vec<Written>, u64, Option<String>);
+/// One writer's writes, failures, first error and reconnections.
+#[derive(Default)]
+struct WriterResult {
+    written: Vec<Written>,
+    failed: u64,
+    first_error: Option<String>,
+    reconnects: u64,
+}
 
 pub struct WriteOutcome {
     pub written: Vec<Written>,
+    /// Writes that returned an error: whether they committed is unknown
+    /// (a connection lost at commit), so only the event log can say.
     pub failed: u64,
     pub first_error: Option<String>,
+    /// Times a writer found its connection closed and opened another.
+    pub reconnects: u64,
     pub wall_s: f64,
 }
 
 /// Run the plan; every write is its own transaction (autocommit).
 pub async fn run(config: &tokio_postgres::Config, plan: &WritePlan) -> Result<WriteOutcome> {
+    run_until(config, plan, CancellationToken::new()).await
+}
+
+/// Run the plan until its duration ends or `stop` is cancelled. A writer
+/// whose connection is lost (a database restart) reconnects and goes on
+/// with its next write, catching up with the pace; the writes due while
+/// it had no connection are made late, not skipped.
+pub async fn run_until(
+    config: &tokio_postgres::Config,
+    plan: &WritePlan,
+    stop: CancellationToken,
+) -> Result<WriteOutcome> {
     let seq = Arc::new(AtomicU32::new(0));
     let start = now_ns() + 50_000_000;
     let mut tasks: Vec<JoinHandle<Result<WriterResult>>> = Vec::new();
     for writer in 0..plan.writers {
-        let client = connect(config).await?;
-        let (plan, seq) = (plan.clone(), seq.clone());
-        tasks.push(tokio::spawn(async move { write_loop(client, writer, plan, seq, start).await }));
+        let session = Session::open(config).await?;
+        let (config, plan, seq, stop) = (config.clone(), plan.clone(), seq.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move { write_loop(session, &config, writer, plan, seq, start, stop).await }));
     }
-    let mut outcome = WriteOutcome { written: Vec::new(), failed: 0, first_error: None, wall_s: 0.0 };
+    let mut outcome = WriteOutcome { written: Vec::new(), failed: 0, first_error: None, reconnects: 0, wall_s: 0.0 };
     for task in tasks {
-        let (written, failed, error) = task.await.context("writer task")??;
-        outcome.written.extend(written);
-        outcome.failed += failed;
-        outcome.first_error = outcome.first_error.or(error);
+        let result = task.await.context("writer task")??;
+        outcome.written.extend(result.written);
+        outcome.failed += result.failed;
+        outcome.first_error = outcome.first_error.or(result.first_error);
+        outcome.reconnects += result.reconnects;
     }
     outcome.wall_s = (now_ns().saturating_sub(start)) as f64 / 1e9;
     outcome.written.sort_by_key(|w| w.seq);
     Ok(outcome)
 }
 
-async fn write_loop(
+/// A writer's connection and its prepared statements.
+struct Session {
     client: tokio_postgres::Client,
+    status: tokio_postgres::Statement,
+    progress: tokio_postgres::Statement,
+    log: tokio_postgres::Statement,
+}
+
+impl Session {
+    async fn open(config: &tokio_postgres::Config) -> Result<Session> {
+        let client = connect(config).await?;
+        // The database toggles the status: a writer that lost a commit reply
+        // cannot know the row's status, and a write that changed nothing
+        // would make no event.
+        let status = client
+            .prepare(
+                "UPDATE deployments SET status = CASE status WHEN 'running' THEN 'deploying' ELSE 'running' END,
+                        error_message = $2
+                  WHERE id = $1",
+            )
+            .await?;
+        let progress = client.prepare("UPDATE deployments SET progress = $2, current_step = $3 WHERE id = $1").await?;
+        let log = client.prepare("INSERT INTO deployment_logs (deployment_id, message) VALUES ($1, $2)").await?;
+        Ok(Session { client, status, progress, log })
+    }
+
+    /// A new session once the database takes connections again; None if
+    /// `until` (ns) passes or `stop` is cancelled first.
+    async fn reopen(config: &tokio_postgres::Config, until: u64, stop: &CancellationToken) -> Option<Session> {
+        let mut backoff = RECONNECT_BACKOFF;
+        while now_ns() < until {
+            if let Ok(session) = Session::open(config).await {
+                return Some(session);
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return None,
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+            }
+        }
+        None
+    }
+}
+
+/// A writer's reconnect delays: a restarted database is back within seconds.
+const RECONNECT_BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+
+async fn write_loop(
+    mut session: Session,
+    config: &tokio_postgres::Config,
     writer: usize,
     plan: WritePlan,
     seq: Arc<AtomicU32>,
     start: u64,
+    stop: CancellationToken,
 ) -> Result<WriterResult> {
-    let status = client.prepare("UPDATE deployments SET status = $2, error_message = $3 WHERE id = $1").await?;
-    let progress = client.prepare("UPDATE deployments SET progress = $2, current_step = $3 WHERE id = $1").await?;
-    let log = client.prepare("INSERT INTO deployment_logs (deployment_id, message) VALUES ($1, $2)").await?;
-    // Each writer owns its share of deployments, so it knows their status
-    // and writers do not queue on each other's row locks.
+    // Each writer owns its share of deployments, so writers do not queue on
+    // each other's row locks.
     let mine: Vec<u32> = (0..plan.deployments.len() as u32).filter(|d| *d as usize % plan.writers == writer).collect();
+    let mut result = WriterResult::default();
     if mine.is_empty() {
-        return Ok((Vec::new(), 0, None));
+        return Ok(result);
     }
-    let mut running = vec![false; mine.len()];
     let end = start + plan.duration.as_nanos() as u64;
     let interval_ns = plan.rate.map(|r| (plan.writers as f64 / r * 1e9) as u64);
     let offset_ns = plan.rate.map(|r| (writer as f64 / r * 1e9) as u64).unwrap_or(0);
-    let (mut written, mut failed, mut first_error) = (Vec::new(), 0u64, None);
     let mut padding = String::new();
     for k in 0u64.. {
         let due = start + offset_ns + interval_ns.map(|i| i * k).unwrap_or(0);
-        if due >= end || now_ns() >= end {
+        if due >= end || now_ns() >= end || stop.is_cancelled() {
             break;
         }
         let now = now_ns();
         if due > now {
-            tokio::time::sleep(Duration::from_nanos(due - now)).await;
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_nanos(due - now)) => {}
+            }
         }
         let n = seq.fetch_add(1, Relaxed);
         let slot = k as usize % mine.len();
@@ -118,12 +189,11 @@ async fn write_loop(
         let id = plan.deployments[deployment as usize];
         let mark = marker(n);
         let kind = n % 5;
-        let result = if kind < plan.status_in_5 {
-            running[slot] = !running[slot];
-            let next = if running[slot] { "running" } else { "deploying" };
-            client.execute(&status, &[&id, &next, &mark]).await
+        let client = &session.client;
+        let outcome = if kind < plan.status_in_5 {
+            client.execute(&session.status, &[&id, &mark]).await
         } else if kind < plan.status_in_5 + plan.progress_in_5 {
-            client.execute(&progress, &[&id, &((n % 101) as i32), &mark]).await
+            client.execute(&session.progress, &[&id, &((n % 101) as i32), &mark]).await
         } else {
             let message = if plan.log_size > mark.len() {
                 if padding.len() != plan.log_size - mark.len() {
@@ -133,17 +203,24 @@ async fn write_loop(
             } else {
                 mark
             };
-            client.execute(&log, &[&id, &message]).await
+            client.execute(&session.log, &[&id, &message]).await
         };
-        match result {
-            Ok(_) => written.push(Written { seq: n, deployment, commit_ns: now_ns() }),
+        match outcome {
+            Ok(_) => result.written.push(Written { seq: n, deployment, commit_ns: now_ns() }),
             Err(e) => {
-                failed += 1;
-                first_error.get_or_insert_with(|| format!("{e:?}"));
+                result.failed += 1;
+                result.first_error.get_or_insert_with(|| format!("{e:?}"));
+                if session.client.is_closed() {
+                    match Session::reopen(config, end, &stop).await {
+                        Some(fresh) => session = fresh,
+                        None => break,
+                    }
+                    result.reconnects += 1;
+                }
             }
         }
     }
-    Ok((written, failed, first_error))
+    Ok(result)
 }
 
 /// The latency floor: one bare tokio-postgres connection LISTENing on
