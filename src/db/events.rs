@@ -67,7 +67,30 @@ pub struct Replayed {
     pub upto: i64,
 }
 
+/// How many replays a connection remembers; past this the oldest is
+/// forgotten (a later replay may then send some of its events again).
+const MAX_REPLAYED: usize = 256;
+
 impl Replayed {
+    /// Remember `new` in `all`: merged with a replay of the same topic whose
+    /// range it overlaps or touches, so that a client resuming one topic
+    /// again and again keeps one entry, and at most [`MAX_REPLAYED`] in all.
+    pub fn remember(all: &mut Vec<Replayed>, new: Replayed) {
+        let mut merged = new;
+        all.retain(|old| {
+            let joins = old.topic == merged.topic && old.since <= merged.upto && merged.since <= old.upto;
+            if joins {
+                merged.since = merged.since.min(old.since);
+                merged.upto = merged.upto.max(old.upto);
+            }
+            !joins
+        });
+        if all.len() >= MAX_REPLAYED {
+            all.remove(0);
+        }
+        all.push(merged);
+    }
+
     /// Whether this replay sent `event` (given it is one of the log's
     /// events before a marker no older than this replay's: the events of
     /// `topic` after that marker reached the connection live).
@@ -246,4 +269,36 @@ async fn page_after(
 /// The highest id retention has deleted.
 async fn pruned_upto(client: &Client) -> Result<i64, DbError> {
     Ok(client.query_one("SELECT upto FROM windflow_events_pruned", &[]).await?.get(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replayed(topic: Topic, since: i64, upto: i64) -> Replayed {
+        Replayed { topic, since, upto }
+    }
+
+    #[test]
+    fn replays_of_one_topic_merge_and_the_list_stays_bounded() {
+        let events = Topic::DeploymentEvents;
+        let logs = Topic::Deployment { kind: EventKind::LogsUpdate, deployment: Uuid::nil() };
+        let mut all = Vec::new();
+        for _ in 0..10_000 {
+            Replayed::remember(&mut all, replayed(events, 0, i64::MAX));
+        }
+        assert_eq!(all.len(), 1, "the same resume again and again keeps one entry");
+        Replayed::remember(&mut all, replayed(logs, 5, 9));
+        Replayed::remember(&mut all, replayed(logs, 20, 30));
+        Replayed::remember(&mut all, replayed(logs, 9, 20));
+        let logs_ranges: Vec<(i64, i64)> = all.iter().filter(|r| r.topic == logs).map(|r| (r.since, r.upto)).collect();
+        assert_eq!(logs_ranges, [(5, 30)], "touching ranges of one topic merge");
+        for i in 0..1000 {
+            let deployment = Uuid::from_u128(i);
+            Replayed::remember(&mut all, replayed(Topic::Deployment { kind: EventKind::Progress, deployment }, 0, 1));
+        }
+        assert_eq!(all.len(), MAX_REPLAYED);
+        let last = Topic::Deployment { kind: EventKind::Progress, deployment: Uuid::from_u128(999) };
+        assert_eq!(all.last().map(|r| r.topic), Some(last), "the newest is kept");
+    }
 }

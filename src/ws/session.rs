@@ -848,7 +848,7 @@ impl Session {
         let Some(viewer) = self.claims.map(|c| c.viewer) else { return Ok(()) };
         let mut pages = Pages::new(topic, viewer, log, resynced, self.replayed.clone());
         let outcome = self.write_pages(topic, &mut pages).await;
-        self.replayed.push(pages.replayed());
+        Replayed::remember(&mut self.replayed, pages.replayed());
         outcome
     }
 
