@@ -76,13 +76,7 @@ impl LogicalApp {
 #[tokio::test]
 async fn events_arrive_with_their_data_and_the_triggers_do_not_notify() {
     let app = LogicalApp::start().await;
-    let (_, mut client, deployment) = {
-        let owner = user();
-        let mut client = app.server.connect_as(owner).await;
-        let deployment = app.writer.create_deployment(owner.user_id, None).await;
-        client.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
-        (owner, client, deployment)
-    };
+    let (_, mut client, deployment) = owner_with_deployment(&app.server, &app.writer).await;
     // Far past NOTIFY's 8000 bytes: it comes from the WAL whole.
     let line = "x".repeat(200_000);
     app.writer.log(deployment, &line).await;
@@ -171,21 +165,8 @@ async fn a_stopped_server_holds_no_slot_and_resumes_exactly_after_a_restart() {
 async fn two_instances_each_deliver_every_event_once_and_a_resume_works_on_either() {
     let app = LogicalApp::start().await;
     let second = TestServer::start(&app.database, |_| {}).await;
-    let org = Uuid::new_v4();
-    let owner = member_of(org);
-    let mut on_first = app.server.connect_as(owner).await;
-    let mut on_second = second.connect_as(owner).await;
-    let mut colleague = second.connect_as(member_of(org)).await;
-    colleague.subscribe("deployment_events").await;
-    let deployment = app.writer.create_deployment(owner.user_id, Some(org)).await;
-    for i in 0..50 {
-        app.writer.log(deployment, &format!("{i}")).await;
-    }
-    let reference = receive_exactly_once(&mut on_first, 51).await;
-    for client in [&mut on_second, &mut colleague] {
-        let got = receive_exactly_once(client, 51).await;
-        assert_eq!(got.iter().map(|e| e.0).collect::<Vec<_>>(), reference.iter().map(|e| e.0).collect::<Vec<_>>());
-    }
+    let (owner, mut on_first, reference) =
+        two_instances_each_deliver_every_event_once(&app.server, &second, &app.writer).await;
     let mut moved = second.connect_as(superuser()).await;
     moved.send(json!({"type": "subscribe", "topic": "deployment_events", "since": reference[10].0})).await;
     moved.recv_type("subscribed").await;
@@ -225,13 +206,7 @@ async fn a_late_commit_with_a_smaller_id_across_a_stream_outage_arrives_once() {
 #[tokio::test]
 async fn the_slot_releases_wal_as_the_stream_is_read() {
     let app = LogicalApp::start().await;
-    let (_, mut client, deployment) = {
-        let owner = user();
-        let mut client = app.server.connect_as(owner).await;
-        let deployment = app.writer.create_deployment(owner.user_id, None).await;
-        client.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
-        (owner, client, deployment)
-    };
+    let (_, mut client, deployment) = owner_with_deployment(&app.server, &app.writer).await;
     for i in 0..20 {
         app.writer.log(deployment, &format!("{i}")).await;
     }

@@ -342,19 +342,8 @@ async fn sigterm_closes_clients_and_exits_zero_within_5_seconds() {
 async fn two_instances_each_deliver_every_event_once() {
     let app = spawn_app().await;
     let second = TestServer::start(&app.database, |_| {}).await;
-    let org = Uuid::new_v4();
-    let owner = member_of(org);
-    let mut on_first = app.server.connect_as(owner).await;
-    let mut on_second = second.connect_as(owner).await;
-    let mut colleague = second.connect_as(member_of(org)).await;
-    colleague.subscribe("deployment_events").await;
-    let deployment = app.writer.create_deployment(owner.user_id, Some(org)).await;
-    for i in 0..50 {
-        app.writer.log(deployment, &format!("{i}")).await;
-    }
-    for client in [&mut on_first, &mut on_second, &mut colleague] {
-        receive_exactly_once(client, 51).await;
-    }
+    let (owner, mut on_first, _) =
+        common::two_instances_each_deliver_every_event_once(&app.server, &second, &app.writer).await;
     assert_nothing_more(&app.writer, &mut on_first, owner.user_id).await;
 }
 

@@ -343,12 +343,46 @@ impl TestApp {
     /// A user connected with one deployment of their own, its creation
     /// event already read.
     pub async fn owner_with_deployment(&self) -> (Viewer, Client, Uuid) {
-        let owner = user();
-        let mut client = self.server.connect_as(owner).await;
-        let deployment = self.writer.create_deployment(owner.user_id, None).await;
-        client.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
-        (owner, client, deployment)
+        owner_with_deployment(&self.server, &self.writer).await
     }
+}
+
+/// A user connected to `server` with one deployment of their own, its
+/// creation event already read.
+pub async fn owner_with_deployment(server: &TestServer, writer: &Writer) -> (Viewer, Client, Uuid) {
+    let owner = user();
+    let mut client = server.connect_as(owner).await;
+    let deployment = writer.create_deployment(owner.user_id, None).await;
+    client.recv_type("DEPLOYMENT_STATUS_CHANGED").await;
+    (owner, client, deployment)
+}
+
+/// Two servers on one database: an owner connected to each, and an
+/// organization member on the second subscribed to `deployment_events`,
+/// each get the same 51 events once. Returns the owner, its connection to
+/// `first`, and the events as that connection got them.
+pub async fn two_instances_each_deliver_every_event_once(
+    first: &TestServer,
+    second: &TestServer,
+    writer: &Writer,
+) -> (Viewer, Client, Vec<(i64, Value)>) {
+    let org = Uuid::new_v4();
+    let owner = member_of(org);
+    let mut on_first = first.connect_as(owner).await;
+    let mut on_second = second.connect_as(owner).await;
+    let mut colleague = second.connect_as(member_of(org)).await;
+    colleague.subscribe("deployment_events").await;
+    let deployment = writer.create_deployment(owner.user_id, Some(org)).await;
+    for i in 0..50 {
+        writer.log(deployment, &format!("{i}")).await;
+    }
+    let reference = receive_exactly_once(&mut on_first, 51).await;
+    let ids = |events: &[(i64, Value)]| events.iter().map(|e| e.0).collect::<Vec<_>>();
+    for client in [&mut on_second, &mut colleague] {
+        let got = receive_exactly_once(client, 51).await;
+        assert_eq!(ids(&got), ids(&reference), "both instances deliver the same events in the same order");
+    }
+    (owner, on_first, reference)
 }
 
 pub async fn spawn_app() -> TestApp {
