@@ -2,6 +2,7 @@
 //! and the indexes that find its candidates without visiting every
 //! connection. The indexes only narrow: the rule decides.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 
@@ -70,17 +71,14 @@ impl Subscriptions {
     /// Deliver `topic` from `seq` on (or from the earlier of the two, when
     /// subscribed already); true when the subscription is new.
     fn insert(&mut self, topic: Topic, seq: u64) -> bool {
-        let from = match topic {
-            Topic::DeploymentEvents => &mut self.deployment_events,
-            Topic::Deployment { .. } => {
-                let from = self.per_deployment.entry(topic).or_insert(u64::MAX);
-                let new = *from == u64::MAX;
-                *from = (*from).min(seq);
-                return new;
-            }
+        let (new, from) = match topic {
+            Topic::DeploymentEvents => (self.deployment_events.is_none(), self.deployment_events.get_or_insert(seq)),
+            Topic::Deployment { .. } => match self.per_deployment.entry(topic) {
+                Entry::Vacant(vacant) => (true, vacant.insert(seq)),
+                Entry::Occupied(occupied) => (false, occupied.into_mut()),
+            },
         };
-        let new = from.is_none();
-        *from = Some(from.map_or(seq, |f| f.min(seq)));
+        *from = (*from).min(seq);
         new
     }
 

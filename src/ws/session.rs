@@ -780,7 +780,7 @@ impl Session {
                     "cannot look up since in the event log now; subscribe again with since",
                     Some(&topic.to_string()),
                 );
-                self.answer_subscribe(vec![reply_frame(&message)], None, None).await
+                self.answer_subscribe(vec![reply_frame(&message)], topic, None).await
             }
         }
     }
@@ -790,7 +790,7 @@ impl Session {
         if replay.as_ref().is_some_and(|r| r.resync) {
             first.push(reply_frame(&ServerMessage::Resync { topic }));
         }
-        self.answer_subscribe(first, Some(topic), replay).await
+        self.answer_subscribe(first, topic, replay).await
     }
 
     /// Answer the oldest outstanding subscribe with `first`, then the
@@ -799,7 +799,7 @@ impl Session {
     async fn answer_subscribe(
         &mut self,
         first: Vec<Message>,
-        topic: Option<Topic>,
+        topic: Topic,
         replay: Option<Replay>,
     ) -> Result<(), Interrupted> {
         let resume = match self.replies.front() {
@@ -807,7 +807,7 @@ impl Session {
             _ => false,
         };
         self.write(first).await?;
-        if let (Some(topic), Some(replay)) = (topic, replay) {
+        if let Some(replay) = replay {
             let Replay { resync, from_log, recent } = replay;
             if let Some(log) = from_log {
                 self.replay_from_log(topic, log, resync).await?;
