@@ -301,7 +301,10 @@ impl Hub {
                 continue;
             }
             entry.last_seq = event.seq;
-            self.queue(conn, Outbound::Event(Arc::clone(&event)));
+            // Sent on the entry already found: one lookup per recipient.
+            if let Err(refusal) = entry.outbound.try_send(Outbound::Event(Arc::clone(&event))) {
+                self.refused(conn, refusal);
+            }
         }
         self.recipients = recipients;
 
@@ -315,16 +318,21 @@ impl Hub {
     /// it a slow consumer.
     fn queue(&mut self, conn: ConnId, message: Outbound) {
         let Some(entry) = self.routes.get(conn) else { return };
-        match entry.outbound.try_send(message) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                warn!(conn, user_id = %entry.viewer.user_id, "slow consumer: queue full, closing with 1013");
-                self.metrics.slow_consumer_disconnects_total.fetch_add(1, Relaxed);
-                entry.kicked.cancel();
-                self.remove(conn);
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => self.remove(conn),
+        if let Err(refusal) = entry.outbound.try_send(message) {
+            self.refused(conn, refusal);
         }
+    }
+
+    /// A connection's queue refused a message: full, it is a slow consumer
+    /// (its session closes with 1013); closed, its session has ended.
+    fn refused(&mut self, conn: ConnId, refusal: mpsc::error::TrySendError<Outbound>) {
+        let Some(entry) = self.routes.get(conn) else { return };
+        if let mpsc::error::TrySendError::Full(_) = refusal {
+            warn!(conn, user_id = %entry.viewer.user_id, "slow consumer: queue full, closing with 1013");
+            self.metrics.slow_consumer_disconnects_total.fetch_add(1, Relaxed);
+            entry.kicked.cancel();
+        }
+        self.remove(conn);
     }
 
     fn remove(&mut self, conn: ConnId) {
