@@ -606,3 +606,34 @@ async fn two_resumes_read_from_the_log_on_one_connection_send_each_event_once() 
     assert_eq!(received, owed, "every event since the older cursor once, the live one included");
     assert_nothing_more(&writer, &mut client, owner.user_id).await;
 }
+
+#[tokio::test]
+async fn a_resume_after_a_new_token_moved_the_user_to_another_organization_gets_that_organizations_events() {
+    // What one log replay sent is left out of later ones on the connection,
+    // but only while the viewer is the same: a fresh token for another
+    // organization makes other events visible, and a resume must get them.
+    let database = TestDatabase::create().await;
+    let writer = Writer::new(&database).await;
+    let mut before = TestServer::start(&database, |_| {}).await;
+    let (org_a, org_b) = (Uuid::new_v4(), Uuid::new_v4());
+    let in_a = writer.create_deployment(Uuid::new_v4(), Some(org_a)).await;
+    let in_b = writer.create_deployment(Uuid::new_v4(), Some(org_b)).await;
+    for deployment in [in_a, in_b] {
+        writer.log(deployment, "written before the restart").await;
+    }
+    before.stop().await;
+    let server = TestServer::start(&database, |_| {}).await;
+    let member = member_of(org_a);
+    let mut client = server.connect_as(member).await;
+    client.send(json!({"type": "subscribe", "topic": "deployment_events", "since": 0})).await;
+    client.recv_type("subscribed").await;
+    let from_a: Vec<i64> = [client.recv_event().await.1, client.recv_event().await.1].into();
+    assert_eq!(from_a, ids_after(&writer, in_a, 0).await);
+    let moved = windflow_notify::auth::Viewer { organization_id: Some(org_b), ..member };
+    client.send(json!({"type": "auth", "token": token(moved)})).await;
+    client.recv_type("authenticated").await;
+    client.send(json!({"type": "subscribe", "topic": "deployment_events", "since": 0})).await;
+    client.recv_type("subscribed").await;
+    let from_b: Vec<i64> = [client.recv_event().await.1, client.recv_event().await.1].into();
+    assert_eq!(from_b, ids_after(&writer, in_b, 0).await, "the new organization's events, from the log");
+}

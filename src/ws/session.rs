@@ -597,6 +597,9 @@ impl Session {
             Some(current) => {
                 if current.viewer != viewer {
                     self.endpoint.hub.update_viewer(self.conn, viewer).await?;
+                    // What earlier log replays sent was what the old viewer
+                    // could see: it says nothing of what this one is owed.
+                    self.replayed.clear();
                 }
                 false
             }
