@@ -186,6 +186,16 @@ impl Snapshot {
         Some(Snapshot { xmin, xmax, in_progress })
     }
 
+    /// The oldest transaction still running when it was taken.
+    pub fn xmin(&self) -> u64 {
+        self.xmin
+    }
+
+    /// The first transaction id not yet assigned when it was taken.
+    pub fn xmax(&self) -> u64 {
+        self.xmax
+    }
+
     /// Whether transaction `xid` had finished (committed, or rolled back).
     pub fn finished(&self, xid: u64) -> bool {
         xid < self.xmin || (xid < self.xmax && !self.in_progress.contains(&xid))

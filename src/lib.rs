@@ -25,7 +25,9 @@
 //!
 //! 1. A migration, `sql/V<next>__<what>.sql`, whose trigger function calls
 //!    `PERFORM windflow_emit('DEPLOYMENT_<WHAT>', <deployments row>,
-//!    json_build_object(...))`. Replacing an existing trigger function
+//!    json_build_object(...))`, from an AFTER ROW trigger of a write (so
+//!    the transaction has its xid before it takes an event id: the
+//!    catch-up after an outage relies on it, see [`db::catchup`]). Replacing an existing trigger function
 //!    (`CREATE OR REPLACE FUNCTION windflow_deployment_events()`) restates
 //!    the whole body and `SECURITY DEFINER SET search_path FROM CURRENT`:
 //!    `CREATE OR REPLACE` resets what it does not state, and without them

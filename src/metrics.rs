@@ -17,6 +17,7 @@ pub struct Metrics {
     pub messages_sent_total: AtomicU64,
     pub listener_up: AtomicI64,
     pub listener_reconnects_total: AtomicU64,
+    pub markers_total: AtomicU64,
     pub slow_consumer_disconnects_total: AtomicU64,
     pub notification_queue_usage: AtomicU64, // f64 bits
     pub forged_notifications_total: AtomicU64,
@@ -99,6 +100,12 @@ impl Metrics {
             "counter",
             "Times the LISTEN connection was re-established.",
             self.listener_reconnects_total.load(Relaxed).to_string(),
+        );
+        metric(
+            "windflow_markers_total",
+            "counter",
+            "Markers the event source saw come back (one a second while it is up): its heartbeat.",
+            self.markers_total.load(Relaxed).to_string(),
         );
         metric(
             "windflow_slow_consumer_disconnects_total",

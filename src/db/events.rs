@@ -198,17 +198,19 @@ pub async fn fetch(client: &Client, id: i64) -> Result<Option<Event>, DbError> {
     Ok(client.query_opt(&sql, &[&id]).await?.as_ref().and_then(event_from_row))
 }
 
-/// Every event of a transaction that the marker `snapshot` did not show as
-/// finished: after a listener outage, what may not have been delivered.
+/// Every event after id `after` of a transaction that the marker
+/// `snapshot` did not show as finished: after a source outage, what may not
+/// have been delivered ([`super::catchup`] says why `after` misses none).
 /// In id order, which is commit order within each deployment.
-pub async fn unfinished_at(client: &Client, snapshot: &str) -> Result<Vec<Event>, DbError> {
+pub async fn unfinished_at(client: &Client, snapshot: &str, after: i64) -> Result<Vec<Event>, DbError> {
     let sql = format!(
         "SELECT {COLUMNS} FROM windflow_events
-          WHERE xid >= pg_snapshot_xmin($1::text::pg_snapshot)
+          WHERE id > $2
+            AND xid >= pg_snapshot_xmin($1::text::pg_snapshot)
             AND NOT pg_visible_in_snapshot(xid, $1::text::pg_snapshot)
           ORDER BY id"
     );
-    Ok(events_from_rows(&client.query(&sql, &[&snapshot]).await?))
+    Ok(events_from_rows(&client.query(&sql, &[&snapshot, &after]).await?))
 }
 
 /// Which events of the log a replay reads.

@@ -13,13 +13,13 @@
 //! cannot say which events those are (an id is allocated before commit, so
 //! a transaction can commit late with a small id). Instead, once a second
 //! the listener NOTIFYs itself, on a channel of its own, a *marker*: the
-//! current `pg_current_snapshot()`. Notifications are queued in commit
-//! order, so when a marker comes back every transaction it shows as
-//! finished has already been delivered. After a reconnect (LISTEN first),
-//! the listener reads every event whose transaction the last marker did not
-//! show as finished, in id order; the hub drops the ones it already had.
-//! Events that commit after the LISTEN arrive as notifications and are
-//! deduplicated the same way. Reconnects back off exponentially
+//! current `pg_current_snapshot()`, after an id bound. Notifications are
+//! queued in commit order, so when a marker comes back every transaction it
+//! shows as finished has already been delivered. After a reconnect (LISTEN
+//! first), the listener reads every event whose transaction the last marker
+//! did not show as finished, in id order ([`CatchUp`]); the hub drops the
+//! ones it already had. Events that commit after the LISTEN arrive as
+//! notifications and are deduplicated the same way. Reconnects back off exponentially
 //! ([`Backoff`]), so a database that is down is not stormed.
 
 use std::future::poll_fn;
@@ -34,6 +34,7 @@ use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
 use crate::db::announcement::SigningKey;
+use crate::db::catchup::CatchUp;
 use crate::db::{DbError, events, quote_identifier, refuse_standby};
 use crate::event::{Event, EventKind};
 use crate::hub::Arrival;
@@ -104,7 +105,31 @@ impl SourceLink {
     }
 
     pub(crate) async fn hand_over(&self, arrival: Arrival) -> Result<(), HubGone> {
+        if let Arrival::Marker(_) = arrival {
+            self.metrics.markers_total.fetch_add(1, Relaxed);
+        }
         self.arrivals.send(arrival).await.map_err(|_| HubGone)
+    }
+
+    /// Once a source's connection is back: before any marker, hand over the
+    /// origin (the newest event committed now, the resume cursor of a
+    /// subscription made before anything is fed); after one, every event
+    /// the last marker did not show as finished (`what` names the moment).
+    pub(crate) async fn catch_up<E>(&self, client: &Client, catch_up: &CatchUp, what: &str) -> Result<(), E>
+    where
+        E: From<DbError> + From<tokio_postgres::Error> + From<HubGone>,
+    {
+        if !catch_up.started() {
+            let origin: i64 = client.query_one("SELECT coalesce(max(id), 0) FROM windflow_events", &[]).await?.get(0);
+            return Ok(self.hand_over(Arrival::Origin(origin)).await?);
+        }
+        let missed = catch_up.missed(client).await?;
+        info!(candidates = missed.len(), "{what}; delivering what committed while it was away");
+        for event in missed {
+            self.hand_over(Arrival::Event(event)).await?;
+        }
+        self.metrics.listener_reconnects_total.fetch_add(1, Relaxed);
+        Ok(())
     }
 }
 
@@ -130,7 +155,7 @@ impl Listener {
     }
 
     /// One connection's life; returns Ok only on shutdown.
-    async fn connection(&self, marker: &mut Option<String>, became_up: &mut bool) -> Result<(), ListenerError> {
+    async fn connection(&self, catch_up: &mut CatchUp, became_up: &mut bool) -> Result<(), ListenerError> {
         let (client, mut connection) = self.config.connect(NoTls).await?;
         // Notifications go through an unbounded channel so that reading the
         // socket never waits on the hub; PostgreSQL's own queue and this
@@ -153,7 +178,7 @@ impl Listener {
         };
         tokio::select! {
             outcome = driver => outcome,
-            outcome = self.listen(&client, &mut notifications, marker, became_up) => outcome,
+            outcome = self.listen(&client, &mut notifications, catch_up, became_up) => outcome,
         }
     }
 
@@ -161,7 +186,7 @@ impl Listener {
         &self,
         client: &Client,
         notifications: &mut mpsc::UnboundedReceiver<Notification>,
-        marker: &mut Option<String>,
+        catch_up: &mut CatchUp,
         became_up: &mut bool,
     ) -> Result<(), ListenerError> {
         refuse_standby(client).await?;
@@ -173,20 +198,7 @@ impl Listener {
                 Some(_) => ListenerError::ListenRefused(e),
                 None => ListenerError::Lost(e),
             })?;
-        if marker.is_none() {
-            // Before any marker: the newest event committed now, the resume
-            // cursor of a subscription made before anything is fed.
-            let origin: i64 = client.query_one("SELECT coalesce(max(id), 0) FROM windflow_events", &[]).await?.get(0);
-            self.hand_over(Arrival::Origin(origin)).await?;
-        }
-        if let Some(snapshot) = marker.as_deref() {
-            let missed = events::unfinished_at(client, snapshot).await?;
-            info!(candidates = missed.len(), "listener reconnected; delivering what committed while it was away");
-            for event in missed {
-                self.hand_over(Arrival::Event(event)).await?;
-            }
-            self.link.metrics.listener_reconnects_total.fetch_add(1, Relaxed);
-        }
+        self.link.catch_up::<ListenerError>(client, catch_up, "listener reconnected").await?;
         let mut tick = tokio::time::interval(MARKER_EVERY);
         // The nonce and send time of the marker awaited.
         let mut marker_sent: Option<(String, Instant)> = None;
@@ -203,13 +215,12 @@ impl Listener {
                         let Some(snapshot) = marker_sent
                             .as_ref()
                             .and_then(|(nonce, _)| notification.payload().strip_prefix(nonce.as_str()))
+                            .and_then(|marker| catch_up.on_marker(marker))
                         else {
                             warn!(payload = %truncated(notification.payload()), "ignoring a marker this listener did not send");
                             continue;
                         };
-                        let snapshot = snapshot.to_string();
                         marker_sent = None;
-                        *marker = Some(snapshot.clone());
                         self.hand_over(Arrival::Marker(snapshot)).await?;
                         if !*became_up {
                             *became_up = true;
@@ -226,10 +237,11 @@ impl Listener {
                         continue;
                     }
                     let nonce = format!("{} ", uuid::Uuid::new_v4().simple());
+                    let text = nonce.clone() + &CatchUp::marker_prefix(client).await?;
                     match client
                         .query_one(
                             "SELECT pg_notification_queue_usage(), pg_notify($1, $2 || pg_current_snapshot()::text)",
-                            &[&self.link.marker_name, &nonce],
+                            &[&self.link.marker_name, &text],
                         )
                         .await
                     {
@@ -301,10 +313,10 @@ impl EventStream for Listener {
 
     fn connection(
         &self,
-        marker: &mut Option<String>,
+        catch_up: &mut CatchUp,
         became_up: &mut bool,
     ) -> impl Future<Output = Result<(), ListenerError>> + Send {
-        Listener::connection(self, marker, became_up)
+        Listener::connection(self, catch_up, became_up)
     }
 }
 
@@ -314,12 +326,12 @@ pub(crate) trait EventStream: Sync {
     type Error: std::fmt::Display;
     /// The error says the hub stopped: nothing to reconnect for.
     fn hub_gone(error: &Self::Error) -> bool;
-    /// One connection's life, until it fails. `marker` is the last marker
-    /// snapshot seen, kept across connections for the catch-up; set
-    /// `became_up` once the connection delivered a marker.
+    /// One connection's life, until it fails. `catch_up` holds the markers
+    /// seen, kept across connections; set `became_up` once the connection
+    /// delivered a marker.
     fn connection(
         &self,
-        marker: &mut Option<String>,
+        catch_up: &mut CatchUp,
         became_up: &mut bool,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send;
 }
@@ -327,13 +339,13 @@ pub(crate) trait EventStream: Sync {
 /// Run `stream`'s connection until shutdown, reconnecting with [`Backoff`]
 /// after each loss (reset once a connection came up).
 pub(crate) async fn keep_connected<S: EventStream>(stream: &S, link: &SourceLink, what: &'static str) {
-    let mut marker: Option<String> = None;
+    let mut catch_up = CatchUp::default();
     let mut backoff = RECONNECT_BACKOFF;
     loop {
         let mut became_up = false;
         let outcome = tokio::select! {
             _ = link.shutdown.cancelled() => Ok(()),
-            outcome = stream.connection(&mut marker, &mut became_up) => outcome,
+            outcome = stream.connection(&mut catch_up, &mut became_up) => outcome,
         };
         link.set_up(false);
         let error = match outcome {

@@ -4,6 +4,7 @@
 //! uses.
 
 pub mod announcement;
+pub mod catchup;
 pub mod events;
 pub mod listener;
 pub mod pgoutput;

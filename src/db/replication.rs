@@ -19,7 +19,8 @@
 //! # Markers
 //!
 //! Once a second the source runs, on its ordinary connection,
-//! `pg_logical_emit_message(true, <prefix>, pg_current_snapshot())`: a
+//! `pg_logical_emit_message(true, <prefix>, <bound> pg_current_snapshot())`
+//! ([`CatchUp`] says what the bound is for): a
 //! transactional message, so it is decoded at its transaction's commit,
 //! after every transaction that committed before it, among them every
 //! transaction its snapshot shows as finished. When it comes back it is a
@@ -42,7 +43,7 @@
 //! log gives: a new slot streams every transaction that commits after its
 //! consistent point; after creating it, the source reads from the log every
 //! event of a transaction the last marker did not show as finished, exactly
-//! as the listener does after a re-LISTEN, and the hub drops the ones it
+//! as the listener does after a re-LISTEN ([`CatchUp`]), and the hub drops the ones it
 //! already had (those that committed after the consistent point come in
 //! the stream too). A permanent slot would spare that query, but a server
 //! that stays down would then make PostgreSQL keep WAL until
@@ -54,17 +55,17 @@
 //! transaction (writers are not blocked by it), and catch-up delivers what
 //! committed meanwhile.
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use pgwire_replication::{PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
 use tokio_postgres::{Client, NoTls};
 use tracing::{info, warn};
 
+use crate::db::catchup::CatchUp;
 use crate::db::listener::{EventStream, HubGone, SourceLink, keep_connected, named};
 use crate::db::pgoutput::{DecodeError, Decoded, Decoder};
 use crate::db::source::{PUBLICATION, check_logical_ready};
-use crate::db::{DbError, events, quote_identifier, refuse_standby};
+use crate::db::{DbError, quote_identifier, refuse_standby};
 use crate::hub::Arrival;
 
 pub const APPLICATION_NAME: &str = "windflow-notify-replication";
@@ -123,11 +124,11 @@ impl Replication {
 
     /// One session: both connections, until either fails (or shutdown,
     /// which [`keep_connected`] races against it).
-    async fn session(&self, marker: &mut Option<String>, became_up: &mut bool) -> Result<(), ReplicationError> {
+    async fn session(&self, catch_up: &mut CatchUp, became_up: &mut bool) -> Result<(), ReplicationError> {
         let (client, connection) = self.config.connect(NoTls).await?;
         tokio::select! {
             outcome = connection => Err(outcome.err().map_or(ReplicationError::Closed, ReplicationError::Lost)),
-            outcome = self.stream(&client, marker, became_up) => outcome,
+            outcome = self.stream(&client, catch_up, became_up) => outcome,
         }
     }
 
@@ -151,7 +152,7 @@ impl Replication {
     async fn stream(
         &self,
         client: &Client,
-        marker: &mut Option<String>,
+        catch_up: &mut CatchUp,
         became_up: &mut bool,
     ) -> Result<(), ReplicationError> {
         refuse_standby(client).await?;
@@ -167,20 +168,7 @@ impl Replication {
             .await?;
         stream.0.start().await?;
         stream.0.wait_started().await?;
-        if marker.is_none() {
-            // Before any marker: the newest event committed now, the resume
-            // cursor of a subscription made before anything is fed.
-            let origin: i64 = client.query_one("SELECT coalesce(max(id), 0) FROM windflow_events", &[]).await?.get(0);
-            self.hand_over(Arrival::Origin(origin)).await?;
-        }
-        if let Some(snapshot) = marker.as_deref() {
-            let missed = events::unfinished_at(client, snapshot).await?;
-            info!(candidates = missed.len(), "replication stream back; delivering what committed while it was away");
-            for event in missed {
-                self.hand_over(Arrival::Event(event)).await?;
-            }
-            self.link.metrics.listener_reconnects_total.fetch_add(1, Relaxed);
-        }
+        self.link.catch_up::<ReplicationError>(client, catch_up, "replication stream back").await?;
 
         let mut decoder = Decoder::default();
         let mut tick = tokio::time::interval(MARKER_EVERY);
@@ -198,9 +186,11 @@ impl Replication {
                         Err(e) => return Err(e.into()),
                     },
                     ReplicationEvent::Message { prefix, content, .. } if prefix == self.link.marker_name => {
+                        let Some(snapshot) = catch_up.on_marker(&String::from_utf8_lossy(&content)) else {
+                            warn!(prefix = %prefix, "ignoring a malformed marker message");
+                            continue;
+                        };
                         marker_sent = None;
-                        let snapshot = String::from_utf8_lossy(&content).into_owned();
-                        *marker = Some(snapshot.clone());
                         self.hand_over(Arrival::Marker(snapshot)).await?;
                         if !*became_up {
                             *became_up = true;
@@ -220,10 +210,11 @@ impl Replication {
                         }
                         continue;
                     }
+                    let bound = CatchUp::marker_prefix(client).await?;
                     client
                         .execute(
-                            "SELECT pg_logical_emit_message(true, $1, pg_current_snapshot()::text)",
-                            &[&self.link.marker_name],
+                            "SELECT pg_logical_emit_message(true, $1, $2 || pg_current_snapshot()::text)",
+                            &[&self.link.marker_name, &bound],
                         )
                         .await?;
                     marker_sent = Some(Instant::now());
@@ -246,9 +237,9 @@ impl EventStream for Replication {
 
     fn connection(
         &self,
-        marker: &mut Option<String>,
+        catch_up: &mut CatchUp,
         became_up: &mut bool,
     ) -> impl Future<Output = Result<(), ReplicationError>> + Send {
-        self.session(marker, became_up)
+        self.session(catch_up, became_up)
     }
 }

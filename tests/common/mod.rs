@@ -178,6 +178,14 @@ impl TestServer {
     pub async fn metric(&self, name: &str) -> f64 {
         windflow_testkit::metric(self.addr, name).await.unwrap_or_else(|e| panic!("{e:#}"))
     }
+
+    /// Wait until the event source saw two more of its markers come back:
+    /// the second was sent after this call.
+    pub async fn two_markers_pass(&self) {
+        let start = self.metric("windflow_markers_total").await;
+        eventually("two markers come back", || async { self.metric("windflow_markers_total").await >= start + 2.0 })
+            .await;
+    }
 }
 
 impl Drop for TestServer {
