@@ -158,6 +158,47 @@ async fn retention_prunes_and_a_resume_from_pruned_events_gets_resync_first() {
     assert_nothing_more(&app.writer, &mut resumed, Uuid::new_v4()).await;
 }
 
+#[tokio::test]
+async fn retention_deletes_what_precedes_the_first_event_within_it_and_nothing_within_it() {
+    let database = TestDatabase::create().await;
+    windflow_notify::db::migrate(&database.config).await.unwrap();
+    let pool = windflow_notify::db::pool(&database.config);
+    let db = database.client().await;
+    let retention = Duration::from_secs(3600);
+    let prune = || windflow_notify::db::retention::prune(&pool, retention);
+    let ids = || async {
+        let rows = db.query("SELECT id FROM windflow_events ORDER BY id", &[]).await.unwrap();
+        rows.iter().map(|r| r.get::<_, i64>(0)).collect::<Vec<_>>()
+    };
+    let upto =
+        || async { db.query_one("SELECT upto FROM windflow_events_pruned", &[]).await.unwrap().get::<_, i64>(0) };
+    assert_eq!(prune().await.unwrap(), 0, "an empty log");
+    // Ages by id: old, old, new, old (an older stamp after a newer one, as
+    // two writers inserting at once can leave), new.
+    for age in ["2 hours", "2 hours", "1 minute", "2 hours", "0 seconds"] {
+        db.execute(
+            "INSERT INTO windflow_events (type, deployment_id, user_id, data, created_at)
+             VALUES ('DEPLOYMENT_LOGS_UPDATE', gen_random_uuid(), gen_random_uuid(), '{}', now() - $1::text::interval)",
+            &[&age],
+        )
+        .await
+        .unwrap();
+    }
+    let all = ids().await;
+    assert_eq!(prune().await.unwrap(), 2);
+    assert_eq!(ids().await, all[2..], "everything from the first event within the retention on stays");
+    assert_eq!(upto().await, all[1], "a resume from before the cut gets resync");
+    assert_eq!(prune().await.unwrap(), 0, "the old event behind a newer one waits for it");
+    db.execute("UPDATE windflow_events SET created_at = now() - interval '2 hours' WHERE id <= $1", &[&all[2]])
+        .await
+        .unwrap();
+    assert_eq!(prune().await.unwrap(), 2);
+    assert_eq!(ids().await, all[4..]);
+    db.execute("UPDATE windflow_events SET created_at = now() - interval '2 hours'", &[]).await.unwrap();
+    assert_eq!(prune().await.unwrap(), 1, "a log entirely past the retention is emptied");
+    assert_eq!((ids().await, upto().await), (vec![], all[4]));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_consumer_is_closed_while_a_reader_gets_all_20000_events() {
     // Default queue (4096 messages). Lines of 1 kB, so that 20,000 of them
@@ -405,6 +446,9 @@ async fn a_late_commit_with_a_smaller_id_across_a_listener_outage_arrives_once()
     app.writer.log(early_deployment, "early").await;
     let (_, early_id, data) = client.recv_event().await;
     assert_eq!(data["logs"], "early");
+    // Markers taken while A holds its id: the catch-up must still read
+    // from below that id (src/db/catchup.rs).
+    app.server.two_markers_pass().await;
     // Cut the listener off and commit A: A comes from the event log (or
     // live, if the listener is back first), though its id is below one
     // already delivered.
