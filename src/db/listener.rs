@@ -55,8 +55,8 @@ const RECONNECT_BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Dura
 pub(crate) enum ListenerError {
     #[error(transparent)]
     Db(#[from] DbError),
-    #[error("connection lost: {}", crate::db::describe(.0))]
-    Lost(#[from] tokio_postgres::Error),
+    #[error("{}", crate::db::source_failure(.0))]
+    Postgres(#[from] tokio_postgres::Error),
     /// PostgreSQL answered the `LISTEN` statement with an error (the
     /// connection itself still worked).
     #[error("LISTEN refused: {}", crate::db::describe(.0))]
@@ -171,7 +171,7 @@ impl Listener {
                     }
                     Some(Ok(AsyncMessage::Notice(notice))) => debug!(notice = %notice, "listener notice"),
                     Some(Ok(_)) => {}
-                    Some(Err(e)) => return Err(ListenerError::Lost(e)),
+                    Some(Err(e)) => return Err(ListenerError::Postgres(e)),
                     None => return Err(ListenerError::Closed),
                 }
             }
@@ -196,7 +196,7 @@ impl Listener {
             .await
             .map_err(|e| match e.as_db_error() {
                 Some(_) => ListenerError::ListenRefused(e),
-                None => ListenerError::Lost(e),
+                None => ListenerError::Postgres(e),
             })?;
         self.link.catch_up::<ListenerError>(client, catch_up, "listener reconnected").await?;
         let mut tick = tokio::time::interval(MARKER_EVERY);

@@ -34,6 +34,16 @@ pub fn describe(error: &tokio_postgres::Error) -> String {
     }
 }
 
+/// What went wrong on an event source's connection, for its log line: an
+/// error PostgreSQL answered (a refused query, a terminated backend) or a
+/// connection that broke.
+pub(crate) fn source_failure(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(_) => format!("PostgreSQL said {}", describe(error)),
+        None => format!("connection lost: {}", describe(error)),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     #[error("DATABASE_URL: `{0}` is not a PostgreSQL URL; expected postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE")]

@@ -82,8 +82,8 @@ const STATUS_EVERY: Duration = Duration::from_secs(1);
 pub(crate) enum ReplicationError {
     #[error(transparent)]
     Db(#[from] DbError),
-    #[error("connection lost: {}", crate::db::describe(.0))]
-    Lost(#[from] tokio_postgres::Error),
+    #[error("{}", crate::db::source_failure(.0))]
+    Postgres(#[from] tokio_postgres::Error),
     #[error("replication connection: {0}")]
     Stream(#[from] PgWireError),
     #[error(transparent)]
@@ -127,7 +127,7 @@ impl Replication {
     async fn session(&self, catch_up: &mut CatchUp, became_up: &mut bool) -> Result<(), ReplicationError> {
         let (client, connection) = self.config.connect(NoTls).await?;
         tokio::select! {
-            outcome = connection => Err(outcome.err().map_or(ReplicationError::Closed, ReplicationError::Lost)),
+            outcome = connection => Err(outcome.err().map_or(ReplicationError::Closed, ReplicationError::Postgres)),
             outcome = self.stream(&client, catch_up, became_up) => outcome,
         }
     }
