@@ -191,11 +191,6 @@ impl Snapshot {
         self.xmin
     }
 
-    /// The first transaction id not yet assigned when it was taken.
-    pub fn xmax(&self) -> u64 {
-        self.xmax
-    }
-
     /// Whether transaction `xid` had finished (committed, or rolled back).
     pub fn finished(&self, xid: u64) -> bool {
         xid < self.xmin || (xid < self.xmax && !self.in_progress.contains(&xid))

@@ -429,6 +429,34 @@ async fn refuses_to_start_against_a_standby() {
     assert!(stderr.contains("pg_is_in_recovery"), "{stderr}");
 }
 
+/// No marker predates this transaction, so the catch-up has no id bound
+/// below its event and must read the log from the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_open_since_before_the_server_started_arrives_once_across_an_outage() {
+    let database = TestDatabase::create().await;
+    windflow_notify::db::migrate(&database.config).await.unwrap();
+    let writer = Writer::new(&database).await;
+    let (old_deployment, other_deployment) =
+        (writer.create_deployment(Uuid::new_v4(), None).await, writer.create_deployment(Uuid::new_v4(), None).await);
+    let slow = Writer::new(&database).await;
+    slow.execute("BEGIN").await;
+    slow.log(old_deployment, "older than the server").await;
+    let server = TestServer::start(&database, |_| {}).await;
+    let admin = superuser();
+    let mut client = server.connect_as(admin).await;
+    client.subscribe("deployment_events").await;
+    writer.log(other_deployment, "early").await;
+    let (_, early_id, data) = client.recv_event().await;
+    assert_eq!(data["logs"], "early");
+    server.two_markers_pass().await;
+    assert_eq!(kill_listener(&database).await, 1);
+    slow.execute("COMMIT").await;
+    let (_, old_id, data) = client.recv_event().await;
+    assert_eq!(data["logs"], "older than the server");
+    assert!(old_id < early_id);
+    assert_nothing_more(&writer, &mut client, admin.user_id).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_commit_with_a_smaller_id_across_a_listener_outage_arrives_once() {
     let app = spawn_app().await;

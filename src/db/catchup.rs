@@ -11,21 +11,29 @@
 //!
 //! The log has no index on `xid` (each index is work in every writer's
 //! commit), so the catch-up must say where in the id order to start. A
-//! marker is `<bound> <snapshot>`: `bound` is the newest event id
-//! allocated when the marker was sent, read in a statement of its own
-//! *before* the statement that takes the snapshot. The catch-up after
-//! marker `k` reads ids above `bound(j)`, for the newest marker `j` whose
-//! snapshot's `xmax` is at most `k`'s `xmin`. Why that loses nothing:
+//! marker is `<bound> <xid> <snapshot>`: `bound` is the newest event id
+//! allocated when the marker was sent, read in a statement of its own;
+//! `xid` is the transaction id the marker's own transaction takes, in a
+//! later statement ([`MARKER_TEXT`]). The catch-up after marker `k` reads
+//! ids above `bound(j)`, for the newest marker `j` with `xid(j)` below
+//! `k`'s `xmin`. Why that loses nothing:
 //!
 //! - An event to read belongs to a transaction `T` that `k` did not show as
-//!   finished, so `T.xid >= xmin(k) >= xmax(j)`: `T` got its xid after
-//!   `j`'s snapshot was taken, so after `bound(j)` was read.
+//!   finished, so `T.xid >= xmin(k) > xid(j)`. Transaction ids are handed
+//!   out in increasing order, so `T` got its id after `j`'s transaction
+//!   got its own, which was after `bound(j)` was read.
 //! - Events are written by AFTER ROW triggers, so `T` had its xid before it
 //!   allocated any event id (`windflow_emit` must keep being called that
 //!   way), and the id sequence hands out increasing values across sessions
 //!   (it is not cached: `CACHE 1`). So each of `T`'s ids is above `bound(j)`.
 //!
-//! Snapshots' `xmin` never decreases, so older markers than `j` are never
+//! A snapshot's `xmax` cannot stand in for `xid(j)`: it is one past the
+//! newest *finished* transaction, and a transaction that got a larger xid
+//! earlier may still be running (the test
+//! `a_transaction_open_since_before_the_server_started_arrives_once_across_an_outage`
+//! lost its event that way).
+//!
+//! Snapshots' `xmin` never decreases, so markers older than `j` are never
 //! needed again and are dropped. With no such `j` (a transaction open since
 //! before the first marker came back), the catch-up reads from the start of
 //! the log: slower, just as exact.
@@ -43,6 +51,11 @@ use crate::history::Snapshot;
 const BOUND_SQL: &str =
     "SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence('windflow_events', 'id')::regclass), 0)";
 
+/// What a marker statement appends to [`CatchUp::marker_prefix`]: the
+/// marker transaction's own xid (taken now, after the bound was read) and
+/// its snapshot.
+pub const MARKER_TEXT: &str = "pg_current_xact_id()::text || ' ' || pg_current_snapshot()::text";
+
 /// Markers kept for their bounds at most (one a second: a day), so a
 /// transaction left open for days cannot grow this without end; past it,
 /// the catch-up reads from the start of the log.
@@ -53,31 +66,33 @@ const MAX_BOUNDS: usize = 86_400;
 pub struct CatchUp {
     /// The last marker's snapshot, as text and parsed.
     last: Option<(String, Snapshot)>,
-    /// `(xmax, bound)` of markers that came back, oldest first.
+    /// `(xid, bound)` of markers that came back, oldest first.
     bounds: VecDeque<(u64, i64)>,
 }
 
 impl CatchUp {
-    /// The start of the next marker's text, `"<bound> "`: the snapshot is
-    /// appended by the statement that sends it, which must come after this
-    /// one (a new statement takes a new snapshot).
+    /// The start of the next marker's text, `"<bound> "`: the statement
+    /// that sends the marker, which must come after this one, appends
+    /// [`MARKER_TEXT`].
     pub async fn marker_prefix(client: &Client) -> Result<String, tokio_postgres::Error> {
         let bound: i64 = client.query_one(BOUND_SQL, &[]).await?.get(0);
         Ok(format!("{bound} "))
     }
 
     /// A marker of ours came back: remember it, and return the snapshot for
-    /// the hub. `None` if the text is not `<bound> <snapshot>`.
+    /// the hub. `None` if the text is not `<bound> <xid> <snapshot>`.
     pub fn on_marker(&mut self, text: &str) -> Option<String> {
-        let (bound, snapshot) = text.split_once(' ')?;
-        let bound: i64 = bound.parse().ok()?;
+        let mut parts = text.splitn(3, ' ');
+        let bound: i64 = parts.next()?.parse().ok()?;
+        let xid: u64 = parts.next()?.parse().ok()?;
+        let snapshot = parts.next()?;
         let parsed = Snapshot::parse(snapshot)?;
-        self.bounds.push_back((parsed.xmax(), bound));
+        self.bounds.push_back((xid, bound));
         if self.bounds.len() > MAX_BOUNDS {
             self.bounds.pop_front();
         }
         // Keep the newest marker usable as a bound now, and what follows it.
-        if let Some(newest) = self.bounds.iter().rposition(|(xmax, _)| *xmax <= parsed.xmin()) {
+        if let Some(newest) = self.bounds.iter().rposition(|(xid, _)| *xid < parsed.xmin()) {
             self.bounds.drain(..newest);
         }
         self.last = Some((snapshot.to_string(), parsed));
@@ -91,11 +106,16 @@ impl CatchUp {
     }
 
     /// The id after which the catch-up reads: the bound of the newest
-    /// marker whose snapshot started after the last marker's oldest
-    /// unfinished transaction, or 0.
-    fn read_after(&self) -> i64 {
+    /// marker whose transaction is older than every transaction the last
+    /// marker did not show as finished, or 0.
+    pub fn read_after(&self) -> i64 {
         let Some((_, last)) = &self.last else { return 0 };
-        self.bounds.iter().rev().find(|(xmax, _)| *xmax <= last.xmin()).map_or(0, |(_, bound)| *bound)
+        self.bounds.iter().rev().find(|(xid, _)| *xid < last.xmin()).map_or(0, |(_, bound)| *bound)
+    }
+
+    /// The last marker's snapshot, if one came back.
+    pub fn snapshot(&self) -> Option<&str> {
+        self.last.as_ref().map(|(text, _)| text.as_str())
     }
 
     /// Every event of a transaction the last marker did not show as
@@ -110,38 +130,40 @@ impl CatchUp {
 mod tests {
     use super::*;
 
-    fn seen(catch_up: &mut CatchUp, bound: i64, snapshot: &str) {
-        assert_eq!(catch_up.on_marker(&format!("{bound} {snapshot}")).as_deref(), Some(snapshot));
+    fn seen(catch_up: &mut CatchUp, bound: i64, xid: u64, snapshot: &str) {
+        assert_eq!(catch_up.on_marker(&format!("{bound} {xid} {snapshot}")).as_deref(), Some(snapshot));
     }
 
     #[test]
-    fn reads_after_the_newest_marker_taken_before_the_oldest_unfinished_transaction() {
+    fn reads_after_the_newest_marker_older_than_every_unfinished_transaction() {
         let mut catch_up = CatchUp::default();
         assert!(!catch_up.started());
-        // Transaction 100 stays open across markers; others come and go.
-        seen(&mut catch_up, 10, "100:100:");
-        assert_eq!(catch_up.read_after(), 10, "nothing was running: this marker's own bound");
-        seen(&mut catch_up, 20, "100:105:100,103");
-        seen(&mut catch_up, 30, "100:110:100");
-        assert_eq!(catch_up.read_after(), 10, "100 started after the first marker, before the second");
-        seen(&mut catch_up, 40, "110:112:");
-        assert_eq!(catch_up.read_after(), 30, "the third marker's xmax is 110");
+        // Transaction 100 opens after the first marker and stays open.
+        seen(&mut catch_up, 10, 99, "99:99:");
+        assert_eq!(catch_up.read_after(), 0, "a marker never bounds its own catch-up");
+        seen(&mut catch_up, 20, 104, "100:104:100,103");
+        assert_eq!(catch_up.read_after(), 10);
+        seen(&mut catch_up, 30, 109, "100:109:100");
+        assert_eq!(catch_up.read_after(), 10, "only the first marker is older than 100");
+        seen(&mut catch_up, 40, 112, "110:112:");
+        assert_eq!(catch_up.read_after(), 30, "the third marker's transaction, 109, is older than 110");
         assert_eq!(catch_up.bounds.len(), 2, "markers older than the one in use are dropped");
     }
 
     #[test]
-    fn a_transaction_older_than_every_marker_reads_from_the_start() {
+    fn a_running_transaction_above_xmax_is_not_taken_for_a_later_one() {
         let mut catch_up = CatchUp::default();
-        seen(&mut catch_up, 50, "7:9:7");
-        seen(&mut catch_up, 60, "7:12:7,10");
-        assert!(catch_up.started());
-        assert_eq!(catch_up.read_after(), 0);
+        // Transaction 50 runs, newer than every finished one: the snapshot's
+        // xmax (50) does not exceed it, but the marker's own xid (51) does.
+        seen(&mut catch_up, 7, 51, "50:50:");
+        seen(&mut catch_up, 8, 53, "50:53:50");
+        assert_eq!(catch_up.read_after(), 0, "no marker is older than transaction 50");
     }
 
     #[test]
     fn malformed_markers_are_refused_and_change_nothing() {
         let mut catch_up = CatchUp::default();
-        for text in ["", "12", "x 1:2:", "12 garbage", "12 1:2:x"] {
+        for text in ["", "12", "12 5", "x 5 1:2:", "12 x 1:2:", "12 5 garbage", "12 5 1:2:x"] {
             assert_eq!(catch_up.on_marker(text), None, "{text:?}");
         }
         assert!(!catch_up.started());

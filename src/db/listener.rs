@@ -34,7 +34,7 @@ use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
 use crate::db::announcement::SigningKey;
-use crate::db::catchup::CatchUp;
+use crate::db::catchup::{CatchUp, MARKER_TEXT};
 use crate::db::{DbError, events, quote_identifier, refuse_standby};
 use crate::event::{Event, EventKind};
 use crate::hub::Arrival;
@@ -124,7 +124,12 @@ impl SourceLink {
             return Ok(self.hand_over(Arrival::Origin(origin)).await?);
         }
         let missed = catch_up.missed(client).await?;
-        info!(candidates = missed.len(), "{what}; delivering what committed while it was away");
+        info!(
+            candidates = missed.len(),
+            after_id = catch_up.read_after(),
+            snapshot = catch_up.snapshot().unwrap_or_default(),
+            "{what}; delivering what committed while it was away"
+        );
         for event in missed {
             self.hand_over(Arrival::Event(event)).await?;
         }
@@ -240,7 +245,7 @@ impl Listener {
                     let text = nonce.clone() + &CatchUp::marker_prefix(client).await?;
                     match client
                         .query_one(
-                            "SELECT pg_notification_queue_usage(), pg_notify($1, $2 || pg_current_snapshot()::text)",
+                            &format!("SELECT pg_notification_queue_usage(), pg_notify($1, $2 || {MARKER_TEXT})"),
                             &[&self.link.marker_name, &text],
                         )
                         .await

@@ -19,7 +19,7 @@
 //! # Markers
 //!
 //! Once a second the source runs, on its ordinary connection,
-//! `pg_logical_emit_message(true, <prefix>, <bound> pg_current_snapshot())`
+//! `pg_logical_emit_message(true, <prefix>, <bound> <xid> pg_current_snapshot())`
 //! ([`CatchUp`] says what the bound is for): a
 //! transactional message, so it is decoded at its transaction's commit,
 //! after every transaction that committed before it, among them every
@@ -61,7 +61,7 @@ use pgwire_replication::{PgWireError, ReplicationClient, ReplicationConfig, Repl
 use tokio_postgres::{Client, NoTls};
 use tracing::{info, warn};
 
-use crate::db::catchup::CatchUp;
+use crate::db::catchup::{CatchUp, MARKER_TEXT};
 use crate::db::listener::{EventStream, HubGone, SourceLink, keep_connected, named};
 use crate::db::pgoutput::{DecodeError, Decoded, Decoder};
 use crate::db::source::{PUBLICATION, check_logical_ready};
@@ -213,7 +213,7 @@ impl Replication {
                     let bound = CatchUp::marker_prefix(client).await?;
                     client
                         .execute(
-                            "SELECT pg_logical_emit_message(true, $1, $2 || pg_current_snapshot()::text)",
+                            &format!("SELECT pg_logical_emit_message(true, $1, $2 || {MARKER_TEXT})"),
                             &[&self.link.marker_name, &bound],
                         )
                         .await?;
