@@ -7,9 +7,9 @@
 --    log in id order (the primary key) up to the first event newer than the
 --    retention, and deletes what comes before it (db::retention).
 -- 2. windflow_events_xid_idx, for the catch-up after an outage. Each marker
---    now also carries the newest event id allocated before its snapshot was
---    taken; the catch-up reads the log by id from such a bound
---    (db::listener, "Catch-up").
+--    now also carries the newest event id allocated before its transaction
+--    took its xid; the catch-up reads the log by id from such a bound
+--    (src/db/catchup.rs).
 --
 -- windflow_events_deployment_id_idx stays: it keeps a per-deployment replay
 -- from reading the whole log.
