@@ -6,29 +6,8 @@
 # notify mode with a server attached, logical mode with a server
 # streaming, then the triggers disabled. Run as root (initdb runs as
 # postgres). DUR=seconds and ROUNDS="1 2" change the run.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
-cargo build --release --locked --bin windflow-notify >&2
-SRV=$PWD/target/release/windflow-notify
-DIR=$(mktemp -d /tmp/pgb.XXXX); PORT=${PORT:-55432}
-chown postgres $DIR
-su postgres -c "$BIN/initdb -D $DIR/data -A trust -U postgres >/dev/null"
-cat >> $DIR/data/postgresql.conf <<CONF
-port = $PORT
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '$DIR'
-wal_level = logical
-max_connections = 200
-shared_buffers = 256MB
-CONF
-su postgres -c "$BIN/pg_ctl -D $DIR/data -l $DIR/log -w start >/dev/null"
-trap 'kill %1 2>/dev/null || true; su postgres -c "$BIN/pg_ctl -D $DIR/data -m fast stop >/dev/null"; rm -rf $DIR' EXIT
-URL=postgres://postgres@127.0.0.1:$PORT/windflow
-psql -h 127.0.0.1 -p $PORT -U postgres -qc "CREATE DATABASE windflow"
-DATABASE_URL=$URL $SRV migrate 2>/dev/null
-psql -h 127.0.0.1 -p $PORT -U postgres windflow -qc "INSERT INTO deployments (user_id, name) SELECT gen_random_uuid(), 'd'||g FROM generate_series(1,64) g"
-psql -h 127.0.0.1 -p $PORT -U postgres windflow -qc "CREATE TABLE pgb_ids AS SELECT row_number() OVER (ORDER BY id) AS n, id FROM deployments" -c "ALTER TABLE pgb_ids ADD PRIMARY KEY (n)"
+PORT=${PORT:-55432}
+source "$(dirname "$0")/lib/pgbench-cluster.sh"
 cat > $DIR/logs.sql <<'S'
 \set n random(1, 64)
 INSERT INTO deployment_logs (deployment_id, message) SELECT id, 'pgbench line' FROM pgb_ids WHERE n = :n;

@@ -13,32 +13,10 @@
 #   off       the triggers disabled.
 # Run as root (initdb runs as postgres). DUR=seconds and ROUNDS=n change
 # the run.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
-cargo build --release --locked --bin windflow-notify >&2
-SRV=$PWD/target/release/windflow-notify
-DIR=$(mktemp -d /tmp/floor.XXXX); PORT=${PORT:-55442}
-chown postgres $DIR
-su postgres -c "$BIN/initdb -D $DIR/data -A trust -U postgres >/dev/null"
-cat >> $DIR/data/postgresql.conf <<CONF
-port = $PORT
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '$DIR'
-wal_level = logical
-max_connections = 200
-shared_buffers = 256MB
-autovacuum = off
-CONF
-su postgres -c "$BIN/pg_ctl -D $DIR/data -l $DIR/log -w start >/dev/null"
-trap 'pkill -f "windflow-notify serve" 2>/dev/null || true; su postgres -c "$BIN/pg_ctl -D $DIR/data -m fast stop >/dev/null"; rm -rf $DIR' EXIT
-URL=postgres://postgres@127.0.0.1:$PORT/windflow
-P="psql -h 127.0.0.1 -p $PORT -U postgres -q windflow"
-psql -h 127.0.0.1 -p $PORT -U postgres -qc "CREATE DATABASE windflow"
-DATABASE_URL=$URL $SRV migrate 2>/dev/null
+PORT=${PORT:-55442}
+CLUSTER_CONF="autovacuum = off"
+source "$(dirname "$0")/lib/pgbench-cluster.sh"
 DATABASE_URL=$URL $SRV event-source logical >&2
-$P -c "INSERT INTO deployments (user_id, name) SELECT gen_random_uuid(), 'd'||g FROM generate_series(1,64) g"
-$P -c "CREATE TABLE pgb_ids AS SELECT row_number() OVER (ORDER BY id) AS n, id FROM deployments" -c "ALTER TABLE pgb_ids ADD PRIMARY KEY (n)"
 
 # The variants, as SQL that puts the database in that state.
 $P -Atc "SELECT string_agg(pg_get_functiondef(f::regproc) || ';', E'\n')
