@@ -13,14 +13,16 @@
 //! cannot say which events those are (an id is allocated before commit, so
 //! a transaction can commit late with a small id). Instead, once a second
 //! the listener NOTIFYs itself, on a channel of its own, a *marker*: the
-//! current `pg_current_snapshot()`, after an id bound. Notifications are
-//! queued in commit order, so when a marker comes back every transaction it
-//! shows as finished has already been delivered. After a reconnect (LISTEN
-//! first), the listener reads every event whose transaction the last marker
-//! did not show as finished, in id order ([`CatchUp`]); the hub drops the
-//! ones it already had. Events that commit after the LISTEN arrive as
-//! notifications and are deduplicated the same way. Reconnects back off exponentially
-//! ([`Backoff`]), so a database that is down is not stormed.
+//! current `pg_current_snapshot()` (after an id bound and the marker's own
+//! xid, which say where in the log a catch-up starts: [`CatchUp`]).
+//! Notifications are queued in commit order, so when a marker comes back
+//! every transaction it shows as finished has already been delivered.
+//! After a reconnect (LISTEN first), the listener reads every event whose
+//! transaction the last marker did not show as finished, in id order; the
+//! hub drops the ones it already had. Events that commit after the LISTEN
+//! arrive as notifications and are deduplicated the same way. Reconnects
+//! back off exponentially ([`Backoff`]), so a database that is down is not
+//! stormed.
 
 use std::future::poll_fn;
 use std::sync::Arc;
