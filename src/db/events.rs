@@ -74,7 +74,7 @@ const MAX_REPLAYED: usize = 256;
 impl Replayed {
     /// Remember `new` in `all`: merged with a replay of the same topic whose
     /// range it overlaps or touches, so that a client resuming one topic
-    /// again and again keeps one entry, and at most [`MAX_REPLAYED`] in all.
+    /// again and again keeps one entry, and at most `MAX_REPLAYED` (256) in all.
     pub fn remember(all: &mut Vec<Replayed>, new: Replayed) {
         let mut merged = new;
         all.retain(|old| {
