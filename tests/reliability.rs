@@ -487,3 +487,31 @@ async fn a_late_commit_with_a_smaller_id_across_a_listener_outage_arrives_once()
     assert!(late_id < early_id, "the late commit has the smaller id");
     assert_nothing_more(&app.writer, &mut client, admin.user_id).await;
 }
+
+/// The "already sent" check of a resume asks who the viewer was when each
+/// event was fed: the old organization could not see these, so they were
+/// not sent, and are owed now.
+#[tokio::test]
+async fn a_resume_after_a_token_that_changes_the_organization_gets_what_became_visible() {
+    let app = spawn_app().await;
+    let (org_a, org_b) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut viewer = member_of(org_a);
+    let mut client = app.server.connect_as(viewer).await;
+    client.subscribe("deployment_events").await;
+    let d_b = app.writer.create_deployment(Uuid::new_v4(), Some(org_b)).await;
+    let created: i64 = app.writer.db.query_one("SELECT max(id) FROM windflow_events", &[]).await.unwrap().get(0);
+    app.writer.log(d_b, "b1").await;
+    app.writer.log(d_b, "b2").await;
+    viewer.organization_id = Some(org_b);
+    client.send(json!({"type": "auth", "token": token(viewer)})).await;
+    client.recv_type("authenticated").await;
+    client.send(json!({"type": "subscribe", "topic": format!("deployment_logs_{d_b}"), "since": created})).await;
+    client.recv_type("subscribed").await;
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let (_, _, data) = client.recv_event().await;
+        got.push(data["logs"].as_str().unwrap().to_string());
+    }
+    assert_eq!(got, ["b1", "b2"]);
+    assert_nothing_more(&app.writer, &mut client, viewer.user_id).await;
+}

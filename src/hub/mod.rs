@@ -250,7 +250,9 @@ impl Hub {
                 let seq = self.timeline.next_seq();
                 self.routes.register(conn, Conn::new(viewer, outbound, kicked, seq));
             }
-            Command::UpdateViewer { conn, viewer } => self.routes.set_viewer(conn, viewer),
+            Command::UpdateViewer { conn, viewer } => {
+                self.routes.set_viewer(conn, viewer, self.timeline.next_seq());
+            }
             Command::Subscribe { conn, topic, since } => self.subscribe(conn, topic, since),
             Command::Unsubscribe { conn, topic } => {
                 // A subscribe still waiting for its `since` is answered first.

@@ -22,28 +22,63 @@ pub(super) struct Conn {
     pub subscriptions: Subscriptions,
     /// The first seq of the viewer's own events it receives.
     pub registered_seq: u64,
+    /// The first seq delivered under `viewer` (0 until a token changed it).
+    viewer_from: u64,
+    /// The viewer before the last change, and the first seq delivered
+    /// under it. What came before that is not known, so not counted as
+    /// received.
+    previous: Option<Box<(Viewer, u64)>>,
     /// Seq of the last event queued for it: each event at most once.
     pub last_seq: u64,
 }
 
 impl Conn {
     pub fn new(viewer: Viewer, outbound: mpsc::Sender<Outbound>, kicked: CancellationToken, seq: u64) -> Conn {
-        Conn { viewer, outbound, kicked, subscriptions: Subscriptions::default(), registered_seq: seq, last_seq: 0 }
+        Conn {
+            viewer,
+            outbound,
+            kicked,
+            subscriptions: Subscriptions::default(),
+            registered_seq: seq,
+            viewer_from: 0,
+            previous: None,
+            last_seq: 0,
+        }
     }
 
     /// The delivery rule: whether this connection receives the event fed at
     /// `seq`. Its viewer's own events since it registered, and the events
     /// of each topic it subscribes to that its viewer may see, since the
     /// subscription took effect. Live fan-out, replays from the history
-    /// and the "already sent" check of a resume all ask this.
+    /// and the "already sent" check of a resume all ask this. "Its viewer"
+    /// is the one in force when the event was fed: a fresh token can change
+    /// the organization or the role, and what the old viewer could not see
+    /// was not sent.
     pub fn receives(&self, seq: u64, event: &Event) -> bool {
-        let own = seq >= self.registered_seq && event.owner == self.viewer.user_id;
+        let Some(viewer) = self.viewer_at(seq) else { return false };
+        let own = seq >= self.registered_seq && event.owner == viewer.user_id;
         // The only topics that can carry an event: every subscription is
         // one of these or does not carry it.
         let topics = [Some(Topic::DeploymentEvents), Topic::of_event(event.kind, event.deployment_id)];
         own || topics.into_iter().flatten().any(|topic| {
-            self.subscriptions.from(topic).is_some_and(|from| seq >= from && on_topic(topic, self.viewer, event))
+            self.subscriptions.from(topic).is_some_and(|from| seq >= from && on_topic(topic, viewer, event))
         })
+    }
+
+    /// The viewer in force when the event at `seq` was fed, if known.
+    fn viewer_at(&self, seq: u64) -> Option<Viewer> {
+        if seq >= self.viewer_from {
+            return Some(self.viewer);
+        }
+        self.previous.as_deref().filter(|(_, from)| seq >= *from).map(|(viewer, _)| *viewer)
+    }
+
+    /// A fresh token changed the viewer: events from `seq` on are
+    /// delivered under the new one.
+    fn change_viewer(&mut self, viewer: Viewer, seq: u64) -> Viewer {
+        let old = std::mem::replace(&mut self.viewer, viewer);
+        self.previous = Some(Box::new((old, std::mem::replace(&mut self.viewer_from, seq))));
+        old
     }
 }
 
@@ -134,10 +169,14 @@ impl Routes {
         self.conns.insert(id, conn);
     }
 
-    /// A re-authentication changed the viewer's organization or role.
-    pub fn set_viewer(&mut self, id: ConnId, viewer: Viewer) {
+    /// A re-authentication changed the viewer's organization or role, for
+    /// the events fed from `seq` on.
+    pub fn set_viewer(&mut self, id: ConnId, viewer: Viewer, seq: u64) {
         let Some(conn) = self.conns.get_mut(&id) else { return };
-        let old = std::mem::replace(&mut conn.viewer, viewer);
+        if conn.viewer == viewer {
+            return;
+        }
+        let old = conn.change_viewer(viewer, seq);
         if conn.subscriptions.contains(Topic::DeploymentEvents) {
             self.unindex(id, Topic::DeploymentEvents, old);
             self.index(id, Topic::DeploymentEvents, viewer);
