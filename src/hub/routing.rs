@@ -287,3 +287,28 @@ fn remove_from<K: Hash + Eq>(index: &mut HashMap<K, HashSet<ConnId>>, key: K, id
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::EventKind;
+
+    #[test]
+    fn what_a_connection_received_is_judged_with_the_viewer_of_the_time() {
+        let (org_a, org_b, org_c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let viewer = |org| Viewer { user_id: Uuid::nil(), organization_id: Some(org), is_superuser: false };
+        let of = |org| Event::new(1, EventKind::Progress, Uuid::new_v4(), Uuid::new_v4(), Some(org), "{}");
+        let (tx, _rx) = mpsc::channel(1);
+        let mut conn = Conn::new(viewer(org_a), tx, CancellationToken::new(), 0);
+        conn.subscriptions.insert(Topic::DeploymentEvents, 0);
+        assert!(conn.receives(5, &of(org_a)) && !conn.receives(5, &of(org_b)));
+        // A token for org B from seq 10 on, then one for org C from seq 20.
+        conn.change_viewer(viewer(org_b), 10);
+        assert!(conn.receives(5, &of(org_a)), "sent under A before the change");
+        assert!(!conn.receives(5, &of(org_b)), "B's early events were not sent: a resume owes them");
+        assert!(conn.receives(15, &of(org_b)) && !conn.receives(15, &of(org_a)));
+        conn.change_viewer(viewer(org_c), 20);
+        assert!(conn.receives(15, &of(org_b)) && conn.receives(25, &of(org_c)));
+        assert!(!conn.receives(5, &of(org_a)), "before the viewer kept: not counted as sent (a repeat, never a loss)");
+    }
+}
