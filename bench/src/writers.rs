@@ -223,23 +223,47 @@ async fn write_loop(
     Ok(result)
 }
 
-/// The latency floor: one bare tokio-postgres connection LISTENing on
-/// `windflow_events`. Returns (seq, receive time) per notification.
-pub struct BareListener {
+/// (seq, receive time) of each write a floor saw.
+type Seen = Arc<std::sync::Mutex<Vec<(u32, u64)>>>;
+
+/// A floor's task, which records what it sees until stopped.
+pub struct Recorder {
     handle: JoinHandle<Result<()>>,
-    seen: Arc<std::sync::Mutex<Vec<(u32, u64)>>>,
+    seen: Seen,
     stop: CancellationToken,
 }
 
+impl Recorder {
+    /// Spawn `task` with the stop token and the record it pushes to.
+    fn spawn<Task>(task: impl FnOnce(CancellationToken, Seen) -> Task) -> Recorder
+    where
+        Task: std::future::Future<Output = Result<()>> + Send + 'static,
+    {
+        let stop = CancellationToken::new();
+        let seen = Seen::default();
+        let handle = tokio::spawn(task(stop.clone(), seen.clone()));
+        Recorder { handle, seen, stop }
+    }
+
+    /// Stop the task; what it recorded.
+    pub async fn finish(self) -> Result<Vec<(u32, u64)>> {
+        self.stop.cancel();
+        self.handle.await.context("floor task")??;
+        let seen = std::mem::take(&mut *self.seen.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
+        Ok(seen)
+    }
+}
+
+/// The latency floor: one bare tokio-postgres connection LISTENing on
+/// `windflow_events`. Records (seq, receive time) per notification.
+pub struct BareListener;
+
 impl BareListener {
-    pub async fn start(config: &tokio_postgres::Config) -> Result<BareListener> {
+    pub async fn start(config: &tokio_postgres::Config) -> Result<Recorder> {
         let (client, mut connection) = config.connect(tokio_postgres::NoTls).await?;
         let fetcher = connect(config).await?;
         let (tx, mut rx) = mpsc::unbounded_channel::<(String, u64)>();
-        let stop = CancellationToken::new();
-        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (token, record) = (stop.clone(), seen.clone());
-        let handle = tokio::spawn(async move {
+        let recorder = Recorder::spawn(|token, record| async move {
             let driver = async move {
                 while let Some(message) = poll_fn(|cx| connection.poll_message(cx)).await {
                     if let Ok(AsyncMessage::Notification(n)) = message
@@ -281,28 +305,17 @@ impl BareListener {
         });
         // Make sure LISTEN has been executed before writes begin.
         tokio::time::sleep(Duration::from_millis(200)).await;
-        Ok(BareListener { handle, seen, stop })
-    }
-
-    pub async fn finish(self) -> Result<Vec<(u32, u64)>> {
-        self.stop.cancel();
-        self.handle.await.context("bare listener task")??;
-        let seen = std::mem::take(&mut *self.seen.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
-        Ok(seen)
+        Ok(recorder)
     }
 }
 
 /// The logical source's floor: one replication connection on a temporary
 /// slot of its own, decoding the event log's inserts as the server does,
 /// timing the same writes. What the database alone costs in logical mode.
-pub struct BareReplication {
-    handle: JoinHandle<Result<()>>,
-    seen: Arc<std::sync::Mutex<Vec<(u32, u64)>>>,
-    stop: CancellationToken,
-}
+pub struct BareReplication;
 
 impl BareReplication {
-    pub async fn start(config: &tokio_postgres::Config) -> Result<BareReplication> {
+    pub async fn start(config: &tokio_postgres::Config) -> Result<Recorder> {
         use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
         use windflow_notify::db::pgoutput::{Decoded, Decoder};
         let host = match config.get_hosts().first() {
@@ -327,10 +340,7 @@ impl BareReplication {
             .await?;
         client.start().await?;
         client.wait_started().await?;
-        let stop = CancellationToken::new();
-        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (token, record) = (stop.clone(), seen.clone());
-        let handle = tokio::spawn(async move {
+        Ok(Recorder::spawn(|token, record| async move {
             let mut decoder = Decoder::default();
             loop {
                 let event = tokio::select! {
@@ -353,22 +363,14 @@ impl BareReplication {
             }
             client.abort();
             Ok(())
-        });
-        Ok(BareReplication { handle, seen, stop })
-    }
-
-    pub async fn finish(self) -> Result<Vec<(u32, u64)>> {
-        self.stop.cancel();
-        self.handle.await.context("bare replication task")??;
-        let seen = std::mem::take(&mut *self.seen.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
-        Ok(seen)
+        }))
     }
 }
 
 /// The database's own floor for the source under test.
 pub enum Floor {
-    Listen(BareListener),
-    Replication(BareReplication),
+    Listen(Recorder),
+    Replication(Recorder),
     /// None: a second slot would decode all of the WAL a second time, on
     /// the same two cores, and S4 measures what writers get.
     Skipped,
@@ -393,8 +395,7 @@ impl Floor {
 
     pub async fn finish(self) -> Result<Vec<(u32, u64)>> {
         match self {
-            Floor::Listen(floor) => floor.finish().await,
-            Floor::Replication(floor) => floor.finish().await,
+            Floor::Listen(floor) | Floor::Replication(floor) => floor.finish().await,
             Floor::Skipped => Ok(Vec::new()),
         }
     }
