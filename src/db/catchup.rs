@@ -47,7 +47,7 @@ use crate::event::Event;
 use crate::history::Snapshot;
 
 /// The newest event id allocated so far (0 before the first): a marker's
-/// bound, read before its snapshot is taken.
+/// bound, read before the marker's transaction takes its xid.
 const BOUND_SQL: &str =
     "SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence('windflow_events', 'id')::regclass), 0)";
 
@@ -91,12 +91,19 @@ impl CatchUp {
         if self.bounds.len() > MAX_BOUNDS {
             self.bounds.pop_front();
         }
+        self.last = Some((snapshot.to_string(), parsed));
         // Keep the newest marker usable as a bound now, and what follows it.
-        if let Some(newest) = self.bounds.iter().rposition(|(xid, _)| *xid < parsed.xmin()) {
+        if let Some(newest) = self.usable() {
             self.bounds.drain(..newest);
         }
-        self.last = Some((snapshot.to_string(), parsed));
         Some(snapshot.to_string())
+    }
+
+    /// The newest marker whose transaction is older than every transaction
+    /// the last marker did not show as finished.
+    fn usable(&self) -> Option<usize> {
+        let (_, last) = self.last.as_ref()?;
+        self.bounds.iter().rposition(|(xid, _)| *xid < last.xmin())
     }
 
     /// Whether a marker came back yet: before one, there is nothing to
@@ -106,11 +113,9 @@ impl CatchUp {
     }
 
     /// The id after which the catch-up reads: the bound of the newest
-    /// marker whose transaction is older than every transaction the last
-    /// marker did not show as finished, or 0.
+    /// usable marker (`usable`), or 0.
     pub fn read_after(&self) -> i64 {
-        let Some((_, last)) = &self.last else { return 0 };
-        self.bounds.iter().rev().find(|(xid, _)| *xid < last.xmin()).map_or(0, |(_, bound)| *bound)
+        self.usable().map_or(0, |i| self.bounds[i].1)
     }
 
     /// The last marker's snapshot, if one came back.
