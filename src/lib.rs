@@ -56,6 +56,7 @@ pub mod event;
 pub mod history;
 pub mod http;
 pub mod hub;
+pub mod logging;
 pub mod metrics;
 pub mod tail;
 pub mod ws;
@@ -118,7 +119,15 @@ pub async fn serve(
         _ = shutdown.cancelled() => {}
         _ = up.wait_for(|up| *up) => {}
     }
-    let websocket = Endpoint::new(&settings, verifier, hub_handle, EventLog::new(pool), &metrics, &shutdown, &tasks);
+    let websocket = Endpoint::new(
+        &settings,
+        verifier,
+        hub_handle,
+        EventLog::new(pool, Arc::clone(&metrics)),
+        &metrics,
+        &shutdown,
+        &tasks,
+    );
     if !shutdown.is_cancelled() {
         if let Ok(address) = listener.local_addr() {
             info!(

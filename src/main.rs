@@ -175,7 +175,7 @@ fn init_logging(filter: tracing_subscriber::EnvFilter, format: LogFormat) {
         LogFormat::Json => logs.json().flatten_event(true).init(),
         LogFormat::Text => {
             let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-            logs.with_ansi(colour).init()
+            logs.with_ansi(colour).fmt_fields(windflow_notify::logging::escaped_fields()).init()
         }
     }
 }

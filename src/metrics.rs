@@ -23,6 +23,7 @@ pub struct Metrics {
     pub notification_queue_usage: AtomicU64, // f64 bits
     pub forged_notifications_total: AtomicU64,
     pub history_bytes: AtomicI64,
+    pub replays_waiting: AtomicI64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_nanos: AtomicU64,
@@ -137,6 +138,12 @@ impl Metrics {
             "gauge",
             "Bytes of event messages the resume history holds (WINDFLOW_HISTORY_BYTES bounds it).",
             self.history_bytes.load(Relaxed).to_string(),
+        );
+        metric(
+            "windflow_replays_waiting",
+            "gauge",
+            "Replay queries (resumes older than the history) waiting for one of the 4 query slots.",
+            self.replays_waiting.load(Relaxed).to_string(),
         );
         let name = "windflow_delivery_latency_seconds";
         let _ = writeln!(

@@ -512,3 +512,54 @@ async fn a_resume_after_a_new_token_moved_the_user_to_another_organization_gets_
     let from_b: Vec<i64> = [client.recv_event().await.1, client.recv_event().await.1].into();
     assert_eq!(from_b, ids_after(&writer, in_b, 0).await, "the new organization's events, from the log");
 }
+
+/// Text from a client or from the database is logged as data: a payload or
+/// a request with a line break in it cannot print a line of its own (the
+/// second hostile review printed a forged INFO line this way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_from_clients_and_notifications_never_makes_a_log_line_of_its_own() {
+    let database = TestDatabase::create().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("postgres://postgres@127.0.0.1:5432/{}", database.name);
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_windflow-notify"))
+        .arg("serve")
+        .env("DATABASE_URL", &url)
+        .env("WINDFLOW_BIND", format!("127.0.0.1:{port}"))
+        .env("JWT_SECRET_KEY", SECRET)
+        .env("RUST_LOG", "debug,tokio_postgres=warn,refinery_core=warn,hyper=warn,tungstenite=warn")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    eventually("the server answers /healthz", || async {
+        tokio::net::TcpStream::connect(addr).await.is_ok() && http_get(addr, "/healthz", &[]).await.0 == 200
+    })
+    .await;
+    let forged = "x\n2026-12-04T10:00:00.000000Z  INFO windflow_notify: FORGED superuser=true";
+    let server = TestServer { addr, shutdown: tokio_util::sync::CancellationToken::new(), handle: None };
+    let owner = user();
+    let mut client = server.connect_as(owner).await;
+    client.send(json!({"type": forged})).await;
+    client.recv_type("error").await;
+    Writer::new(&database).await.create_deployment(owner.user_id, None).await;
+    let (_, real_id, _) = client.recv_event().await;
+    let stranger = Role::create().await;
+    let login = stranger.connect(&database).await;
+    login.execute("SELECT pg_notify('windflow_events', $1)", &[&forged]).await.unwrap();
+    let claim = json!({"event_id": real_id, "type": forged}).to_string();
+    login.execute("SELECT pg_notify('windflow_events', $1)", &[&claim]).await.unwrap();
+    eventually("both forgeries counted", || async {
+        server.metric("windflow_forged_notifications_total").await == 2.0
+    })
+    .await;
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let output = child.wait_with_output().await.unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(log.contains("FORGED"), "the forged text reached the log, as data:\n{log}");
+    for line in log.lines() {
+        assert!(!line.contains("FORGED") || line.contains("\\n2026"), "an unescaped line break:\n{line}");
+        assert!(line.starts_with("20") && line.as_bytes().get(4) == Some(&b'-'), "a line of its own:\n{line}");
+    }
+}

@@ -14,6 +14,7 @@ use super::DbError;
 use crate::auth::Viewer;
 use crate::event::{Event, EventKind, Topic};
 use crate::hub::{LogReplay, Since};
+use crate::metrics::Metrics;
 
 /// Concurrent queries of `since` look-ups and replays, of the pool's 16
 /// connections: permission checks and retention always find one.
@@ -129,10 +130,11 @@ impl Pages {
 }
 
 impl EventLog {
-    pub fn new(pool: Pool) -> EventLog {
+    /// `metrics` shows how many replay queries wait for a slot.
+    pub fn new(pool: Pool, metrics: Arc<Metrics>) -> EventLog {
         EventLog {
             pool,
-            queries: FairSlots::new(REPLAY_QUERIES),
+            queries: FairSlots::new(REPLAY_QUERIES, Some(metrics)),
             memory: Arc::new(Semaphore::new(REPLAY_MEMORY / 1024)),
             user_memory: Mutex::new(HashMap::new()),
         }
@@ -206,6 +208,8 @@ impl EventLog {
 /// per user ahead of it, not by a hundred.
 struct FairSlots {
     state: Arc<Mutex<Turns>>,
+    /// `windflow_replays_waiting`.
+    metrics: Option<Arc<Metrics>>,
 }
 
 struct Turns {
@@ -221,9 +225,10 @@ pub(crate) struct Slot {
 }
 
 impl FairSlots {
-    fn new(slots: usize) -> FairSlots {
+    fn new(slots: usize, metrics: Option<Arc<Metrics>>) -> FairSlots {
         FairSlots {
             state: Arc::new(Mutex::new(Turns { free: slots, waiting: HashMap::new(), order: VecDeque::new() })),
+            metrics,
         }
     }
 
@@ -242,6 +247,7 @@ impl FairSlots {
             }
             rx
         };
+        let _waiting = self.metrics.as_deref().map(Waiting::new);
         match waiter.await {
             Ok(slot) => slot,
             // The sender is only dropped with the slots, which live as long
@@ -251,33 +257,62 @@ impl FairSlots {
     }
 }
 
+/// One replay query waiting, counted while it lives.
+struct Waiting<'a>(&'a Metrics);
+
+impl<'a> Waiting<'a> {
+    fn new(metrics: &'a Metrics) -> Waiting<'a> {
+        metrics.replays_waiting.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Waiting(metrics)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.replays_waiting.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 fn lock(state: &Mutex<Turns>) -> std::sync::MutexGuard<'_, Turns> {
     state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut turns = lock(&self.state);
-        // The next user in turn, skipping waiters that gave up.
-        while let Some(user) = turns.order.pop_front() {
-            let Some(queue) = turns.waiting.get_mut(&user) else { continue };
-            let mut granted = false;
-            while let Some(waiter) = queue.pop_front() {
-                if waiter.send(Slot { state: Arc::clone(&self.state) }).is_ok() {
-                    granted = true;
-                    break;
-                }
-            }
+impl Turns {
+    /// The waiter whose turn it is: the first of the next user in turn,
+    /// skipping waiters that gave up. That user goes to the back of the
+    /// line if it still has some waiting.
+    fn next_waiter(&mut self) -> Option<oneshot::Sender<Slot>> {
+        while let Some(user) = self.order.pop_front() {
+            let Some(queue) = self.waiting.get_mut(&user) else { continue };
+            let next = std::iter::from_fn(|| queue.pop_front()).find(|waiter| !waiter.is_closed());
             if queue.is_empty() {
-                turns.waiting.remove(&user);
+                self.waiting.remove(&user);
             } else {
-                turns.order.push_back(user);
+                self.order.push_back(user);
             }
-            if granted {
-                return;
+            if next.is_some() {
+                return next;
             }
         }
-        turns.free += 1;
+        None
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let next = {
+            let mut turns = lock(&self.state);
+            match turns.next_waiter() {
+                Some(next) => next,
+                None => {
+                    turns.free += 1;
+                    return;
+                }
+            }
+        };
+        // Outside the lock: a waiter that gave up just now drops the slot,
+        // which comes back here for the next one.
+        let _ = next.send(Slot { state: Arc::clone(&self.state) });
     }
 }
 
@@ -345,7 +380,15 @@ async fn page_after(
     rows: i64,
     bytes: i64,
 ) -> Result<Vec<Event>, DbError> {
-    let sql = format!(
+    let statement = client.prepare_typed_cached(&page_sql(filter), &PAGE_TYPES).await?;
+    let kind = filter.kind.map(EventKind::as_str);
+    let params = page_params(&after, filter, &kind, &rows, &bytes);
+    Ok(events_from_rows(&client.query(&statement, &params).await?))
+}
+
+/// The statement of a page: at most `$4` candidates, cut at `$10` bytes.
+fn page_sql(filter: &Filter) -> String {
+    format!(
         "SELECT {COLUMNS} FROM (
             SELECT *, sum(size) OVER (ORDER BY id) - size AS bytes_before
               FROM ({}) candidates
@@ -353,25 +396,14 @@ async fn page_after(
           WHERE bytes_before < $10
           ORDER BY id",
         candidates(filter)
-    );
-    let kind = filter.kind.map(EventKind::as_str);
-    let viewer = filter.viewer;
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 10] = [
-        &after,
-        &filter.before,
-        &filter.skip,
-        &rows,
-        &viewer.user_id,
-        &viewer.organization_id,
-        &filter.deployment,
-        &kind,
-        &viewer.is_superuser,
-        &bytes,
-    ];
-    // Typed: each form of `candidates` leaves some parameters unused, whose
-    // types PostgreSQL could not infer.
+    )
+}
+
+/// The parameters' types, given: each form of `candidates` leaves some
+/// unused, whose types PostgreSQL could not infer.
+const PAGE_TYPES: [tokio_postgres::types::Type; 10] = {
     use tokio_postgres::types::Type;
-    let types = [
+    [
         Type::INT8,
         Type::INT8,
         Type::INT8_ARRAY,
@@ -382,9 +414,31 @@ async fn page_after(
         Type::TEXT,
         Type::BOOL,
         Type::INT8,
-    ];
-    let statement = client.prepare_typed_cached(&sql, &types).await?;
-    Ok(events_from_rows(&client.query(&statement, &params).await?))
+    ]
+};
+
+type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
+
+fn page_params<'a>(
+    after: &'a i64,
+    filter: &'a Filter,
+    kind: &'a Option<&'static str>,
+    rows: &'a i64,
+    bytes: &'a i64,
+) -> [Param<'a>; 10] {
+    let viewer = &filter.viewer;
+    [
+        after,
+        &filter.before,
+        &filter.skip,
+        rows,
+        &viewer.user_id,
+        &viewer.organization_id,
+        &filter.deployment,
+        kind,
+        &viewer.is_superuser,
+        bytes,
+    ]
 }
 
 /// The highest id retention (or a TRUNCATE) has deleted.
@@ -395,6 +449,112 @@ async fn pruned_upto(client: &deadpool_postgres::Client) -> Result<i64, DbError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn query_slots_go_to_each_waiting_user_in_turn() {
+        let slots = Arc::new(FairSlots::new(1, None));
+        let (hog, other) = (Uuid::new_v4(), Uuid::new_v4());
+        let held = slots.acquire(hog).await;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut waiters = Vec::new();
+        for (name, user) in [("hog 1", hog), ("hog 2", hog), ("hog 3", hog), ("other", other)] {
+            let (waiting, tx) = (Arc::clone(&slots), tx.clone());
+            waiters.push(tokio::spawn(async move {
+                let _slot = waiting.acquire(user).await;
+                let _ = tx.send(name);
+            }));
+            // Queued in this order.
+            while lock(&slots.state).waiting.values().map(VecDeque::len).sum::<usize>() < waiters.len() {
+                tokio::task::yield_now().await;
+            }
+        }
+        drop(held);
+        for waiter in waiters {
+            waiter.await.unwrap();
+        }
+        let order: Vec<&str> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert_eq!(order, ["hog 1", "other", "hog 2", "hog 3"], "the other user waits for one of the hog's, not three");
+        assert_eq!(lock(&slots.state).free, 1, "the slot is back");
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_gave_up_passes_its_turn_on() {
+        let slots = Arc::new(FairSlots::new(1, None));
+        let held = slots.acquire(Uuid::new_v4()).await;
+        let quitter = {
+            let slots = Arc::clone(&slots);
+            tokio::spawn(async move { slots.acquire(Uuid::new_v4()).await })
+        };
+        while lock(&slots.state).order.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        quitter.abort();
+        let _ = quitter.await;
+        let patient = {
+            let slots = Arc::clone(&slots);
+            tokio::spawn(async move { drop(slots.acquire(Uuid::new_v4()).await) })
+        };
+        while lock(&slots.state).order.len() < 2 {
+            tokio::task::yield_now().await;
+        }
+        drop(held);
+        patient.await.unwrap();
+        assert_eq!(lock(&slots.state).free, 1);
+    }
+
+    /// Buffers a replay page touches, from `EXPLAIN (ANALYZE, BUFFERS)`.
+    async fn buffers(client: &tokio_postgres::Client, filter: &Filter) -> (u64, usize) {
+        let statement = client
+            .prepare_typed(&format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {}", page_sql(filter)), &PAGE_TYPES)
+            .await
+            .unwrap();
+        let kind = filter.kind.map(EventKind::as_str);
+        let (after, rows, bytes) = (0i64, PAGE_ROWS, PAGE_BYTES as i64);
+        let plan: serde_json::Value =
+            client.query_one(&statement, &page_params(&after, filter, &kind, &rows, &bytes)).await.unwrap().get(0);
+        let top = &plan[0]["Plan"];
+        let touched = ["Shared Hit Blocks", "Shared Read Blocks"].iter().filter_map(|k| top[k].as_u64()).sum();
+        (touched, top["Actual Rows"].as_u64().unwrap_or(0) as usize)
+    }
+
+    /// A replay's work follows what it returns: a viewer who may see
+    /// nothing reads nothing of a large log, and one who may see a few
+    /// events reads about those.
+    #[tokio::test]
+    async fn a_replay_reads_by_index_what_its_viewer_may_see() {
+        let admin = windflow_testkit::admin_url("TEST_DATABASE_URL");
+        let db = windflow_testkit::Database::create_at(&admin, "wf_test").await.unwrap();
+        crate::db::migrate(&db.config).await.unwrap();
+        let client = db.client().await.unwrap();
+        let (me, org) = (Uuid::new_v4(), Uuid::new_v4());
+        client
+            .batch_execute(&format!(
+                "INSERT INTO windflow_events (type, deployment_id, user_id, organization_id, data)
+                 SELECT 'DEPLOYMENT_PROGRESS', gen_random_uuid(), gen_random_uuid(),
+                        CASE WHEN g % 2 = 0 THEN gen_random_uuid() END, '{{\"progress\": 1}}'
+                   FROM generate_series(1, 50000) g;
+                 INSERT INTO windflow_events (type, deployment_id, user_id, organization_id, data)
+                 SELECT 'DEPLOYMENT_PROGRESS', gen_random_uuid(), CASE WHEN g <= 5 THEN '{me}'::uuid ELSE gen_random_uuid() END,
+                        CASE WHEN g > 5 THEN '{org}'::uuid END, '{{\"progress\": 1}}'
+                   FROM generate_series(1, 10) g;
+                 INSERT INTO windflow_events (type, deployment_id, user_id, organization_id, data)
+                 SELECT 'DEPLOYMENT_PROGRESS', gen_random_uuid(), gen_random_uuid(), NULL, '{{\"progress\": 1}}'
+                   FROM generate_series(1, 50000) g;
+                 ANALYZE windflow_events"
+            ))
+            .await
+            .unwrap();
+        let filter = |viewer| Filter { deployment: None, kind: None, viewer, before: i64::MAX, skip: Vec::new() };
+        let nobody = Viewer { user_id: Uuid::new_v4(), organization_id: Some(Uuid::new_v4()), is_superuser: false };
+        let (touched, rows) = buffers(&client, &filter(nobody)).await;
+        assert_eq!(rows, 0);
+        assert!(touched < 20, "a viewer who may see nothing touched {touched} buffers of a 100,000-event log");
+        let member = Viewer { user_id: me, organization_id: Some(org), is_superuser: false };
+        let (touched, rows) = buffers(&client, &filter(member)).await;
+        assert_eq!(rows, 10, "five of its own and five of its organization's");
+        assert!(touched < 60, "a viewer of 10 events touched {touched} buffers of a 100,000-event log");
+        db.drop_now().await.unwrap();
+    }
 
     fn replayed(topic: Topic, since: i64, upto: i64) -> Replayed {
         Replayed { topic, since, upto }

@@ -548,6 +548,13 @@ impl Reader<'_> {
             .await?;
         self.feed.metrics.set_notification_queue_usage(row.get(0));
         let last: i64 = row.get(1);
+        // An id the log had not given out by now cannot have been announced
+        // by a wake-up that came before now.
+        let (future, pending) = std::mem::take(&mut position.claims).into_iter().partition(|c| c.event_id > last);
+        position.claims = pending;
+        for claim in future {
+            self.forged(position, Some(&claim));
+        }
         if let Some(through) = position.through
             && last < through
         {
