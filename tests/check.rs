@@ -1,0 +1,252 @@
+//! `windflow-notify check`: one line per check, `FAIL` with the fix for
+//! each problem, exit status 1 when there is one. Each failing case is
+//! made for real on a database of its own.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use uuid::Uuid;
+
+/// A login role of its own, dropped when the value is (declare it before
+/// the databases it owns, so they are dropped first).
+struct TestRole {
+    name: String,
+}
+
+impl TestRole {
+    async fn create(attributes: &str) -> TestRole {
+        let name = format!("wf_test_role_{}", Uuid::new_v4().simple());
+        admin_client()
+            .await
+            .batch_execute(&format!("CREATE ROLE {name} LOGIN {attributes}"))
+            .await
+            .expect("create role");
+        TestRole { name }
+    }
+}
+
+impl Drop for TestRole {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime
+                .block_on(async { admin_client().await.batch_execute(&format!("DROP ROLE IF EXISTS {name}")).await })?;
+            Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+        })
+        .join();
+    }
+}
+
+/// `database`'s URL, as `user` when given.
+fn url_as(database: &TestDatabase, user: Option<&str>) -> String {
+    match user {
+        None => database.url.clone(),
+        Some(user) => database.url.replacen("postgres@", &format!("{user}@"), 1),
+    }
+}
+
+/// Run a windflow-notify command line through `sh -c` (so a test can set
+/// `ulimit` first) with only `env`; returns (exit code, stdout, stderr).
+fn run(shell: &str, env: &[(&str, &str)]) -> (i32, String, String) {
+    let binary = env!("CARGO_BIN_EXE_windflow-notify");
+    let output = Command::new("sh")
+        .arg("-c")
+        .arg(shell.replace("windflow-notify", binary))
+        .env_clear()
+        .env("RUST_LOG", "error")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run sh");
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    (output.status.code().unwrap_or(-1), text(&output.stdout), text(&output.stderr))
+}
+
+/// `check` against `url` with a connection count this machine holds.
+fn check(url: &str) -> (i32, String) {
+    let (code, stdout, stderr) =
+        run("windflow-notify check", &[("DATABASE_URL", url), ("WINDFLOW_MAX_CONNECTIONS", "100")]);
+    assert_eq!(stderr, "", "findings go to stdout");
+    (code, stdout)
+}
+
+fn migrate(url: &str) {
+    let (code, _, stderr) = run("windflow-notify migrate", &[("DATABASE_URL", url)]);
+    assert_eq!(code, 0, "migrate: {stderr}");
+}
+
+/// The one line of `verdict` about `what`.
+fn line<'a>(report: &'a str, verdict: &str, what: &str) -> &'a str {
+    let prefix = format!("{verdict}  {what}: ");
+    let lines: Vec<&str> = report.lines().filter(|line| line.starts_with(&prefix)).collect();
+    assert_eq!(lines.len(), 1, "one {verdict} line about {what} in:\n{report}");
+    lines[0]
+}
+
+fn problems(report: &str) -> usize {
+    report.lines().filter(|line| line.starts_with("FAIL")).count()
+}
+
+/// A migrated database owned by a role that is not a superuser, which
+/// ran the migrations: what a production setup looks like.
+async fn ready_database(role: &TestRole) -> TestDatabase {
+    let database = TestDatabase::create().await;
+    admin_client()
+        .await
+        .batch_execute(&format!("ALTER DATABASE {} OWNER TO {}", database.name, role.name))
+        .await
+        .expect("give the database to the role");
+    migrate(&url_as(&database, Some(&role.name)));
+    database
+}
+
+#[tokio::test]
+async fn a_ready_database_passes_every_check() {
+    let role = TestRole::create("").await;
+    let database = ready_database(&role).await;
+    let (code, report) = check(&url_as(&database, Some(&role.name)));
+    assert_eq!(code, 0, "{report}");
+    let lines: Vec<&str> = report.lines().collect();
+    let (last, checks) = lines.split_last().expect("a report");
+    assert_eq!(*last, "check: ready (0 warnings)", "{report}");
+    assert!(checks.iter().all(|line| line.starts_with("ok ")), "{report}");
+    for what in ["database", "migrations", "role", "open files"] {
+        line(&report, "ok  ", what);
+    }
+    assert_eq!(report.matches("ok    trigger: ").count(), 3, "{report}");
+    assert!(report.contains("ok    notify: a NOTIFY reached a LISTEN"), "{report}");
+}
+
+#[test]
+fn an_unreachable_database_is_one_failure_naming_database_url() {
+    let (code, report) = check("postgres://postgres@127.0.0.1:1/none");
+    assert_eq!(code, 1, "{report}");
+    assert_eq!(problems(&report), 1, "{report}");
+    let failure = line(&report, "FAIL", "database");
+    assert!(failure.contains("DATABASE_URL") && failure.contains("127.0.0.1:1"), "{failure}");
+    assert!(report.ends_with("check: not ready (0 warnings): fix each FAIL above\n"), "{report}");
+}
+
+#[tokio::test]
+async fn an_unmigrated_database_says_to_migrate_once() {
+    let database = TestDatabase::create().await;
+    let (code, report) = check(&database.url);
+    assert_eq!(code, 1, "{report}");
+    assert_eq!(problems(&report), 1, "one problem, not one per missing object: {report}");
+    assert!(line(&report, "FAIL", "migrations").contains("windflow-notify migrate"), "{report}");
+}
+
+#[tokio::test]
+async fn a_pending_or_unknown_migration_is_named() {
+    let database = TestDatabase::create().await;
+    migrate(&database.url);
+    let client = database.client().await;
+    client.batch_execute("DELETE FROM refinery_schema_history WHERE version = 2").await.expect("forget V2");
+    let (code, report) = check(&database.url);
+    assert_eq!(code, 1, "{report}");
+    let pending = line(&report, "FAIL", "migrations");
+    assert!(pending.contains("1 pending (V2__events)") && pending.contains("migrate"), "{pending}");
+
+    client
+        .batch_execute(
+            "INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (2, 'events', '', '0'),
+             (999, 'from_the_future', '', '1')",
+        )
+        .await
+        .expect("record V2 changed and a newer migration");
+    let (code, report) = check(&database.url);
+    assert_eq!(code, 1, "{report}");
+    assert!(
+        report.contains("FAIL  migrations: V999__from_the_future is applied but unknown to this binary"),
+        "{report}"
+    );
+    assert!(report.contains("FAIL  migrations: V2__events differs from the one applied"), "{report}");
+}
+
+#[tokio::test]
+async fn a_disabled_or_missing_trigger_fails_with_the_fix() {
+    let database = TestDatabase::create().await;
+    migrate(&database.url);
+    let client = database.client().await;
+    client.batch_execute("ALTER TABLE deployment_logs DISABLE TRIGGER deployment_logs_events").await.expect("disable");
+    client.batch_execute("DROP TRIGGER deployments_events ON deployments").await.expect("drop");
+    let (code, report) = check(&database.url);
+    assert_eq!(code, 1, "{report}");
+    assert_eq!(problems(&report), 2, "{report}");
+    assert!(
+        report.contains(
+            "FAIL  trigger: deployment_logs_events on deployment_logs is disabled: writes to deployment_logs make no events; ALTER TABLE deployment_logs ENABLE TRIGGER deployment_logs_events"
+        ),
+        "{report}"
+    );
+    assert!(report.contains("FAIL  trigger: deployments_events on deployments is missing"), "{report}");
+    assert!(report.contains("ok    trigger: deployments_touch_updated_at on deployments is enabled"), "{report}");
+
+    client
+        .batch_execute("ALTER TABLE deployment_logs ENABLE REPLICA TRIGGER deployment_logs_events")
+        .await
+        .expect("replica");
+    let (_, report) = check(&database.url);
+    assert!(report.contains("deployment_logs_events on deployment_logs fires only in replica sessions"), "{report}");
+}
+
+#[tokio::test]
+async fn a_role_that_does_not_own_the_event_log_fails_and_a_superuser_is_warned() {
+    let stranger = TestRole::create("").await;
+    let database = TestDatabase::create().await;
+    migrate(&database.url);
+
+    let (code, report) = check(&url_as(&database, Some(&stranger.name)));
+    assert_eq!(code, 1, "{report}");
+    let failure = line(&report, "FAIL", "role");
+    assert!(
+        failure.contains(&format!("is owned by postgres, not by {}", stranger.name))
+            && failure.contains(&format!("GRANT postgres TO {}", stranger.name)),
+        "{failure}"
+    );
+
+    // The tests' own role is a superuser: it works, with a warning.
+    let (code, report) = check(&database.url);
+    assert_eq!(code, 0, "a warning is not a failure: {report}");
+    assert!(line(&report, "WARN", "role").contains("postgres is a superuser"), "{report}");
+    assert!(report.ends_with("check: ready (1 warning)\n"), "{report}");
+}
+
+#[tokio::test]
+async fn a_role_limited_to_one_connection_fails_the_notify_round_trip() {
+    let role = TestRole::create("").await;
+    let database = ready_database(&role).await;
+    admin_client().await.batch_execute(&format!("ALTER ROLE {} CONNECTION LIMIT 1", role.name)).await.expect("limit");
+    let (code, report) = check(&url_as(&database, Some(&role.name)));
+    assert_eq!(code, 1, "{report}");
+    assert_eq!(problems(&report), 1, "{report}");
+    let failure = line(&report, "FAIL", "notify");
+    assert!(
+        failure.contains("cannot open a second connection to LISTEN on") && failure.contains("too many connections"),
+        "{failure}"
+    );
+}
+
+#[tokio::test]
+async fn an_open_file_limit_below_the_connections_is_named_with_the_fix() {
+    let database = TestDatabase::create().await;
+    migrate(&database.url);
+    let url = database.url.as_str();
+    // Past any hard limit: a failure.
+    let (code, report, _) =
+        run("windflow-notify check", &[("DATABASE_URL", url), ("WINDFLOW_MAX_CONNECTIONS", "1000000000")]);
+    assert_eq!(code, 1, "{report}");
+    let failure = line(&report, "FAIL", "open files");
+    assert!(
+        failure.contains("cannot hold WINDFLOW_MAX_CONNECTIONS=1000000000") && failure.contains("LimitNOFILE="),
+        "{failure}"
+    );
+    // A soft limit the hard one could raise: a warning.
+    let (code, report, _) =
+        run("ulimit -Sn 256 && windflow-notify check", &[("DATABASE_URL", url), ("WINDFLOW_MAX_CONNECTIONS", "1000")]);
+    assert_eq!(code, 0, "{report}");
+    let warning = line(&report, "WARN", "open files");
+    assert!(warning.contains("the soft limit (256)") && warning.contains("at least 1064"), "{warning}");
+}
