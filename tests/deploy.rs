@@ -106,7 +106,7 @@ fn the_env_example_lists_every_setting_serve_reads_and_no_other() {
         .expect("serve --help");
     let help = String::from_utf8_lossy(&help.stdout);
     let read_by_serve: BTreeSet<&str> =
-        help.split("[env: ").skip(1).filter_map(|rest| rest.split(|c: char| c == '=' || c == ']').next()).collect();
+        help.split("[env: ").skip(1).filter_map(|rest| rest.split(['=', ']']).next()).collect();
     assert!(read_by_serve.len() > 10, "{read_by_serve:?}");
     let example = read(".env.example");
     let listed: BTreeSet<&str> = example
