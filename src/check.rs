@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 use uuid::Uuid;
 
-use crate::config::{DatabaseArgs, defaults, parse_count};
+use crate::config::{DatabaseArgs, ServerArgs};
 use crate::db::{self, describe};
 
 mod embedded {
@@ -45,19 +45,14 @@ pub const RESERVED_FILES: u64 = 64;
 /// fails for every writer when it is full.
 const QUEUE_WARN: f64 = 0.5;
 
+/// The settings of `serve`, so `check` runs with the server's environment
+/// as it is; it reads the database and `WINDFLOW_MAX_CONNECTIONS`.
 #[derive(clap::Args, Clone)]
 pub struct CheckArgs {
     #[command(flatten)]
     pub database: DatabaseArgs,
-    /// The connections the server will take (as `serve` reads it): the open-file limit must hold them.
-    #[arg(
-        long,
-        env = "WINDFLOW_MAX_CONNECTIONS",
-        value_name = "WINDFLOW_MAX_CONNECTIONS",
-        default_value_t = defaults::MAX_CONNECTIONS,
-        value_parser = parse_count
-    )]
-    pub max_connections: NonZeroUsize,
+    #[command(flatten)]
+    pub server: ServerArgs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,7 +111,7 @@ pub async fn run(args: &CheckArgs) -> bool {
 /// Every check's findings, in order.
 pub async fn findings(args: &CheckArgs) -> Vec<Finding> {
     let mut findings = database(&args.database.database_url).await;
-    findings.push(open_files(args.max_connections, &std::fs::read_to_string("/proc/self/limits")));
+    findings.push(open_files(args.server.max_connections, &std::fs::read_to_string("/proc/self/limits")));
     findings
 }
 

@@ -48,33 +48,25 @@ fn url_as(database: &TestDatabase, user: Option<&str>) -> String {
     }
 }
 
-/// Run a windflow-notify command line through `sh -c` (so a test can set
-/// `ulimit` first) with only `env`; returns (exit code, stdout, stderr).
-fn run(shell: &str, env: &[(&str, &str)]) -> (i32, String, String) {
-    let binary = env!("CARGO_BIN_EXE_windflow-notify");
-    let output = Command::new("sh")
-        .arg("-c")
-        .arg(shell.replace("windflow-notify", binary))
-        .env_clear()
-        .env("RUST_LOG", "error")
-        .envs(env.iter().copied())
-        .output()
-        .expect("run sh");
-    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
-    (output.status.code().unwrap_or(-1), text(&output.stdout), text(&output.stderr))
-}
-
 /// `check` against `url` with a connection count this machine holds.
 fn check(url: &str) -> (i32, String) {
     let (code, stdout, stderr) =
-        run("windflow-notify check", &[("DATABASE_URL", url), ("WINDFLOW_MAX_CONNECTIONS", "100")]);
+        output_of(windflow_command(&["check"], &[("DATABASE_URL", url), ("WINDFLOW_MAX_CONNECTIONS", "100")]));
     assert_eq!(stderr, "", "findings go to stdout");
     (code, stdout)
 }
 
 fn migrate(url: &str) {
-    let (code, _, stderr) = run("windflow-notify migrate", &[("DATABASE_URL", url)]);
+    let (code, _, stderr) = output_of(windflow_command(&["migrate"], &[("DATABASE_URL", url)]));
     assert_eq!(code, 0, "migrate: {stderr}");
+}
+
+/// A fresh database, migrated by the tests' own role (a superuser), and a client on it.
+async fn migrated_database() -> (TestDatabase, tokio_postgres::Client) {
+    let database = TestDatabase::create().await;
+    migrate(&database.url);
+    let client = database.client().await;
+    (database, client)
 }
 
 /// The one line of `verdict` about `what`.
@@ -140,9 +132,7 @@ async fn an_unmigrated_database_says_to_migrate_once() {
 
 #[tokio::test]
 async fn a_pending_or_unknown_migration_is_named() {
-    let database = TestDatabase::create().await;
-    migrate(&database.url);
-    let client = database.client().await;
+    let (database, client) = migrated_database().await;
     client.batch_execute("DELETE FROM refinery_schema_history WHERE version = 2").await.expect("forget V2");
     let (code, report) = check(&database.url);
     assert_eq!(code, 1, "{report}");
@@ -167,9 +157,7 @@ async fn a_pending_or_unknown_migration_is_named() {
 
 #[tokio::test]
 async fn a_disabled_or_missing_trigger_fails_with_the_fix() {
-    let database = TestDatabase::create().await;
-    migrate(&database.url);
-    let client = database.client().await;
+    let (database, client) = migrated_database().await;
     client.batch_execute("ALTER TABLE deployment_logs DISABLE TRIGGER deployment_logs_events").await.expect("disable");
     client.batch_execute("DROP TRIGGER deployments_events ON deployments").await.expect("drop");
     let (code, report) = check(&database.url);
@@ -236,7 +224,7 @@ async fn an_open_file_limit_below_the_connections_is_named_with_the_fix() {
     let url = database.url.as_str();
     // Past any hard limit: a failure.
     let (code, report, _) =
-        run("windflow-notify check", &[("DATABASE_URL", url), ("WINDFLOW_MAX_CONNECTIONS", "1000000000")]);
+        output_of(windflow_command(&["check"], &[("DATABASE_URL", url), ("WINDFLOW_MAX_CONNECTIONS", "1000000000")]));
     assert_eq!(code, 1, "{report}");
     let failure = line(&report, "FAIL", "open files");
     assert!(
@@ -244,8 +232,12 @@ async fn an_open_file_limit_below_the_connections_is_named_with_the_fix() {
         "{failure}"
     );
     // A soft limit the hard one could raise: a warning.
-    let (code, report, _) =
-        run("ulimit -Sn 256 && windflow-notify check", &[("DATABASE_URL", url), ("WINDFLOW_MAX_CONNECTIONS", "1000")]);
+    let mut lowered = Command::new("sh");
+    lowered
+        .args(["-c", "ulimit -Sn 256 && exec \"$0\" check", env!("CARGO_BIN_EXE_windflow-notify")])
+        .env_clear()
+        .envs([("DATABASE_URL", url), ("WINDFLOW_MAX_CONNECTIONS", "1000")]);
+    let (code, report, _) = output_of(lowered);
     assert_eq!(code, 0, "{report}");
     let warning = line(&report, "WARN", "open files");
     assert!(warning.contains("the soft limit (256)") && warning.contains("at least 1064"), "{warning}");

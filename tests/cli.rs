@@ -4,22 +4,13 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use common::*;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-/// `windflow-notify ARGS` with only `env`; returns (exit code, stdout, stderr).
 fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_windflow-notify"))
-        .args(args)
-        .env_clear()
-        .env("RUST_LOG", "error")
-        .envs(env.iter().copied())
-        .output()
-        .expect("run windflow-notify");
-    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
-    (output.status.code().unwrap_or(-1), text(&output.stdout), text(&output.stderr))
+    output_of(windflow_command(args, env))
 }
 
 /// The command fails with exactly one line on stderr, containing each of `says`.
