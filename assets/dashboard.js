@@ -61,9 +61,15 @@ function takeToken() {
   return sessionStorage.getItem('windflow-token')
 }
 
+/** What the empty list says: only "waiting" when something can arrive. */
+function showEmpty(html) {
+  $('empty').innerHTML = html
+}
+
 function start(token) {
   client?.close()
   $('token-form').hidden = true
+  showEmpty('Connecting…')
   const scheme = location.protocol === 'https:' ? 'wss' : 'ws'
   viewer = claimsOf(token)
   client = new WindflowClient({ url: `${scheme}://${location.host}/ws`, token })
@@ -71,6 +77,8 @@ function start(token) {
   client.on('authenticated', (data) => {
     sessionStorage.setItem('windflow-token', token)
     $('who').textContent = `user ${data.user_id}`
+    $('who').title = data.user_id
+    showEmpty('Waiting for events… write a row to <code>deployments</code> and it appears here.')
   })
   client.on('close', ({ code }) => {
     if (code === 1008) askForToken('The server refused this token (invalid or expired). Paste a fresh one.')
@@ -183,7 +191,11 @@ function appendLog({ time, text }) {
   const stamp = document.createElement('span')
   stamp.className = 'line-time'
   stamp.textContent = `${(time ?? '').slice(11, 19)}  `
-  row.append(stamp, text.replace(/\n$/, ''))
+  // A column of its own: a long line wraps beside the time, not under it.
+  const message = document.createElement('span')
+  message.className = 'line-text'
+  message.textContent = text.replace(/\n$/, '')
+  row.append(stamp, message)
   pane.append(row)
   while (pane.childElementCount > MAX_LOG_LINES) pane.firstElementChild.remove()
   if (following) pane.scrollTop = pane.scrollHeight
@@ -196,6 +208,7 @@ function showState(state) {
 
 function askForToken(message) {
   $('token-form').hidden = false
+  showEmpty('Not connected: nothing can arrive until a token is accepted. Paste one above.')
   const error = $('token-error')
   error.hidden = !message
   error.textContent = message ?? ''

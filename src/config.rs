@@ -3,13 +3,16 @@
 //! A wrong value fails at start with one line that names the setting.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
 use jsonwebtoken::Algorithm;
+use tokio::net::TcpListener;
+use uuid::Uuid;
 
 /// Every setting's default, written once: clap shows and applies these,
 /// [`ServerArgs::with_bind`] builds from them, and `tail` takes its
@@ -90,8 +93,14 @@ impl fmt::Debug for JwtArgs {
 /// Everything `serve` needs besides the database and the JWT keys.
 #[derive(Args, Clone, Debug)]
 pub struct ServerArgs {
-    /// Address to listen on.
-    #[arg(long, env = "WINDFLOW_BIND", value_name = "WINDFLOW_BIND", default_value_t = defaults::BIND)]
+    /// Address to listen on: HOST:PORT, with an IP address or a host name (`localhost:8000`).
+    #[arg(
+        long,
+        env = "WINDFLOW_BIND",
+        value_name = "WINDFLOW_BIND",
+        default_value_t = defaults::BIND,
+        value_parser = parse_bind
+    )]
     pub bind: SocketAddr,
     /// How long events stay in the event log (humantime: `24h`, `90m`).
     #[arg(
@@ -116,7 +125,8 @@ pub struct ServerArgs {
         long,
         env = "WINDFLOW_MAX_CONNECTIONS",
         value_name = "WINDFLOW_MAX_CONNECTIONS",
-        default_value_t = defaults::MAX_CONNECTIONS
+        default_value_t = defaults::MAX_CONNECTIONS,
+        value_parser = parse_count
     )]
     pub max_connections: NonZeroUsize,
     /// Messages queued for one client before it counts as a slow consumer.
@@ -124,7 +134,8 @@ pub struct ServerArgs {
         long,
         env = "WINDFLOW_CLIENT_QUEUE",
         value_name = "WINDFLOW_CLIENT_QUEUE",
-        default_value_t = defaults::CLIENT_QUEUE
+        default_value_t = defaults::CLIENT_QUEUE,
+        value_parser = parse_count
     )]
     pub client_queue: NonZeroUsize,
     /// Recent events kept in commit order for `since` resumes.
@@ -132,7 +143,8 @@ pub struct ServerArgs {
         long,
         env = "WINDFLOW_HISTORY_SIZE",
         value_name = "WINDFLOW_HISTORY_SIZE",
-        default_value_t = defaults::HISTORY_SIZE
+        default_value_t = defaults::HISTORY_SIZE,
+        value_parser = parse_count
     )]
     pub history_size: NonZeroUsize,
     /// Bytes of event messages the history may hold (`64MiB`, `512KiB`,
@@ -182,6 +194,72 @@ fn parse_algorithm(value: &str) -> Result<Algorithm, String> {
     value.parse::<Algorithm>().map_err(|_| {
         "expected one of HS256, HS384, HS512, RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA".to_string()
     })
+}
+
+/// `HOST:PORT`. A host name is resolved once, here: to its first IPv4
+/// address when it has one (`localhost` is then 127.0.0.1, as a browser's
+/// `http://localhost:8000` tries first), else to its first address.
+pub fn parse_bind(value: &str) -> Result<SocketAddr, String> {
+    if let Ok(address) = value.parse() {
+        return Ok(address);
+    }
+    const EXPECTED: &str = "expected HOST:PORT, like 127.0.0.1:8000, 0.0.0.0:8000 or localhost:8000";
+    let Some((host, port)) = value.rsplit_once(':') else {
+        return Err(format!("{EXPECTED}, not {value:?}"));
+    };
+    let port: u16 = port.parse().map_err(|_| format!("{port:?} is not a port number (0 to 65535); {EXPECTED}"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let addresses: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve the host name {host:?} ({e}); {EXPECTED}"))?
+        .collect();
+    addresses
+        .iter()
+        .find(|address| address.is_ipv4())
+        .or(addresses.first())
+        .copied()
+        .ok_or_else(|| format!("the host name {host:?} has no address; {EXPECTED}"))
+}
+
+/// A count: a whole number, at least 1.
+pub fn parse_count(value: &str) -> Result<NonZeroUsize, String> {
+    match value.trim().parse::<usize>() {
+        Ok(n) => NonZeroUsize::new(n).ok_or_else(|| "must be at least 1".to_string()),
+        Err(_) => Err(format!("expected a whole number of at least 1, not {value:?}")),
+    }
+}
+
+/// A user's or an organization's id.
+pub fn parse_uuid(value: &str) -> Result<Uuid, String> {
+    Uuid::parse_str(value.trim())
+        .map_err(|_| format!("expected a UUID, like 6f1c2a3e-0d4b-4c9a-9e8f-2b7a1d5c3e90, not {value:?}"))
+}
+
+/// Why the server could not listen on `WINDFLOW_BIND`, with what to do
+/// about the usual cause.
+#[derive(Debug, thiserror::Error)]
+#[error("WINDFLOW_BIND: cannot listen on {address}: {cause}{}", bind_hint(cause))]
+pub struct BindError {
+    pub address: SocketAddr,
+    // Not a `source`: the line already says it, and an error chain printed
+    // after it would say it twice.
+    pub cause: io::Error,
+}
+
+fn bind_hint(cause: &io::Error) -> &'static str {
+    match cause.kind() {
+        io::ErrorKind::AddrInUse => {
+            "; another program listens there (a windflow-notify serve or demo still running?): stop it, or set WINDFLOW_BIND to a free address such as 127.0.0.1:8001"
+        }
+        io::ErrorKind::PermissionDenied => "; ports below 1024 need privileges: choose a port above 1023",
+        io::ErrorKind::AddrNotAvailable => "; no interface of this machine has that address",
+        _ => "",
+    }
+}
+
+/// Listen on `address` (`WINDFLOW_BIND`).
+pub async fn listen(address: SocketAddr) -> Result<TcpListener, BindError> {
+    TcpListener::bind(address).await.map_err(|cause| BindError { address, cause })
 }
 
 pub fn parse_duration(value: &str) -> Result<Duration, String> {
@@ -284,6 +362,24 @@ mod tests {
         for bad in ["0", "-1", "many"] {
             assert!(count(bad).is_err(), "{bad} accepted");
         }
+    }
+
+    #[test]
+    fn bind_takes_an_address_or_a_host_name_with_a_port() {
+        assert_eq!(parse_bind("0.0.0.0:9000"), Ok("0.0.0.0:9000".parse().unwrap()));
+        assert_eq!(parse_bind("[::1]:9000"), Ok("[::1]:9000".parse().unwrap()));
+        assert_eq!(parse_bind("localhost:8000"), Ok("127.0.0.1:8000".parse().unwrap()), "IPv4 first");
+        for bad in ["localhost", "127.0.0.1", "localhost:http", "localhost:70000"] {
+            let error = parse_bind(bad).unwrap_err();
+            assert!(error.contains("HOST:PORT"), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn zero_and_words_are_no_counts() {
+        assert_eq!(parse_count("12").map(NonZeroUsize::get), Ok(12));
+        assert_eq!(parse_count("0"), Err("must be at least 1".into()));
+        assert!(parse_count("many").unwrap_err().contains("whole number"));
     }
 
     #[test]

@@ -10,18 +10,34 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use jsonwebtoken::Algorithm;
-use tokio::net::TcpListener;
 use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::auth::{self, KeyError, TokenRequest, Verifier, Viewer};
-use crate::config::{JwtArgs, ServerArgs};
+use crate::config::{self, BindError, JwtArgs, ServerArgs};
 use crate::db::{self, DbError};
 
 /// Long enough to leave the dashboard open for a day.
 const TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// What a restarted demo keeps: its cast and, when `JWT_SECRET_KEY` is
+/// unset, the secret it generated, so that a dashboard left open keeps
+/// its token and its cards. A table of the demo's database, not a
+/// migration: a real deployment never has it.
+const STATE: &str = "
+    CREATE TABLE IF NOT EXISTS windflow_demo (
+        singleton       boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+        user_id         uuid NOT NULL,
+        organization_id uuid NOT NULL,
+        teammate        uuid NOT NULL,
+        stranger        uuid NOT NULL,
+        stranger_org    uuid NOT NULL,
+        -- The HMAC secret of the printed tokens while JWT_SECRET_KEY is unset.
+        jwt_secret      text
+    );
+    REVOKE ALL ON windflow_demo FROM PUBLIC;";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
@@ -31,8 +47,8 @@ pub enum DemoError {
     Serve(Box<dyn std::error::Error + Send + Sync>),
     #[error(transparent)]
     Key(#[from] KeyError),
-    #[error("WINDFLOW_BIND: cannot listen on {address}: {source}")]
-    Bind { address: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Bind(#[from] BindError),
     #[error("JWT_ALGORITHM: the demo signs its own token, so it needs HS256, HS384 or HS512 (got {0:?})")]
     Algorithm(Algorithm),
 }
@@ -58,7 +74,8 @@ struct Slot {
 }
 
 /// Create the database if needed, migrate, serve, and simulate until
-/// `shutdown` is cancelled (Ctrl-C).
+/// `shutdown` is cancelled (Ctrl-C). A second run on the same database
+/// carries on with the first one's user, deployments and secret.
 pub async fn run(
     database: tokio_postgres::Config,
     mut jwt: JwtArgs,
@@ -68,26 +85,28 @@ pub async fn run(
     if !matches!(jwt.jwt_algorithm, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {
         return Err(DemoError::Algorithm(jwt.jwt_algorithm));
     }
-    let random_secret = jwt.jwt_secret_key.as_deref().is_none_or(str::is_empty);
-    if random_secret {
-        // Two v4 UUIDs: 244 random bits, plenty for a throwaway HMAC key.
-        jwt.jwt_secret_key = Some(format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple()));
-    }
-    let verifier = Verifier::from_args(&jwt)?;
-
     db::create_database_if_missing(&database).await?;
     // Migrate before the simulator writes; `serve` finds nothing left to do.
     db::migrate(&database).await?;
-    let listener =
-        TcpListener::bind(settings.bind).await.map_err(|source| DemoError::Bind { address: settings.bind, source })?;
+    let listener = config::listen(settings.bind).await?;
     let address = listener.local_addr().unwrap_or(settings.bind);
 
-    let cast = Cast {
-        you: Viewer { user_id: Uuid::new_v4(), organization_id: Some(Uuid::new_v4()), is_superuser: false },
-        teammate: Uuid::new_v4(),
-        stranger: Uuid::new_v4(),
-        stranger_org: Uuid::new_v4(),
-    };
+    let writer = db::connect(&database).await?;
+    writer.batch_execute(STATE).await.map_err(DbError::from)?;
+    let cast = cast(&writer).await?;
+    // Without JWT_SECRET_KEY, the secret the first run generated.
+    let secret_kept = jwt.jwt_secret_key.as_deref().is_none_or(str::is_empty);
+    if secret_kept {
+        // Two v4 UUIDs: 244 random bits, plenty for a throwaway HMAC key.
+        let fresh = format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple());
+        let kept: String = writer
+            .query_one("UPDATE windflow_demo SET jwt_secret = coalesce(jwt_secret, $1) RETURNING jwt_secret", &[&fresh])
+            .await
+            .map_err(DbError::from)?
+            .get(0);
+        jwt.jwt_secret_key = Some(kept);
+    }
+    let verifier = Verifier::from_args(&jwt)?;
     let token = auth::sign(
         &TokenRequest {
             viewer: cast.you,
@@ -99,10 +118,9 @@ pub async fn run(
         jwt.jwt_secret_key.as_deref(),
         None,
     )?;
-    let writer = db::connect(&database).await?;
-    let slots = create_deployments(&writer, &cast).await?;
+    let (slots, resumed) = deployments(&writer, &cast).await?;
     drop(writer);
-    print_banner(address, &token, &database, &cast, &slots, random_secret);
+    print_banner(address, &token, &database, &cast, &slots, secret_kept, resumed);
 
     let server = async {
         let result = crate::serve(listener, &database, settings, verifier, shutdown.clone()).await;
@@ -110,11 +128,34 @@ pub async fn run(
         shutdown.cancel();
         result
     };
-    let (served, ()) = tokio::join!(server, simulate(&database, &slots, &shutdown));
+    let first_life = u32::from(resumed);
+    let (served, ()) = tokio::join!(server, simulate(&database, &slots, first_life, &shutdown));
     served.map_err(|e| DemoError::Serve(Box::new(e)))
 }
 
-async fn create_deployments(client: &Client, cast: &Cast) -> Result<Vec<Slot>, DbError> {
+/// The demo's cast: the one an earlier run of this database chose, or a new one.
+async fn cast(client: &Client) -> Result<Cast, DbError> {
+    client
+        .execute(
+            "INSERT INTO windflow_demo (user_id, organization_id, teammate, stranger, stranger_org)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (singleton) DO NOTHING",
+            &[&Uuid::new_v4(), &Uuid::new_v4(), &Uuid::new_v4(), &Uuid::new_v4(), &Uuid::new_v4()],
+        )
+        .await?;
+    let row = client
+        .query_one("SELECT user_id, organization_id, teammate, stranger, stranger_org FROM windflow_demo", &[])
+        .await?;
+    Ok(Cast {
+        you: Viewer { user_id: row.get(0), organization_id: Some(row.get(1)), is_superuser: false },
+        teammate: row.get(2),
+        stranger: row.get(3),
+        stranger_org: row.get(4),
+    })
+}
+
+/// The five simulated deployments: those an earlier run created for this
+/// cast, and any missing, created now. True when all five existed.
+async fn deployments(client: &Client, cast: &Cast) -> Result<(Vec<Slot>, bool), DbError> {
     let org = cast.you.organization_id;
     let plan: [(&str, &str, u32, Uuid, Option<Uuid>); 5] = [
         ("api-gateway", "traefik:v3.1", 0, cast.you.user_id, org),
@@ -124,16 +165,29 @@ async fn create_deployments(client: &Client, cast: &Cast) -> Result<Vec<Slot>, D
         ("other-org-db", "postgres:16", 0, cast.stranger, Some(cast.stranger_org)),
     ];
     let mut slots = Vec::with_capacity(plan.len());
+    let mut resumed = true;
     for (name, image, fail_every, owner, organization) in plan {
-        let row = client
-            .query_one(
-                "INSERT INTO deployments (user_id, organization_id, name) VALUES ($1, $2, $3) RETURNING id",
-                &[&owner, &organization, &name],
+        let existing = client
+            .query_opt(
+                "SELECT id FROM deployments WHERE user_id = $1 AND name = $2 ORDER BY created_at LIMIT 1",
+                &[&owner, &name],
             )
             .await?;
+        let row = match existing {
+            Some(row) => row,
+            None => {
+                resumed = false;
+                client
+                    .query_one(
+                        "INSERT INTO deployments (user_id, organization_id, name) VALUES ($1, $2, $3) RETURNING id",
+                        &[&owner, &organization, &name],
+                    )
+                    .await?
+            }
+        };
         slots.push(Slot { id: row.get(0), name, image, fail_every });
     }
-    Ok(slots)
+    Ok((slots, resumed))
 }
 
 fn print_banner(
@@ -142,7 +196,8 @@ fn print_banner(
     database: &tokio_postgres::Config,
     cast: &Cast,
     slots: &[Slot],
-    random_secret: bool,
+    secret_kept: bool,
+    resumed: bool,
 ) {
     let shown = if address.ip().is_unspecified() {
         SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), address.port())
@@ -156,7 +211,11 @@ fn print_banner(
     let psql = psql_command(database);
     let first = slots.first().map(|slot| slot.id).unwrap_or_default();
     println!();
-    println!("windflow-notify demo: simulated deployments are now writing rows to PostgreSQL.");
+    if resumed {
+        println!("windflow-notify demo: carrying on with this database's demo (same user, same deployments).");
+    } else {
+        println!("windflow-notify demo: simulated deployments are now writing rows to PostgreSQL.");
+    }
     println!();
     println!("  Dashboard (open in a browser):");
     println!("    http://{shown}/?token={token}");
@@ -179,9 +238,9 @@ fn print_banner(
         cast.you.user_id,
         cast.you.organization_id.unwrap_or_default()
     );
-    if random_secret {
+    if secret_kept {
         println!(
-            "  The token is signed with a random secret: set JWT_SECRET_KEY to keep tokens valid across restarts."
+            "  JWT_SECRET_KEY is unset: the token is signed with a secret the demo generated and keeps in the table windflow_demo of this database, so it stays valid when the demo restarts."
         );
     }
     println!("  Ctrl-C stops everything.");
@@ -207,14 +266,14 @@ fn psql_command(database: &tokio_postgres::Config) -> String {
 
 /// Drive every slot until shutdown; after a lost connection, reconnect
 /// and start the lives over.
-async fn simulate(database: &tokio_postgres::Config, slots: &[Slot], shutdown: &CancellationToken) {
+async fn simulate(database: &tokio_postgres::Config, slots: &[Slot], first_life: u32, shutdown: &CancellationToken) {
     while !shutdown.is_cancelled() {
         let outcome: Result<(), String> = async {
             let (client, connection) = database.connect(NoTls).await.map_err(|e| e.to_string())?;
             // The connection is driven here rather than spawned, so it ends with the simulator.
             tokio::select! {
                 ended = connection => Err(ended.err().map_or("the server closed the connection".into(), |e| e.to_string())),
-                result = run_slots(&client, slots, shutdown) => result.map_err(|e| e.to_string()),
+                result = run_slots(&client, slots, first_life, shutdown) => result.map_err(|e| e.to_string()),
             }
         }
         .await;
@@ -227,13 +286,20 @@ async fn simulate(database: &tokio_postgres::Config, slots: &[Slot], shutdown: &
     }
 }
 
-async fn run_slots(client: &Client, slots: &[Slot], shutdown: &CancellationToken) -> Result<(), DbError> {
+/// Drive each slot's lives from `first_life` (1 after a restart: the
+/// deployments start over from pending, wherever the last run left them).
+async fn run_slots(
+    client: &Client,
+    slots: &[Slot],
+    first_life: u32,
+    shutdown: &CancellationToken,
+) -> Result<(), DbError> {
     let lives = slots.iter().enumerate().map(|(index, slot)| async move {
         // Staggered, so the deployments are not all at the same step.
         if !pause(Duration::from_millis(1500 * index as u64), shutdown).await {
             return Ok::<(), DbError>(());
         }
-        let mut life = 0u32;
+        let mut life = first_life;
         while live(client, slot, life, shutdown).await? {
             life += 1;
         }

@@ -86,6 +86,20 @@ impl Topic {
         })
     }
 
+    /// Every form of a topic name, for the errors that refuse one:
+    /// `deployment_events, deployment_logs_<deployment UUID> or …`.
+    pub fn forms() -> String {
+        let mut forms = vec!["deployment_events".to_string()];
+        forms.extend(
+            EventKind::ALL
+                .into_iter()
+                .filter_map(EventKind::topic_prefix)
+                .map(|prefix| format!("{prefix}<deployment UUID>")),
+        );
+        let last = forms.pop().unwrap_or_default();
+        if forms.is_empty() { last } else { format!("{} or {last}", forms.join(", ")) }
+    }
+
     /// The per-deployment topic an event of `kind` belongs to, if its type has one.
     pub fn of_event(kind: EventKind, deployment: Uuid) -> Option<Topic> {
         kind.topic_prefix().map(|_| Topic::Deployment { kind, deployment })

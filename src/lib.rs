@@ -49,6 +49,7 @@
 
 pub mod auth;
 pub mod backoff;
+pub mod check;
 pub mod config;
 pub mod db;
 pub mod demo;

@@ -8,19 +8,23 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use windflow_notify::auth::{self, TokenRequest, Verifier, Viewer};
-use windflow_notify::config::{DatabaseArgs, JwtArgs, ServerArgs, defaults};
+use windflow_notify::config::{self, DatabaseArgs, JwtArgs, ServerArgs, defaults, parse_uuid};
 use windflow_notify::db;
 
 #[derive(Parser)]
 #[command(
     name = "windflow-notify",
     version,
-    about = "Real-time WindFlow deployment events: PostgreSQL in, WebSocket out"
+    about = "Real-time WindFlow deployment events: PostgreSQL in, WebSocket out",
+    // Our own `help`, which takes `--help` like every other command.
+    disable_help_subcommand = true
 )]
 struct Cli {
-    /// Log filter (tracing's EnvFilter syntax). The default keeps PostgreSQL NOTICEs (relayed by
-    /// tokio-postgres at info, e.g. "relation already exists, skipping" at every start) and
-    /// refinery's own account of each migration run out of the log: we log each migration applied.
+    // The default leaves out the NOTICEs tokio-postgres relays at info
+    // ("relation already exists, skipping" at every start) and refinery's
+    // own account of each migration run: we log each migration applied.
+    // One line: every command's --help repeats a global option's help.
+    /// Log filter (tracing's EnvFilter syntax: `debug`, `info,windflow_notify=debug`).
     #[arg(
         long,
         env = "RUST_LOG",
@@ -63,6 +67,13 @@ enum Command {
     Tail(windflow_notify::tail::TailArgs),
     /// Create the database if missing, serve, and simulate deployments: a first look.
     Demo(ServeArgs),
+    /// Check that this database and this machine are ready for `serve`: one line per check, exit 1 on a problem.
+    Check(windflow_notify::check::CheckArgs),
+    /// Print this list of commands, or one command's help (`help serve`).
+    Help {
+        /// The command to explain.
+        command: Option<String>,
+    },
 }
 
 /// What `serve` and `demo` both take.
@@ -79,13 +90,13 @@ struct ServeArgs {
 #[derive(clap::Args)]
 struct TokenArgs {
     /// The user's UUID (the `sub` claim).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_uuid)]
     sub: Uuid,
     /// Sets `is_superuser: true`.
     #[arg(long)]
     superuser: bool,
-    /// The `organization_id` claim.
-    #[arg(long)]
+    /// The `organization_id` claim (a UUID).
+    #[arg(long, value_parser = parse_uuid)]
     org: Option<Uuid>,
     /// Lifetime in seconds.
     #[arg(long, default_value_t = 3600)]
@@ -135,14 +146,25 @@ fn main() -> ExitCode {
             let _ = e.print();
             return ExitCode::SUCCESS;
         }
+        Err(e)
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+                    | clap::error::ErrorKind::MissingSubcommand
+            ) =>
+        {
+            // `windflow-notify` alone (or with only RUST_LOG or a global
+            // flag): the list of commands.
+            use clap::CommandFactory;
+            eprint!("{}", Cli::command().render_help());
+            return ExitCode::from(2);
+        }
         Err(e) => {
-            // One line that names the setting, not a page of usage.
-            let rendered = e.to_string();
-            let line = rendered.lines().find(|l| !l.trim().is_empty()).unwrap_or("invalid arguments");
-            eprintln!("{line}");
+            eprintln!("{}", one_line(&e));
             return ExitCode::from(2);
         }
     };
+
     let filter = match tracing_subscriber::EnvFilter::try_new(&cli.rust_log) {
         Ok(filter) => filter,
         Err(e) => {
@@ -159,12 +181,56 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli.command)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// A command-line error as one line that names the setting: clap's first
+/// paragraph (which may span lines: the missing arguments are listed below
+/// its heading) and where to read more, not a page of usage.
+fn one_line(error: &clap::Error) -> String {
+    let rendered = error.to_string();
+    let paragraph: Vec<&str> = rendered
+        .lines()
+        .map(str::trim)
+        .skip_while(|line| line.is_empty())
+        .take_while(|line| !line.is_empty() && !line.starts_with("Usage:"))
+        .collect();
+    // "Usage: windflow-notify token --sub <SUB> [OPTIONS]": the command is
+    // the words before the first argument.
+    let command = rendered
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("Usage: "))
+        .map(|usage| {
+            usage.split_whitespace().take_while(|word| !word.starts_with(['-', '[', '<'])).collect::<Vec<_>>().join(" ")
+        })
+        .filter(|command| !command.is_empty())
+        .unwrap_or_else(|| "windflow-notify".into());
+    let said = if paragraph.is_empty() { "error: invalid arguments".into() } else { paragraph.join(" ") };
+    format!("{said}; see `{command} --help`")
+}
+
+/// `windflow-notify help [COMMAND]`: the help of the program or of one command.
+fn help(command: Option<&str>) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    let mut cli = Cli::command();
+    // Built, so that a command's usage line starts with the program's name.
+    cli.build();
+    match command {
+        None => cli.print_help()?,
+        Some(name) => match cli.find_subcommand_mut(name) {
+            Some(subcommand) => subcommand.print_help()?,
+            None => {
+                let names: Vec<&str> = cli.get_subcommands().map(|c| c.get_name()).collect();
+                anyhow::bail!("there is no command '{name}'; the commands are {}", names.join(", "))
+            }
+        },
+    }
+    Ok(())
 }
 
 /// Logs go to stderr. Colour only when a person reads them: escape codes
@@ -180,23 +246,21 @@ fn init_logging(filter: tracing_subscriber::EnvFilter, format: LogFormat) {
     }
 }
 
-async fn run(command: Command) -> anyhow::Result<()> {
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve(ServeArgs { database, jwt, server }) => {
             let database = db::parse_url(&database.database_url)?;
             let verifier = Verifier::from_args(&jwt)?;
-            let listener = tokio::net::TcpListener::bind(server.bind)
-                .await
-                .with_context(|| format!("WINDFLOW_BIND: cannot listen on {}", server.bind))?;
+            let listener = config::listen(server.bind).await?;
             let shutdown = CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));
             windflow_notify::serve(listener, &database, server, verifier, shutdown).await?;
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Migrate { database } => {
             db::migrate(&db::parse_url(&database.database_url)?).await?;
             tracing::info!("migrations applied");
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Token(args) => {
             let private_key = match &args.private_key_file {
@@ -219,21 +283,26 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 private_key.as_deref(),
             )?;
             println!("{token}");
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Tail(args) => {
             let shutdown = CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));
             windflow_notify::tail::run(args, shutdown).await?;
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Demo(ServeArgs { database, jwt, server }) => {
             let database = db::parse_url(&database.database_url)?;
             let shutdown = CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));
             windflow_notify::demo::run(database, jwt, server, shutdown).await?;
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
+        // The findings are the output; a problem is exit status 1, not an error line.
+        Command::Check(args) => {
+            Ok(if windflow_notify::check::run(&args).await { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Help { command } => help(command.as_deref()).map(|()| ExitCode::SUCCESS),
     }
 }
 

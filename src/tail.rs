@@ -8,16 +8,23 @@
 //! nothing is lost or printed twice across a server restart. Permanent ones
 //! (a URL that is not the WebSocket endpoint, a refused token or topic)
 //! end `tail` with one line saying what to fix: retrying cannot help.
+//!
+//! A URL where nothing has answered yet is retried for `--wait` only: it
+//! may be a server still starting, or no server at all (a typo, a server
+//! never started). A port that answers with something other than HTTP is
+//! not windflow-notify and ends `tail` at once. Once a server has answered,
+//! losing it is a restart, retried for as long as it takes.
 
 use std::collections::{HashSet, VecDeque};
 use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::handshake::client::Request;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -26,12 +33,15 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::backoff::Backoff;
-use crate::config::defaults;
+use crate::config::{defaults, parse_bind, parse_duration};
 use crate::event::{EventKind, Topic};
 use crate::ws::protocol::{ClientMessage, ErrorCode, ServerMessage};
 
 /// Reconnect delays: up to 250 ms first, doubling to 10 s.
 const RECONNECT_BACKOFF: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
+/// How long a server that accepted the connection may take to answer the
+/// upgrade before the attempt counts as failed (a port that never answers).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How many recent event ids are remembered to drop duplicates.
 const SEEN_CAPACITY: usize = 10_000;
 
@@ -49,11 +59,14 @@ pub struct TailArgs {
     #[arg(long)]
     pub url: Option<String>,
     /// The address `serve` listens on; makes the default --url.
-    #[arg(long, env = "WINDFLOW_BIND", value_name = "WINDFLOW_BIND")]
+    #[arg(long, env = "WINDFLOW_BIND", value_name = "WINDFLOW_BIND", value_parser = parse_bind)]
     pub bind: Option<SocketAddr>,
     /// The JWT to authenticate with (see the `token` command).
     #[arg(long, env = "WINDFLOW_TOKEN", value_name = "WINDFLOW_TOKEN", hide_env_values = true)]
     pub token: String,
+    /// How long to keep trying a URL where no server has answered yet (a server once reached is retried for ever).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub wait: Duration,
 }
 
 impl TailArgs {
@@ -85,10 +98,16 @@ pub fn url_for_bind(bind: SocketAddr) -> String {
 pub enum TailError {
     #[error("--url {url}: {problem}; expected ws://HOST:PORT/ws")]
     Url { url: String, problem: String },
-    #[error(
-        "--topic {topic}: not a topic; expected deployment_events, deployment_logs_UUID or deployment_progress_UUID"
-    )]
+    #[error("--topic {topic}: not a topic; expected {}", Topic::forms())]
     Topic { topic: String },
+    #[error(
+        "{url}: {problem}: is that windflow-notify's port? `serve` logs its address at start (WINDFLOW_BIND); pass it with --url or WINDFLOW_BIND"
+    )]
+    NotHttp { url: String, problem: String },
+    #[error(
+        "{url}: nothing answered for {waited} ({reason}): is windflow-notify serve running, at this address? Start it, or pass its address with --url or WINDFLOW_BIND; --wait sets how long to wait for it"
+    )]
+    NoServer { url: String, waited: String, reason: String },
     #[error(
         "--url {url}: the server answered HTTP {status} instead of a WebSocket upgrade; is the path right? The endpoint is {suggestion}"
     )]
@@ -199,25 +218,36 @@ pub async fn run(args: TailArgs, shutdown: CancellationToken) -> Result<(), Tail
     info!(%url, from = source, "connecting");
     let mut resume = Resume::new(&topics, args.since);
     let mut backoff = RECONNECT_BACKOFF;
+    let started = Instant::now();
+    // Whether a server ever answered at this URL: until one has, failures
+    // count against --wait, and a port that is not HTTP ends tail.
+    let mut answered = false;
     loop {
+        let attempt = tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio_tungstenite::connect_async(request.clone()));
         let connected = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            connected = tokio_tungstenite::connect_async(request.clone()) => connected,
+            connected = attempt => connected,
         };
+        if let Ok(Err(tungstenite::Error::Http(_))) = &connected {
+            // A server answered (503 when full): it is there, just busy.
+            answered = true;
+        }
+        let patience = Patience { answered, since: started, wait: args.wait };
         let delay = match connected {
-            Ok((socket, _)) => match session(socket, &url, &topics, &mut resume, &mut backoff, &shutdown).await? {
-                Ended::Stop => return Ok(()),
-                Ended::Lost(reason) => {
-                    let delay = backoff.next_delay();
-                    warn!(%url, %reason, retry_in = ?delay, "disconnected; will reconnect and resume");
-                    delay
+            Ok(Ok((socket, _))) => {
+                answered = true;
+                match session(socket, &url, &topics, &mut resume, &mut backoff, &shutdown).await? {
+                    Ended::Stop => return Ok(()),
+                    Ended::Lost(reason) => {
+                        let delay = backoff.next_delay();
+                        warn!(%url, %reason, retry_in = ?delay, "disconnected; will reconnect and resume");
+                        delay
+                    }
                 }
-            },
-            Err(e) => {
-                let reason = transient_or_fail(e, &url, &request)?;
-                let delay = backoff.next_delay();
-                warn!(%url, %reason, retry_in = ?delay, "cannot connect; will retry");
-                delay
+            }
+            Ok(Err(e)) => patience.retry(transient_or_fail(e, &url, &request, answered)?, &url, &mut backoff)?,
+            Err(_) => {
+                patience.retry(format!("no answer to the upgrade within {HANDSHAKE_TIMEOUT:?}"), &url, &mut backoff)?
             }
         };
         tokio::select! {
@@ -227,9 +257,45 @@ pub async fn run(args: TailArgs, shutdown: CancellationToken) -> Result<(), Tail
     }
 }
 
+/// How long a failed attempt may be retried.
+struct Patience {
+    /// A server answered at this URL before: retry for ever.
+    answered: bool,
+    since: Instant,
+    /// Until one has, give up this long after `since` (`--wait`).
+    wait: Duration,
+}
+
+impl Patience {
+    /// The delay before the next attempt after `failure`, or the error to stop with.
+    fn retry(&self, failure: String, url: &str, backoff: &mut Backoff) -> Result<Duration, TailError> {
+        if self.answered {
+            let delay = backoff.next_delay();
+            warn!(%url, reason = %failure, retry_in = ?delay, "cannot connect; will retry");
+            return Ok(delay);
+        }
+        let left = self.wait.saturating_sub(self.since.elapsed());
+        if left.is_zero() {
+            let waited = humantime::format_duration(self.wait).to_string();
+            return Err(TailError::NoServer { url: url.into(), waited, reason: failure });
+        }
+        let delay = backoff.next_delay().min(left);
+        warn!(%url, reason = %failure, retry_in = ?delay, hint = "is windflow-notify serve running at this URL?",
+            "cannot connect; will retry");
+        Ok(delay)
+    }
+}
+
 /// A failed connection attempt: the reason when retrying may help (the
 /// server is down, restarting or full), else the error to stop with.
-fn transient_or_fail(error: tungstenite::Error, url: &str, request: &Request) -> Result<String, TailError> {
+/// `answered`: a server answered at this URL before.
+fn transient_or_fail(
+    error: tungstenite::Error,
+    url: &str,
+    request: &Request,
+    answered: bool,
+) -> Result<String, TailError> {
+    let not_http = |problem: String| TailError::NotHttp { url: url.into(), problem };
     match error {
         tungstenite::Error::Http(response) => {
             let status = response.status();
@@ -254,6 +320,14 @@ fn transient_or_fail(error: tungstenite::Error, url: &str, request: &Request) ->
         }
         tungstenite::Error::Url(e) => Err(TailError::Url { url: url.into(), problem: e.to_string() }),
         tungstenite::Error::HttpFormat(e) => Err(TailError::Url { url: url.into(), problem: e.to_string() }),
+        tungstenite::Error::Protocol(ProtocolError::HttparseError(e)) => {
+            Err(not_http(format!("the server there does not speak HTTP ({e})")))
+        }
+        // Accepted, then closed without a word (PostgreSQL's port does this
+        // with an HTTP request). A server once reached may just be stopping.
+        tungstenite::Error::Protocol(ProtocolError::HandshakeIncomplete) if !answered => {
+            Err(not_http("the server there closed the connection without an HTTP answer".into()))
+        }
         // Refused, reset, timed out, a handshake cut short: the server is
         // down or restarting.
         other => Ok(other.to_string()),
@@ -442,6 +516,7 @@ mod tests {
             url: url.map(str::to_string),
             bind: bind.map(|b| b.parse().unwrap_or_else(|e| panic!("{b}: {e}"))),
             token: "t".into(),
+            wait: Duration::from_secs(30),
         };
         assert_eq!(args(None, None).target().0, "ws://127.0.0.1:8000/ws");
         assert_eq!(args(None, Some("127.0.0.1:18600")).target(), ("ws://127.0.0.1:18600/ws".into(), "WINDFLOW_BIND"));

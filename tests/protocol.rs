@@ -85,6 +85,11 @@ async fn invalid_topics_get_invalid_topic_naming_it() {
         client.send(json!({"type": "subscribe", "topic": topic})).await;
         let error = expect_error(&mut client, "invalid_topic").await;
         assert_eq!(error["data"]["topic"], topic);
+        let message = error["data"]["message"].as_str().unwrap_or_default();
+        for form in ["deployment_events", "deployment_logs_<deployment UUID>", "deployment_progress_<deployment UUID>"]
+        {
+            assert!(message.contains(form), "the valid forms are listed: {message}");
+        }
     }
 }
 
@@ -235,4 +240,24 @@ async fn unknown_paths_get_404_and_plain_get_on_ws_gets_426() {
     let app = spawn_app().await;
     assert_eq!(app.server.get("/nope").await.0, 404);
     assert_eq!(app.server.get("/ws").await.0, 426);
+}
+
+/// docs/protocol.md: `subscribed.event_id` is `since` itself, unless no
+/// event ever had that id; then it is the newest event, with `resync`.
+#[tokio::test]
+async fn a_since_past_the_newest_event_gets_the_newest_as_cursor_and_resync() {
+    let app = spawn_app().await;
+    let mut watcher = app.server.connect_as(superuser()).await;
+    watcher.subscribe("deployment_events").await;
+    app.writer.create_deployment(user().user_id, None).await;
+    let (_, newest, _) = watcher.recv_event().await;
+
+    let mut client = app.server.connect_as(superuser()).await;
+    client.send(json!({"type": "subscribe", "topic": "deployment_events", "since": newest})).await;
+    assert_eq!(client.recv_type("subscribed").await["data"]["event_id"], newest, "an existing since is the cursor");
+
+    let mut client = app.server.connect_as(superuser()).await;
+    client.send(json!({"type": "subscribe", "topic": "deployment_events", "since": newest + 1000})).await;
+    assert_eq!(client.recv_type("subscribed").await["data"]["event_id"], newest, "the newest, not the since");
+    assert_eq!(client.recv_type("resync").await["data"]["topic"], "deployment_events");
 }

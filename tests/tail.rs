@@ -302,3 +302,49 @@ async fn tail_retries_a_full_server_and_gets_in_once_a_slot_frees() {
     drop(occupant);
     assert_eq!(tail.next_of("authenticated").await["data"]["user_id"], owner.user_id.to_string());
 }
+
+/// A port that answers whatever it is sent with `answer` and closes: not
+/// a windflow-notify server. Returns its address; it lives as long as the test.
+async fn not_http(answer: &'static [u8]) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut request = [0u8; 1024];
+            let _ = stream.read(&mut request).await;
+            let _ = stream.write_all(answer).await;
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn tail_at_a_port_that_does_not_speak_http_says_so_instead_of_retrying() {
+    let addr = not_http(b"SSH-2.0-OpenSSH_9.2\r\n").await;
+    let tail = Tail::start(addr, "t", &["--topic", "deployment_events"]);
+    assert_gives_up(tail, &[&format!("ws://{addr}/ws"), "does not speak HTTP", "WINDFLOW_BIND"]).await;
+}
+
+#[tokio::test]
+async fn tail_at_a_port_that_closes_without_an_answer_says_so_instead_of_retrying() {
+    // What PostgreSQL's port does with an HTTP request.
+    let addr = not_http(b"").await;
+    let tail = Tail::start(addr, "t", &["--topic", "deployment_events"]);
+    assert_gives_up(tail, &[&format!("ws://{addr}/ws"), "without an HTTP answer"]).await;
+}
+
+#[tokio::test]
+async fn tail_at_a_stopped_server_asks_whether_it_runs_there_then_gives_up() {
+    let addr = TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr");
+    let mut tail = Tail::start(addr, "t", &["--topic", "deployment_events", "--wait", "1s"]);
+    let retry = tail.stderr_line("cannot connect; will retry").await;
+    assert!(retry.contains("is windflow-notify serve running at this URL?"), "the first retry asks: {retry}");
+    let (code, stderr) = tail.exit().await;
+    assert_eq!(code, Some(1), "{stderr:?}");
+    let last = stderr.last().map(String::as_str).unwrap_or_default();
+    let url = format!("ws://{addr}/ws");
+    for needle in [url.as_str(), "nothing answered for 1s", "--url", "--wait"] {
+        assert!(last.contains(needle), "{needle:?} in {last}");
+    }
+}

@@ -156,13 +156,18 @@ pub async fn migrate(config: &tokio_postgres::Config) -> Result<(), DbError> {
     let mut client = connect(config).await?;
     refuse_standby(&client).await?;
     client.execute("SELECT pg_advisory_lock(7262018450731)", &[]).await?;
-    let report = embedded::migrations::runner().run_async(&mut client).await;
+    let report = migrations().run_async(&mut client).await;
     client.execute("SELECT pg_advisory_unlock(7262018450731)", &[]).await?;
     let report = report?;
     for migration in report.applied_migrations() {
         info!(migration = %migration, "migration applied");
     }
     Ok(())
+}
+
+/// The migrations embedded in this binary (`sql/`).
+pub fn migrations() -> refinery::Runner {
+    embedded::migrations::runner()
 }
 
 pub async fn refuse_standby(client: &Client) -> Result<(), DbError> {

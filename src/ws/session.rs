@@ -631,7 +631,8 @@ impl Session {
             return self.error(ErrorCode::Unauthorized, "authenticate first", Some(name)).await;
         };
         let Some(topic) = Topic::parse(name) else {
-            return self.error(ErrorCode::InvalidTopic, "unknown topic", Some(name)).await;
+            let message = format!("unknown topic; expected {}", Topic::forms());
+            return self.error(ErrorCode::InvalidTopic, &message, Some(name)).await;
         };
         let topic_name = topic.to_string();
         if !self.topics.contains(&topic) && self.topics.len() >= MAX_SUBSCRIPTIONS {
@@ -667,7 +668,8 @@ impl Session {
             return self.error(ErrorCode::Unauthorized, "authenticate first", Some(name)).await;
         }
         let Some(topic) = Topic::parse(name) else {
-            return self.error(ErrorCode::InvalidTopic, "unknown topic", Some(name)).await;
+            let message = format!("unknown topic; expected {}", Topic::forms());
+            return self.error(ErrorCode::InvalidTopic, &message, Some(name)).await;
         };
         self.topics.remove(&topic);
         self.replayed.retain(|r| r.topic != topic);

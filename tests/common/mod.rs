@@ -78,6 +78,21 @@ impl Deref for TestDatabase {
     }
 }
 
+/// `windflow-notify ARGS` with only `env` (and `RUST_LOG=error`, so only
+/// what the command itself says is seen), not yet run.
+pub fn windflow_command(args: &[&str], env: &[(&str, &str)]) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_windflow-notify"));
+    command.args(args).env_clear().env("RUST_LOG", "error").envs(env.iter().copied());
+    command
+}
+
+/// Run `command` to its end; returns (exit code, stdout, stderr).
+pub fn output_of(mut command: std::process::Command) -> (i32, String, String) {
+    let output = command.output().expect("run the command");
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    (output.status.code().unwrap_or(-1), text(&output.stdout), text(&output.stderr))
+}
+
 pub fn jwt_args() -> JwtArgs {
     JwtArgs {
         jwt_algorithm: jsonwebtoken::Algorithm::HS256,
@@ -303,8 +318,17 @@ pub struct Role {
 
 impl Role {
     pub async fn create() -> Role {
+        Role::create_with("").await
+    }
+
+    /// A role with these attributes besides LOGIN (`SUPERUSER`, ...).
+    pub async fn create_with(attributes: &str) -> Role {
         let name = format!("wf_role_{}", Uuid::new_v4().simple());
-        admin_client().await.batch_execute(&format!("CREATE ROLE {name} LOGIN")).await.expect("create role");
+        admin_client()
+            .await
+            .batch_execute(&format!("CREATE ROLE {name} LOGIN {attributes}"))
+            .await
+            .expect("create role");
         Role { name, granted_in: None }
     }
 
