@@ -485,9 +485,14 @@ impl Reader<'_> {
             }
         };
         if holders.is_empty() {
-            debug!(from = gap.from, to = gap.to, "ids that will never commit; reading past them");
-            position.through = Some(gap.to - 1);
-            self.feed.hand_over(Arrival::Through(gap.to - 1)).await?;
+            // Every id of the gap is now committed or never will be.
+            let missing = self.settle(&gap, position).await?;
+            debug!(
+                from = gap.from,
+                to = gap.to,
+                missing = missing.len(),
+                "ids that will never commit; reading past them"
+            );
             return Ok(None);
         }
         if age > GAP_LIMIT {
@@ -498,17 +503,35 @@ impl Reader<'_> {
                 "a transaction took event ids before committing (SET CONSTRAINTS ... IMMEDIATE?) and stays open; \
                  delivering past its ids, and its events late if it commits"
             );
-            position.skipped.extend(gap.from..gap.to);
+            let missing = self.settle(&gap, position).await?;
+            position.skipped.extend(missing);
             while position.skipped.len() > MAX_SKIPPED {
                 position.skipped.pop_front();
             }
-            position.through = Some(gap.to - 1);
-            self.feed.hand_over(Arrival::Through(gap.to - 1)).await?;
             return Ok(None);
         }
         gap.holders = Some(holders);
         position.gap = Some(gap);
         Ok(Some(GAP_CHECK_EVERY))
+    }
+
+    /// Hand over, in order, the events of the gap's ids visible now, and
+    /// move past the gap; returns the ids still missing.
+    async fn settle(&self, gap: &Gap, position: &mut Position) -> Result<Vec<i64>, FeedError> {
+        let (after, upto, rows) = (gap.from - 1, gap.to - 1, gap.to - gap.from);
+        let found = self.query(self.client.query(events::READ_AFTER, &[&after, &upto, &rows])).await?;
+        let mut missing = Vec::new();
+        let mut next = gap.from;
+        for row in &found {
+            let id: i64 = row.get(0);
+            missing.extend(next..id);
+            self.hand_over_row(position, row).await?;
+            next = id + 1;
+        }
+        missing.extend(next..gap.to);
+        position.through = Some(upto);
+        self.feed.hand_over(Arrival::Through(upto)).await?;
+        Ok(missing)
     }
 
     /// Events of ids given up on that committed after all.
