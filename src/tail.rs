@@ -37,8 +37,8 @@ const SEEN_CAPACITY: usize = 10_000;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct TailArgs {
-    /// Topic to subscribe to (`deployment_events`, `deployment_logs_{id}`,
-    /// `deployment_progress_{id}`); repeat for several.
+    /// Topic to subscribe to (`deployment_events`, `deployment_status_{id}`,
+    /// `deployment_logs_{id}`, `deployment_progress_{id}`); repeat for several.
     #[arg(long = "topic", value_name = "TOPIC", required = true)]
     pub topics: Vec<String>,
     /// Replay every event committed after this event id first (0: all the
@@ -86,7 +86,7 @@ pub enum TailError {
     #[error("--url {url}: {problem}; expected ws://HOST:PORT/ws")]
     Url { url: String, problem: String },
     #[error(
-        "--topic {topic}: not a topic; expected deployment_events, deployment_logs_UUID or deployment_progress_UUID"
+        "--topic {topic}: not a topic; expected deployment_events, deployment_status_UUID, deployment_logs_UUID or deployment_progress_UUID"
     )]
     Topic { topic: String },
     #[error(
