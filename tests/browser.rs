@@ -1,6 +1,8 @@
 //! The Node side of the test suite, run against this build's binary: the
-//! Vue composable's tests and the dashboard in headless Chromium
-//! (`clients/tests/`). Needs `npm ci --prefix clients` (`.ci/run` does it).
+//! browser client's and the Vue composable's tests, the fixture app (type
+//! check, builds, Chromium) and the dashboard in headless Chromium
+//! (`clients/tests/`). Needs `npm ci --prefix clients` and
+//! `npm ci --prefix clients/fixture-app` (`.ci/run` does both).
 
 use std::io::Write;
 use std::path::Path;
@@ -9,6 +11,16 @@ use std::process::Command;
 /// Printed past the test harness's capture, so a skip is never silent.
 fn say(line: &str) {
     let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// The npm package ships its own copy of the browser client served at
+/// `/client.js` (an app installs the package without the rest of the
+/// repository); checked here too, so a drift fails without Node.
+#[test]
+fn the_npm_package_ships_the_client_the_server_serves() {
+    let shipped = [include_str!("../clients/lib/client.js"), include_str!("../clients/lib/client.d.ts")];
+    let served = [include_str!("../assets/client.js"), include_str!("../assets/client.d.ts")];
+    assert!(shipped == served, "clients/lib/ is stale: run `npm run build --prefix clients` and commit clients/lib/");
 }
 
 #[test]
