@@ -222,7 +222,9 @@ fn push_compact(out: &mut String, json: &str) {
 mod tests {
     use super::*;
 
-    /// Every `windflow_emit('NAME', …)` in the migrations, in order of appearance.
+    /// Every `windflow_emit('NAME', …)` or `windflow_record('NAME', …)` in
+    /// the migrations (the function that writes an event, before and after
+    /// V8), in order of appearance.
     fn emitted_by_triggers() -> Vec<String> {
         let mut names = Vec::new();
         let mut files: Vec<_> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/sql"))
@@ -232,10 +234,12 @@ mod tests {
         files.sort();
         for file in files {
             let sql = std::fs::read_to_string(file).unwrap();
-            for call in sql.split("windflow_emit('").skip(1) {
-                let name = &call[..call.find('\'').unwrap()];
-                if !names.iter().any(|n| n == name) {
-                    names.push(name.to_string());
+            for function in ["windflow_emit('", "windflow_record('"] {
+                for call in sql.split(function).skip(1) {
+                    let name = &call[..call.find('\'').unwrap()];
+                    if !names.iter().any(|n| n == name) {
+                        names.push(name.to_string());
+                    }
                 }
             }
         }

@@ -1,5 +1,5 @@
-//! Recent events in commit order, for `since` resumes, and the marker
-//! snapshots that tie them to the event log.
+//! Recent events in the order they were fed (the log's id order), for
+//! `since` resumes.
 //!
 //! The history is bounded in events (`WINDFLOW_HISTORY_SIZE`) and in bytes
 //! of messages (`WINDFLOW_HISTORY_BYTES`): the oldest events leave first, so
@@ -9,7 +9,7 @@
 //! `since` costs work in proportion to what it replays, not to the
 //! history's size.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use uuid::Uuid;
@@ -27,6 +27,11 @@ pub struct History {
     by_deployment: HashMap<Uuid, VecDeque<u64>>,
     by_owner: HashMap<Uuid, VecDeque<u64>>,
     by_organization: HashMap<Uuid, VecDeque<u64>>,
+    /// Ids fed after a larger one (an event the feed delivered late): the
+    /// only ids of the history below its first event's.
+    late: BTreeSet<i64>,
+    /// The largest id fed so far.
+    largest: i64,
 }
 
 impl History {
@@ -41,6 +46,8 @@ impl History {
             by_deployment: HashMap::new(),
             by_owner: HashMap::new(),
             by_organization: HashMap::new(),
+            late: BTreeSet::new(),
+            largest: 0,
         }
     }
 
@@ -70,18 +77,20 @@ impl History {
     }
 
     /// Append an event (its `seq` already set to [`History::next_seq`]),
-    /// evicting the oldest until it fits; returns the ids evicted. The
+    /// evicting the oldest until it fits. The
     /// newest event always stays, however large.
-    pub fn push(&mut self, event: Arc<Event>, evicted: &mut Vec<i64>) {
+    pub fn push(&mut self, event: Arc<Event>) {
         let size = event.frame.len();
         while !self.events.is_empty() && (self.events.len() >= self.capacity || self.bytes + size > self.max_bytes) {
-            if let Some(id) = self.evict_oldest() {
-                evicted.push(id);
-            }
+            self.evict_oldest();
         }
         let seq = self.next_seq();
         debug_assert_eq!(event.seq, seq);
         self.positions.insert(event.id, seq);
+        if event.id < self.largest {
+            self.late.insert(event.id);
+        }
+        self.largest = self.largest.max(event.id);
         self.by_deployment.entry(event.deployment_id).or_default().push_back(seq);
         self.by_owner.entry(event.owner).or_default().push_back(seq);
         if let Some(org) = event.organization_id {
@@ -91,18 +100,28 @@ impl History {
         self.events.push_back(event);
     }
 
-    fn evict_oldest(&mut self) -> Option<i64> {
-        let oldest = self.events.pop_front()?;
+    fn evict_oldest(&mut self) {
+        let Some(oldest) = self.events.pop_front() else { return };
         let seq = self.first_seq;
         self.first_seq += 1;
         self.bytes -= oldest.frame.len();
         self.positions.remove(&oldest.id);
+        self.late.remove(&oldest.id);
         pop_index(&mut self.by_deployment, oldest.deployment_id, seq);
         pop_index(&mut self.by_owner, oldest.owner, seq);
         if let Some(org) = oldest.organization_id {
             pop_index(&mut self.by_organization, org, seq);
         }
-        Some(oldest.id)
+    }
+
+    /// The id of the oldest event.
+    pub fn first_id(&self) -> Option<i64> {
+        self.events.front().map(|e| e.id)
+    }
+
+    /// The ids below `id` that the history holds anyway, fed late.
+    pub fn late_below(&self, id: i64) -> Vec<i64> {
+        self.late.range(..id).copied().collect()
     }
 
     pub fn seq_of(&self, id: i64) -> Option<u64> {
@@ -165,38 +184,6 @@ fn index_from(index: &HashMap<Uuid, VecDeque<u64>>, key: Uuid, seq: u64) -> impl
     seqs.into_iter().flat_map(move |seqs| seqs.range(start..).copied())
 }
 
-/// A parsed `pg_snapshot` (`xmin:xmax:xip,...`): which transactions had
-/// finished when it was taken.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Snapshot {
-    xmin: u64,
-    xmax: u64,
-    in_progress: Vec<u64>,
-}
-
-impl Snapshot {
-    pub fn parse(text: &str) -> Option<Snapshot> {
-        let mut parts = text.trim().splitn(3, ':');
-        let xmin = parts.next()?.parse().ok()?;
-        let xmax = parts.next()?.parse().ok()?;
-        let in_progress = match parts.next()? {
-            "" => Vec::new(),
-            list => list.split(',').map(str::parse).collect::<Result<_, _>>().ok()?,
-        };
-        Some(Snapshot { xmin, xmax, in_progress })
-    }
-
-    /// The oldest transaction still running when it was taken.
-    pub fn xmin(&self) -> u64 {
-        self.xmin
-    }
-
-    /// Whether transaction `xid` had finished (committed, or rolled back).
-    pub fn finished(&self, xid: u64) -> bool {
-        xid < self.xmin || (xid < self.xmax && !self.in_progress.contains(&xid))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,15 +199,14 @@ mod tests {
     #[test]
     fn bounded_in_bytes_as_well_as_events_keeping_the_newest() {
         let mut history = History::new(100, 10_000);
-        let mut evicted = Vec::new();
         let (d, o) = (Uuid::new_v4(), Uuid::new_v4());
         for id in 1..=5 {
-            history.push(event(id, id as u64, d, o, None, 3_000), &mut evicted);
+            history.push(event(id, id as u64, d, o, None, 3_000));
         }
         assert_eq!(history.len(), 3);
         assert!(history.bytes() <= 10_000);
-        assert_eq!(evicted, vec![1, 2]);
-        history.push(event(6, 6, d, o, None, 50_000), &mut evicted);
+        assert_eq!(history.first_id(), Some(3), "1 and 2 left first");
+        history.push(event(6, 6, d, o, None, 50_000));
         assert_eq!(history.len(), 1, "an event larger than the bound still stays, alone");
         assert_eq!(history.last_id(), Some(6));
         assert_eq!(history.of_deployment(d, 0).collect::<Vec<_>>(), vec![6]);
@@ -230,10 +216,9 @@ mod tests {
     fn owner_and_organization_indexes_merge_in_commit_order_without_repeats() {
         let mut history = History::new(100, usize::MAX);
         let (me, org, other) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
-        let mut evicted = Vec::new();
         let rows = [(me, None), (other, Some(org)), (other, None), (me, Some(org)), (other, Some(org))];
         for (i, (owner, org)) in rows.into_iter().enumerate() {
-            history.push(event(i as i64 + 1, i as u64 + 1, Uuid::new_v4(), owner, org, 1), &mut evicted);
+            history.push(event(i as i64 + 1, i as u64 + 1, Uuid::new_v4(), owner, org, 1));
         }
         let seqs: Vec<u64> = history.of_owner_or_organization(me, Some(org), 2).collect();
         assert_eq!(seqs, vec![2, 4, 5]);
@@ -241,11 +226,17 @@ mod tests {
     }
 
     #[test]
-    fn snapshots_say_which_transactions_had_finished() {
-        let snapshot = Snapshot::parse("100:105:101,103").unwrap();
-        assert!(snapshot.finished(99) && snapshot.finished(102) && snapshot.finished(104));
-        assert!(!snapshot.finished(101) && !snapshot.finished(105) && !snapshot.finished(200));
-        assert_eq!(Snapshot::parse("7:7:"), Some(Snapshot { xmin: 7, xmax: 7, in_progress: vec![] }));
-        assert_eq!(Snapshot::parse("garbage"), None);
+    fn ids_fed_late_are_known_until_they_leave() {
+        let mut history = History::new(3, usize::MAX);
+        let (d, o) = (Uuid::new_v4(), Uuid::new_v4());
+        for (seq, id) in [(1, 10), (2, 12), (3, 11)] {
+            history.push(event(id, seq, d, o, None, 1));
+        }
+        assert_eq!(history.late_below(12), vec![11]);
+        assert_eq!(history.late_below(11), Vec::<i64>::new());
+        for (seq, id) in [(4, 13), (5, 14), (6, 15)] {
+            history.push(event(id, seq, d, o, None, 1));
+        }
+        assert_eq!(history.late_below(i64::MAX), Vec::<i64>::new(), "gone with its event");
     }
 }

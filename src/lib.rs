@@ -2,36 +2,38 @@
 //!
 //! # How an event travels
 //!
-//! 1. A writer changes `deployments` or `deployment_logs` (`sql/`). A
-//!    trigger records the event in `windflow_events` (`windflow_emit`)
-//!    and, in the default `notify` mode, NOTIFYs it at commit.
-//! 2. An event source hands the hub each committed event, in commit order,
-//!    as an [`event::Event`] whose wire message is serialized there, once:
-//!    [`db::listener`] (LISTEN) or, in `logical` mode ([`db::source`]),
-//!    [`db::replication`] (the event log's inserts in the WAL). After a
-//!    lost connection each reads what it missed from the event log.
+//! 1. A writer changes `deployments` or `deployment_logs` (`sql/`). At
+//!    commit, a deferred trigger records the event in `windflow_events`
+//!    (`windflow_record`), taking its id then, so ids follow commit order,
+//!    and NOTIFYs `windflow_events` unless another commit's wake-up covers it.
+//! 2. The feed ([`db::feed`]) reads the log in id order, each id only once
+//!    every smaller one has committed or never will, and hands the hub each
+//!    committed event as an [`event::Event`] whose wire message is
+//!    serialized there, once. After a lost connection it reads on from
+//!    where it was.
 //! 3. [`hub`] decides who receives it, by one rule
 //!    ([`hub`]'s `Conn::receives`): the owner's connections, and the
 //!    subscribers of the [`event::Topic`]s that carry it who may see it
-//!    ([`auth::Viewer::can_see`]). It keeps recent events in commit order
-//!    for `since` resumes ([`history`], bounded in events and bytes) and
-//!    places each resume in that order, or before it in the event log.
+//!    ([`auth::Viewer::can_see`]). It keeps recent events for `since`
+//!    resumes ([`history`], bounded in events and bytes); an older `since`
+//!    is replayed from the event log, which has the same order.
 //! 4. [`ws::session`] writes it to the client's socket; each client has its
 //!    own bounded queue, so a slow one never holds up the others. Replies
 //!    ([`ws::protocol`]) keep request order, and replays from the event
-//!    log are paged under server-wide limits ([`db::events::EventLog`]).
+//!    log are paged under server-wide limits that no user can take for
+//!    themselves ([`db::events::EventLog`]).
 //!
 //! # Adding an event type
 //!
-//! 1. A migration, `sql/V<next>__<what>.sql`, whose trigger function calls
-//!    `PERFORM windflow_emit('DEPLOYMENT_<WHAT>', <deployments row>,
-//!    json_build_object(...))`, from an AFTER ROW trigger of a write (so
-//!    the transaction has its xid before it takes an event id: the
-//!    catch-up after an outage relies on it, see [`db::catchup`]). Replacing an existing trigger function
-//!    (`CREATE OR REPLACE FUNCTION windflow_deployment_events()`) restates
-//!    the whole body and `SECURITY DEFINER SET search_path FROM CURRENT`:
-//!    `CREATE OR REPLACE` resets what it does not state, and without them
-//!    writers lose the right to emit. Rebuild: migrations are embedded.
+//! 1. A migration, `sql/V<next>__<what>.sql`, that restates the trigger
+//!    function that writes it (`sql/schema.sql` shows today's) with a
+//!    `PERFORM windflow_record('DEPLOYMENT_<WHAT>', <deployment id>, <owner>,
+//!    <organization>, json_build_object(...))`. `CREATE OR REPLACE
+//!    FUNCTION` resets what it does not state: restate `SECURITY DEFINER`
+//!    and the pinned `search_path` (`pg_catalog, <schema>, pg_temp`), or
+//!    writers lose the right to emit and a temp table could stand in for
+//!    ours. Rebuild: migrations are embedded; regenerate `sql/schema.sql`
+//!    (`scripts/schema.sh`).
 //! 2. In [`event`]: a variant of [`event::EventKind`], its row in
 //!    `EventKind::row` (wire name, and the prefix of its per-deployment
 //!    topic, or `None` when it is only on `deployment_events`), and its
@@ -40,10 +42,10 @@
 //!    `docs/events.md`.
 //!
 //! Nothing else changes: parsing, topics, routing, replays from the
-//! history and the log, `tail` and both event sources go by the table. A
-//! missing row does not compile; `ALL` out of order does not compile; a
-//! type the triggers emit but `ALL` lacks, or that `messages.ts` lacks,
-//! fails `event::tests::every_kind_has_one_row_and_the_triggers_emit_exactly_these`.
+//! history and the log and `tail` go by the table. A missing row does not
+//! compile; `ALL` out of order does not compile; a type the triggers emit
+//! but `ALL` lacks, or that `messages.ts` lacks, fails
+//! `event::tests::every_kind_has_one_row_and_the_triggers_emit_exactly_these`.
 
 pub mod auth;
 pub mod backoff;
@@ -71,9 +73,7 @@ use crate::auth::Verifier;
 use crate::config::ServerArgs;
 use crate::db::DbError;
 use crate::db::events::EventLog;
-use crate::db::listener::{Listener, SourceLink};
-use crate::db::replication::Replication;
-use crate::db::source::EventSource;
+use crate::db::feed::Feed;
 use crate::http::Server;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -89,15 +89,13 @@ pub enum ServeError {
     Db(#[from] DbError),
     #[error("{0} tasks were still running when shutdown's grace period ended")]
     Lingering(usize),
-    #[error("the database's event source is no longer '{0}': start the server again to follow it")]
-    SourceSwitched(EventSource),
 }
 
 /// Migrate, then serve on `listener` until `shutdown` is cancelled; returns
 /// once every task it started has ended.
 ///
-/// Clients are accepted once the LISTEN connection is up, so the first
-/// resume already has a marker to replay against.
+/// Clients are accepted once the feed has read the log, so the first
+/// subscription already has a cursor.
 pub async fn serve(
     listener: TcpListener,
     database: &tokio_postgres::Config,
@@ -106,22 +104,14 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     db::migrate(database).await?;
-    let source = db::source::at_startup(database).await?;
-    info!(event_source = %source, "event source of this database");
     let metrics = Arc::new(Metrics::default());
     let tasks = TaskTracker::new();
     let (hub, hub_handle, arrivals) =
         Hub::new(Arc::clone(&metrics), settings.history_size.get(), settings.history_bytes);
     let (up_tx, mut up) = watch::channel(false);
     tasks.spawn(hub.run(shutdown.clone()));
-    let link = SourceLink::new(arrivals, Arc::clone(&metrics), up_tx, shutdown.clone());
-    match source {
-        EventSource::Notify => tasks.spawn(Listener::new(database, link).run()),
-        EventSource::Logical => tasks.spawn(Replication::new(database, link).run()),
-    };
+    tasks.spawn(Feed::new(database, arrivals, Arc::clone(&metrics), up_tx, shutdown.clone()).run());
     let pool = db::pool(database);
-    let switched = CancellationToken::new();
-    tasks.spawn(db::source::watch(pool.clone(), source, switched.clone(), shutdown.clone()));
     tasks.spawn(db::retention::run(pool.clone(), settings.event_retention, shutdown.clone()));
 
     tokio::select! {
@@ -154,8 +144,5 @@ pub async fn serve(
         return Err(ServeError::Lingering(tasks.len()));
     }
     info!("all tasks stopped");
-    if switched.is_cancelled() {
-        return Err(ServeError::SourceSwitched(source));
-    }
     Ok(())
 }

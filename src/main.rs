@@ -10,7 +10,6 @@ use uuid::Uuid;
 use windflow_notify::auth::{self, TokenRequest, Verifier, Viewer};
 use windflow_notify::config::{DatabaseArgs, JwtArgs, ServerArgs, defaults};
 use windflow_notify::db;
-use windflow_notify::db::source::EventSource;
 
 #[derive(Parser)]
 #[command(
@@ -55,14 +54,6 @@ enum Command {
     Serve(ServeArgs),
     /// Apply pending migrations and exit.
     Migrate {
-        #[command(flatten)]
-        database: DatabaseArgs,
-    },
-    /// Show the database's event source, or switch it (checks the database is ready first).
-    EventSource {
-        /// `logical` needs wal_level = logical and a role with REPLICATION; `notify` needs nothing.
-        #[arg(value_enum)]
-        to: Option<EventSource>,
         #[command(flatten)]
         database: DatabaseArgs,
     },
@@ -205,19 +196,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Migrate { database } => {
             db::migrate(&db::parse_url(&database.database_url)?).await?;
             tracing::info!("migrations applied");
-            Ok(())
-        }
-        Command::EventSource { to, database } => {
-            let config = db::parse_url(&database.database_url)?;
-            db::migrate(&config).await?;
-            let mut client = db::connect(&config).await?;
-            match to {
-                None => println!("{}", db::source::configured(&client).await?),
-                Some(to) => {
-                    let from = db::source::switch(&mut client, to).await?;
-                    println!("event source: {from} -> {to}");
-                }
-            }
             Ok(())
         }
         Command::Token(args) => {

@@ -17,7 +17,8 @@ pub struct Metrics {
     pub messages_sent_total: AtomicU64,
     pub listener_up: AtomicI64,
     pub listener_reconnects_total: AtomicU64,
-    pub markers_total: AtomicU64,
+    pub late_events_total: AtomicU64,
+    pub log_reads_total: AtomicU64,
     pub slow_consumer_disconnects_total: AtomicU64,
     pub notification_queue_usage: AtomicU64, // f64 bits
     pub forged_notifications_total: AtomicU64,
@@ -92,20 +93,26 @@ impl Metrics {
         metric(
             "windflow_listener_up",
             "gauge",
-            "1 while the LISTEN connection is up.",
+            "1 while the event feed's connection (the one that LISTENs) is up.",
             self.listener_up.load(Relaxed).to_string(),
         );
         metric(
             "windflow_listener_reconnects_total",
             "counter",
-            "Times the LISTEN connection was re-established.",
+            "Times the event feed's connection (the one that LISTENs) was re-established.",
             self.listener_reconnects_total.load(Relaxed).to_string(),
         );
         metric(
-            "windflow_markers_total",
+            "windflow_log_reads_total",
             "counter",
-            "Markers the event source saw come back (one a second while it is up): its heartbeat.",
-            self.markers_total.load(Relaxed).to_string(),
+            "Reads of the event log by the feed (on wake-ups, shortly after finding events, and every 100 ms): its heartbeat.",
+            self.log_reads_total.load(Relaxed).to_string(),
+        );
+        metric(
+            "windflow_late_events_total",
+            "counter",
+            "Events delivered after later ones: their transaction took its ids before committing and held them past 10 s.",
+            self.late_events_total.load(Relaxed).to_string(),
         );
         metric(
             "windflow_slow_consumer_disconnects_total",
@@ -122,7 +129,7 @@ impl Metrics {
         metric(
             "windflow_forged_notifications_total",
             "counter",
-            "Notifications on windflow_events without a valid trigger signature, ignored.",
+            "Notifications on windflow_events announcing an event the log does not have (or no event at all), ignored.",
             self.forged_notifications_total.load(Relaxed).to_string(),
         );
         metric(

@@ -429,8 +429,9 @@ async fn refuses_to_start_against_a_standby() {
     assert!(stderr.contains("pg_is_in_recovery"), "{stderr}");
 }
 
-/// No marker predates this transaction, so the catch-up has no id bound
-/// below its event and must read the log from the start.
+/// A transaction that wrote before the server started commits while the
+/// feed is cut off: its event comes once, from the log, with an id taken
+/// at its commit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_open_since_before_the_server_started_arrives_once_across_an_outage() {
     let database = TestDatabase::create().await;
@@ -448,17 +449,17 @@ async fn a_transaction_open_since_before_the_server_started_arrives_once_across_
     writer.log(other_deployment, "early").await;
     let (_, early_id, data) = client.recv_event().await;
     assert_eq!(data["logs"], "early");
-    server.two_markers_pass().await;
+    server.two_log_reads_pass().await;
     assert_eq!(kill_listener(&database).await, 1);
     slow.execute("COMMIT").await;
     let (_, old_id, data) = client.recv_event().await;
     assert_eq!(data["logs"], "older than the server");
-    assert!(old_id < early_id);
+    assert!(old_id > early_id, "the id is taken at commit");
     assert_nothing_more(&writer, &mut client, admin.user_id).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_late_commit_with_a_smaller_id_across_a_listener_outage_arrives_once() {
+async fn a_transaction_that_wrote_first_and_commits_last_across_a_listener_outage_arrives_once() {
     let app = spawn_app().await;
     let admin = superuser();
     let mut client = app.server.connect_as(admin).await;
@@ -467,24 +468,98 @@ async fn a_late_commit_with_a_smaller_id_across_a_listener_outage_arrives_once()
     let late_deployment = app.writer.create_deployment(x, None).await;
     let early_deployment = app.writer.create_deployment(y, None).await;
     receive_exactly_once(&mut client, 2).await;
-    // A takes its event id first but commits last.
+    // A writes first but commits last.
     let slow = Writer::new(&app.database).await;
     slow.execute("BEGIN").await;
     slow.log(late_deployment, "late").await;
     app.writer.log(early_deployment, "early").await;
     let (_, early_id, data) = client.recv_event().await;
     assert_eq!(data["logs"], "early");
-    // Markers taken while A holds its id: the catch-up must still read
-    // from below that id (src/db/catchup.rs).
-    app.server.two_markers_pass().await;
-    // Cut the listener off and commit A: A comes from the event log (or
-    // live, if the listener is back first), though its id is below one
-    // already delivered.
+    app.server.two_log_reads_pass().await;
+    // Cut the feed off and commit A: A comes from the event log (or live,
+    // if the feed is back first), once.
     assert_eq!(kill_listener(&app.database).await, 1);
     slow.execute("COMMIT").await;
     let (_, late_id, data) = client.recv_event().await;
     assert_eq!(data["logs"], "late");
-    assert!(late_id < early_id, "the late commit has the smaller id");
+    assert!(late_id > early_id, "commit order: the later commit has the larger id");
+    assert_nothing_more(&app.writer, &mut client, admin.user_id).await;
+}
+
+/// Ids taken before commit (`SET CONSTRAINTS ALL IMMEDIATE` fires the event
+/// triggers at once): a larger id that commits first waits for the smaller
+/// one, so the log's order stays the order of delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_waits_for_a_smaller_id_still_committing() {
+    let app = spawn_app().await;
+    let admin = superuser();
+    let mut client = app.server.connect_as(admin).await;
+    client.subscribe("deployment_events").await;
+    let (d1, d2) = (
+        app.writer.create_deployment(Uuid::new_v4(), None).await,
+        app.writer.create_deployment(Uuid::new_v4(), None).await,
+    );
+    receive_exactly_once(&mut client, 2).await;
+    let early = Writer::new(&app.database).await;
+    early.execute("BEGIN; SET CONSTRAINTS ALL IMMEDIATE").await;
+    early.log(d1, "smaller id, committed second").await;
+    app.writer.log(d2, "larger id, committed first").await;
+    app.server.two_log_reads_pass().await;
+    early.execute("COMMIT").await;
+    let (_, first, data) = client.recv_event().await;
+    assert_eq!(data["logs"], "smaller id, committed second", "nothing overtakes a smaller id still committing");
+    let (_, second, data) = client.recv_event().await;
+    assert_eq!(data["logs"], "larger id, committed first");
+    assert!(first < second);
+    assert_nothing_more(&app.writer, &mut client, admin.user_id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_taken_by_a_transaction_that_rolled_back_holds_up_nothing() {
+    let app = spawn_app().await;
+    let admin = superuser();
+    let mut client = app.server.connect_as(admin).await;
+    client.subscribe("deployment_events").await;
+    let (d1, d2) = (
+        app.writer.create_deployment(Uuid::new_v4(), None).await,
+        app.writer.create_deployment(Uuid::new_v4(), None).await,
+    );
+    receive_exactly_once(&mut client, 2).await;
+    let early = Writer::new(&app.database).await;
+    early.execute("BEGIN; SET CONSTRAINTS ALL IMMEDIATE").await;
+    early.log(d1, "rolled back").await;
+    app.writer.log(d2, "after the gap").await;
+    app.server.two_log_reads_pass().await;
+    early.execute("ROLLBACK").await;
+    let (_, _, data) = client.recv_event().await;
+    assert_eq!(data["logs"], "after the gap");
+    assert_nothing_more(&app.writer, &mut client, admin.user_id).await;
+}
+
+/// A transaction that takes its ids early and then sits idle holds up
+/// delivery for at most 10 s; its events come late if it commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_holding_an_early_id_for_long_is_passed_and_its_event_comes_late() {
+    let app = spawn_app().await;
+    let admin = superuser();
+    let mut client = app.server.connect_as(admin).await;
+    client.subscribe("deployment_events").await;
+    let (d1, d2) = (
+        app.writer.create_deployment(Uuid::new_v4(), None).await,
+        app.writer.create_deployment(Uuid::new_v4(), None).await,
+    );
+    receive_exactly_once(&mut client, 2).await;
+    let early = Writer::new(&app.database).await;
+    early.execute("BEGIN; SET CONSTRAINTS ALL IMMEDIATE").await;
+    early.log(d1, "held").await;
+    app.writer.log(d2, "passes it after a while").await;
+    let (_, passed, data) = client.recv_event().await;
+    assert_eq!(data["logs"], "passes it after a while");
+    early.execute("COMMIT").await;
+    let (_, late, data) = client.recv_event().await;
+    assert_eq!(data["logs"], "held");
+    assert!(late < passed, "the late event keeps its id");
+    assert_eq!(app.server.metric("windflow_late_events_total").await, 1.0);
     assert_nothing_more(&app.writer, &mut client, admin.user_id).await;
 }
 

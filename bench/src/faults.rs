@@ -1,17 +1,16 @@
 //! `bench faults`: what clients lose when the event source, the database or
 //! the server fails under writes (README, "Faults"). Nothing, it must say.
 //!
-//! One run per event source, on a PostgreSQL cluster of the bench's own
-//! (`wal_level = logical`): the run restarts it, and the machine's shared
-//! cluster must never be restarted. Writers write a steady mixed load
+//! On a PostgreSQL cluster of the bench's own: the run restarts it, and the
+//! machine's shared cluster must never be restarted. Writers write a steady mixed load
 //! (S1's writes) throughout; superusers on `deployment_events` and owners
 //! (each on `deployment_events` and its deployment's logs topic) resume
 //! with `since` whenever a connection ends ([`crate::resuming`]). Phases:
 //!
 //! 1. before the faults: writes only;
-//! 2. the source's backend killed (`pg_terminate_backend` on the LISTEN
-//!    connection, or the walsender of the replication connection) three
-//!    times, each once the server reconnected and writes flowed again;
+//! 2. the feed's backend killed (`pg_terminate_backend` on the LISTEN
+//!    connection) three times, each once the server reconnected and writes
+//!    flowed again;
 //! 3. PostgreSQL restarted (`pg_ctl stop -m fast`, then start): writers
 //!    reconnect and go on;
 //! 4. the server stopped (SIGTERM, or SIGKILL with `--kill-server`) for
@@ -45,7 +44,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use windflow_notify::auth::Viewer;
-use windflow_notify::db::{listener, replication};
+use windflow_notify::db::feed;
 use windflow_testkit::Cluster;
 
 use crate::clients::{find_marker, source_ip};
@@ -53,7 +52,7 @@ use crate::harness::{self, Database, Process, SideRuntime, metric, now_ns};
 use crate::report::round;
 use crate::resuming::{self, FENCE};
 use crate::writers::{self, WriteOutcome, WritePlan};
-use crate::{EventSource, create_deployments, token, user, with_database_at, write_json};
+use crate::{SOURCE, create_deployments, token, user, with_database_at, write_json};
 
 /// How long the server may take to reconnect its source, or to come back.
 const RECOVER_WITHIN: Duration = Duration::from_secs(60);
@@ -65,9 +64,6 @@ const POLL_EVERY: Duration = Duration::from_millis(50);
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct Args {
-    /// `logical` runs the faults in notify mode first, then in logical mode.
-    #[arg(long, value_enum, default_value = "notify")]
-    pub source: EventSource,
     /// Writes per second, over all writers.
     #[arg(long, default_value_t = 500.0)]
     pub rate: f64,
@@ -100,21 +96,11 @@ pub async fn run(args: &Args) -> Result<Value> {
     if !(args.rate > 0.0 && args.rate <= 100_000.0) || args.server_down > 600 || args.settle > 600 {
         bail!("--rate is 0..=100,000 writes/s; --settle and --server-down at most 600 s");
     }
-    let cluster = Arc::new(
-        tokio::task::spawn_blocking(harness::logical_cluster).await?.context("a PostgreSQL cluster of our own")?,
-    );
+    let cluster =
+        Arc::new(tokio::task::spawn_blocking(harness::own_cluster).await?.context("a PostgreSQL cluster of our own")?);
     eprintln!("bench: faults restart PostgreSQL: running on a cluster of our own (port {})", cluster.port);
-    let notify = mode(args, &cluster, EventSource::Notify).await.context("notify mode")?;
-    let mut result = match args.source {
-        EventSource::Notify => notify,
-        EventSource::Logical => {
-            let mut logical = mode(args, &cluster, EventSource::Logical).await.context("logical mode")?;
-            logical["ok"] = json!(logical["ok"].as_bool() == Some(true) && notify["ok"].as_bool() == Some(true));
-            logical["notify"] = notify;
-            logical
-        }
-    };
-    result["cluster"] = json!("own, wal_level = logical");
+    let mut result = faults(args, &cluster).await?;
+    result["cluster"] = json!("own");
     Ok(result)
 }
 
@@ -127,11 +113,8 @@ enum Kind {
 }
 
 /// The phases, in order; the event log places each event in one.
-fn phase_names(args: &Args, source: EventSource) -> Vec<String> {
-    let backend = match source {
-        EventSource::Notify => "LISTEN backend",
-        EventSource::Logical => "walsender",
-    };
+fn phase_names(args: &Args) -> Vec<String> {
+    let backend = "LISTEN backend";
     let signal = if args.kill_server { "SIGKILL" } else { "SIGTERM" };
     vec![
         "before the faults".into(),
@@ -142,8 +125,8 @@ fn phase_names(args: &Args, source: EventSource) -> Vec<String> {
     ]
 }
 
-async fn mode(args: &Args, cluster: &Arc<Cluster>, source: EventSource) -> Result<Value> {
-    with_database_at(&cluster.url("postgres"), source, |db| async move {
+async fn faults(args: &Args, cluster: &Arc<Cluster>) -> Result<Value> {
+    with_database_at(&cluster.url("postgres"), |db| async move {
         let owners: Vec<Uuid> = (0..args.owners).map(|_| Uuid::new_v4()).collect();
         let deployments = create_deployments(&db, &owners, None).await?;
         let server = Process::server(&db, &format!("/tmp/{}-server0.log", db.name)).await?;
@@ -159,17 +142,16 @@ async fn mode(args: &Args, cluster: &Arc<Cluster>, source: EventSource) -> Resul
         for i in 0..args.superusers {
             let viewer = Viewer { is_superuser: true, ..user(Uuid::new_v4()) };
             let topics = vec!["deployment_events".to_string()];
-            let source = source_ip(owners.len() + i);
-            specs.push(resuming::Spec { target: addr, source, token: token(viewer)?, topics });
+            let from = source_ip(owners.len() + i);
+            specs.push(resuming::Spec { target: addr, source: from, token: token(viewer)?, topics });
             kinds.push(Kind::Superuser);
         }
         let fleet = resuming::Fleet::connect(specs).await?;
-        eprintln!("bench: faults ({source}): {} clients subscribed; writing", kinds.len());
+        eprintln!("bench: faults: {} clients subscribed; writing", kinds.len());
         let mut run = Run {
             args,
             cluster,
             db: &db,
-            source,
             deployments: &deployments,
             addr,
             server: Some(server),
@@ -212,12 +194,12 @@ async fn mode(args: &Args, cluster: &Arc<Cluster>, source: EventSource) -> Resul
         let owner_of: HashMap<Uuid, usize> = deployments.iter().enumerate().map(|(i, d)| (*d, i)).collect();
         let events = read_event_log(&db, &clock.db_us, &owner_of).await?;
         let clients: Vec<(Kind, &resuming::Log)> = kinds.iter().copied().zip(&logs).collect();
-        let names = phase_names(args, source);
+        let names = phase_names(args);
         let accounting = account(&events, names.len(), &clients, &outcome);
         let seconds = clock.seconds();
         accounting.print(
             &format!(
-                "faults ({source}): {} writers, {} writes/s mixed; {} owners (deployment_events + their logs topic), \
+                "faults: {} writers, {} writes/s mixed; {} owners (deployment_events + their logs topic), \
                  {} superusers (deployment_events); every client resumes with since",
                 args.writers, args.rate, args.owners, args.superusers
             ),
@@ -241,7 +223,7 @@ async fn mode(args: &Args, cluster: &Arc<Cluster>, source: EventSource) -> Resul
         writes["reconnects"] = json!(outcome.reconnects);
         writes["missing_from_event_log"] = json!(accounting.missing_writes);
         Ok(json!({
-            "scenario": "faults", "source": source.as_str(), "writers": args.writers, "rate": args.rate,
+            "scenario": "faults", "source": SOURCE, "writers": args.writers, "rate": args.rate,
             "owners": args.owners, "superusers": args.superusers, "kills": args.kills, "settle_s": args.settle,
             "server_down_s": args.server_down, "server_stop": if args.kill_server { "SIGKILL" } else { "SIGTERM" },
             "writes": writes,
@@ -264,7 +246,6 @@ struct Run<'a> {
     args: &'a Args,
     cluster: &'a Arc<Cluster>,
     db: &'a Database,
-    source: EventSource,
     deployments: &'a [Uuid],
     addr: SocketAddr,
     server: Option<Process>,
@@ -283,9 +264,9 @@ impl Run<'_> {
         for _ in 0..args.kills {
             wait_for(addr, "windflow_listener_up", "the event source up", |up| up == 1.0).await?;
             let before = metric(addr, "windflow_listener_reconnects_total").await?;
-            let killed = kill_source(self.db, self.source).await?;
+            let killed = kill_feed(self.db).await?;
             if killed != 1 {
-                bail!("expected one {} source backend to kill, terminated {killed}", self.source);
+                bail!("expected one feed backend to kill, terminated {killed}");
             }
             wait_for(addr, "windflow_listener_reconnects_total", "the event source reconnected", |n| n > before)
                 .await?;
@@ -393,12 +374,9 @@ async fn wait_for(addr: SocketAddr, name: &str, what: &str, ok: impl Fn(f64) -> 
     }
 }
 
-/// Terminate the event source's backend of this database; how many were.
-async fn kill_source(db: &Database, source: EventSource) -> Result<i64> {
-    let (application, backend) = match source {
-        EventSource::Notify => (listener::APPLICATION_NAME, "client backend"),
-        EventSource::Logical => (replication::APPLICATION_NAME, "walsender"),
-    };
+/// Terminate the feed's backend of this database; how many were.
+async fn kill_feed(db: &Database) -> Result<i64> {
+    let (application, backend) = (feed::APPLICATION_NAME, "client backend");
     let row = harness::connect(&db.config)
         .await?
         .query_one(

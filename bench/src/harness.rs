@@ -258,11 +258,10 @@ impl Drop for SideRuntime {
     }
 }
 
-/// A PostgreSQL cluster of the bench's own, with `wal_level = logical`, for
-/// `--source logical` when the given server runs with `replica`. As the
-/// machine's cluster is configured (autovacuum off), fsync and
-/// synchronous_commit on, so that its figures compare with it. Stopped and
-/// removed on drop.
-pub fn logical_cluster() -> Result<windflow_testkit::Cluster> {
-    windflow_testkit::Cluster::start_new_with(&["wal_level=logical", "autovacuum=off"])
+/// A PostgreSQL cluster of the bench's own, for runs that restart it or
+/// change its flush (`--flush-delay`). As the machine's cluster is
+/// configured (autovacuum off), fsync and synchronous_commit on, so that its
+/// figures compare with it. Stopped and removed on drop.
+pub fn own_cluster() -> Result<windflow_testkit::Cluster> {
+    windflow_testkit::Cluster::start_new_with(&["autovacuum=off"])
 }

@@ -40,9 +40,7 @@ use crate::clients::{ClientSpec, Ws, next_json, open_with, source_ip};
 use crate::harness::{self, Database, Process, Sampler};
 use crate::report::{Delivery, Owed, print_table, round};
 use crate::writers::WritePlan;
-use crate::{
-    EventSource, connect_fleet, create_deployments, deliver_to, s1_clients, token, user, with_database, write_json,
-};
+use crate::{connect_fleet, create_deployments, deliver_to, s1_clients, token, user, with_database, write_json};
 
 /// Hostile setups in flight at once.
 const SETUP_PARALLEL: usize = 64;
@@ -311,8 +309,7 @@ async fn drive(
     let (outcome, ms) = probe(&probe_spec, probe_deployment).await;
     let before = Probe { at_s: -settled.elapsed().as_secs_f64(), outcome, ms };
     let probes = probe_loop(probe_spec, probe_deployment, plan.duration);
-    let (good, bare, writes, mut probes) =
-        deliver_to(db, servers, fleet, &owed, &plan, EventSource::Notify, false, probes).await?;
+    let (good, bare, writes, mut probes) = deliver_to(db, servers, fleet, &owed, &plan, probes).await?;
     probes.insert(0, before);
     let kicked = harness::metric(server.addr, "windflow_slow_consumer_disconnects_total").await.ok();
     let connections_at_end = harness::metric(server.addr, "windflow_connections").await.ok();

@@ -1,12 +1,13 @@
-//! Queries on the event log (`windflow_events`, see `sql/V2__events.sql`),
-//! and [`EventLog`]: what sessions read from the database, under
-//! server-wide limits.
+//! Queries on the event log (`windflow_events`, `sql/`): what the feed
+//! reads ([`READ_AFTER`]), and [`EventLog`], what sessions read, under
+//! server-wide limits that no one user can take for themselves.
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 
 use deadpool_postgres::Pool;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_postgres::{Client, Row};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::DbError;
@@ -17,33 +18,50 @@ use crate::hub::{LogReplay, Since};
 /// Concurrent queries of `since` look-ups and replays, of the pool's 16
 /// connections: permission checks and retention always find one.
 pub const REPLAY_QUERIES: usize = 4;
-/// Bytes of replay pages held at once across the server.
+/// Bytes of replay pages held at once across the server...
 pub const REPLAY_MEMORY: usize = 64 * 1024 * 1024;
+/// ...and by the replays of one user: a user whose many connections replay
+/// and never read holds this much at most, and leaves the rest to others.
+pub const USER_REPLAY_MEMORY: usize = 8 * 1024 * 1024;
 /// Event log rows, and bytes of event data (about), read per replay query.
 const PAGE_ROWS: i64 = 256;
 const PAGE_BYTES: usize = 256 * 1024;
 const PAGE_KIB: u32 = (PAGE_BYTES / 1024) as u32;
 
+const COLUMNS: &str = "id, type, deployment_id, user_id, organization_id, data::text";
+
+/// The feed's read: the events after id `$1` up to id `$2`, at most `$3`, in id order.
+pub const READ_AFTER: &str = "SELECT id, type, deployment_id, user_id, organization_id, data::text
+       FROM windflow_events WHERE id > $1 AND id <= $2 ORDER BY id LIMIT $3";
+/// The events of the ids `$1`, in id order.
+pub const READ_IDS: &str = "SELECT id, type, deployment_id, user_id, organization_id, data::text
+       FROM windflow_events WHERE id = ANY($1) ORDER BY id";
+
 /// What sessions read from the database: permission checks, `since`
-/// look-ups and replay pages. Replays share two limits: concurrent
-/// queries, and bytes of pages held (a replay waits its turn rather than
-/// failing anyone). Each query holds a pooled connection only while it runs.
+/// look-ups and replay pages. Replays share two limits: concurrent queries,
+/// taken in turns by the users waiting ([`FairSlots`]), and bytes of pages
+/// held, of which one user holds [`USER_REPLAY_MEMORY`] at most. A replay
+/// waits its turn rather than failing anyone; each query holds a pooled
+/// connection only while it runs.
 pub struct EventLog {
     pool: Pool,
-    queries: Arc<Semaphore>,
+    queries: FairSlots,
     /// In KiB.
     memory: Arc<Semaphore>,
+    /// In KiB, per user; entries nobody holds are dropped now and then.
+    user_memory: Mutex<HashMap<Uuid, Arc<Semaphore>>>,
 }
 
-/// One page of a replay; holds its share of the memory limit until dropped.
+/// One page of a replay; holds its share of the memory limits until dropped.
 pub struct Page {
     /// Retention deleted events after the replay's `since`: `resync` first.
     pub pruned: bool,
     pub events: Vec<Arc<Event>>,
-    _memory: OwnedSemaphorePermit,
+    _memory: (OwnedSemaphorePermit, OwnedSemaphorePermit),
 }
 
-/// A replay from the event log, read page by page in id order.
+/// A replay from the event log, read page by page in id order: the events
+/// of a topic after `since` and before the history took over.
 pub struct Pages {
     topic: Topic,
     filter: Filter,
@@ -51,15 +69,13 @@ pub struct Pages {
     after: i64,
     /// Ask retention on the first page, unless the client got `resync` already.
     check_pruned: bool,
-    /// Ids the connection already received from the history.
-    skip: Vec<i64>,
     /// What earlier replays from the log sent the connection.
     replayed: Vec<Replayed>,
     done: bool,
 }
 
 /// What one replay from the log sent a connection: the events of `topic`
-/// with ids in `since..=upto` (those the log had before its marker).
+/// with ids in `since..=upto`.
 #[derive(Clone, Copy, Debug)]
 pub struct Replayed {
     pub topic: Topic,
@@ -91,9 +107,7 @@ impl Replayed {
         all.push(merged);
     }
 
-    /// Whether this replay sent `event` (given it is one of the log's
-    /// events before a marker no older than this replay's: the events of
-    /// `topic` after that marker reached the connection live).
+    /// Whether this replay sent `event`.
     fn sent(&self, event: &Event) -> bool {
         event.id > self.since && event.id <= self.upto && self.topic.carries(event.kind, event.deployment_id)
     }
@@ -103,9 +117,9 @@ impl Pages {
     /// The replay `log` of a subscription of `viewer` to `topic`, leaving
     /// out what the connection's earlier log replays (`replayed`) sent.
     pub fn new(topic: Topic, viewer: Viewer, log: LogReplay, resynced: bool, replayed: Vec<Replayed>) -> Pages {
-        let LogReplay { since, snapshot, also, skip } = log;
-        let filter = Filter { deployment: topic.deployment(), kind: topic.kind(), viewer, snapshot, also };
-        Pages { topic, filter, since, after: since, check_pruned: !resynced, skip, replayed, done: false }
+        let LogReplay { since, before, skip } = log;
+        let filter = Filter { deployment: topic.deployment(), kind: topic.kind(), viewer, before, skip };
+        Pages { topic, filter, since, after: since, check_pruned: !resynced, replayed, done: false }
     }
 
     /// What this replay has sent so far, assuming every page read was written.
@@ -116,8 +130,12 @@ impl Pages {
 
 impl EventLog {
     pub fn new(pool: Pool) -> EventLog {
-        let memory = Arc::new(Semaphore::new(REPLAY_MEMORY / 1024));
-        EventLog { pool, queries: Arc::new(Semaphore::new(REPLAY_QUERIES)), memory }
+        EventLog {
+            pool,
+            queries: FairSlots::new(REPLAY_QUERIES),
+            memory: Arc::new(Semaphore::new(REPLAY_MEMORY / 1024)),
+            user_memory: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Whether `viewer` may subscribe to `topic`: a per-deployment topic
@@ -134,33 +152,28 @@ impl EventLog {
         Ok(row.is_some_and(|row| viewer.can_see(row.get(0), row.get(1))))
     }
 
-    /// What the log says of a `since` the history does not hold.
-    pub async fn look_up(&self, since: i64) -> Result<Since, DbError> {
-        let _slot = self.queries.acquire().await;
+    /// What the log says of a `since` newer than anything this process
+    /// has: whether the database ever gave out that id.
+    pub async fn look_up(&self, viewer: Viewer, since: i64) -> Result<Since, DbError> {
+        let _slot = self.queries.acquire(viewer.user_id).await;
         let client = self.pool.get().await?;
-        let row = client
-            .query_one(
-                "SELECT (SELECT xid::text FROM windflow_events WHERE id = $1), (SELECT upto FROM windflow_events_pruned)",
-                &[&since],
-            )
-            .await?;
-        let xid: Option<String> = row.get(0);
-        let pruned_upto: i64 = row.get(1);
-        Ok(match xid.and_then(|x| x.parse().ok()) {
-            Some(xid) => Since::Committed { id: since, xid },
-            None => Since::Missing { id: since, pruned: pruned_upto > 0 && pruned_upto >= since },
-        })
+        let row =
+            client.query_one("SELECT coalesce(pg_sequence_last_value('windflow_event_ids'::regclass), 0)", &[]).await?;
+        Ok(Since::Checked { id: since, newest: row.get(0) })
     }
 
     /// The next page of `pages`, `None` once it is read to the end. Waits
-    /// for its share of memory first, then for a query slot.
+    /// for its share of memory first (the user's, then the server's), then
+    /// for a query slot.
     pub async fn next_page(&self, pages: &mut Pages) -> Result<Option<Page>, DbError> {
         if pages.done {
             return Ok(None);
         }
-        let memory = Arc::clone(&self.memory).acquire_many_owned(PAGE_KIB).await;
-        let memory = memory.map_err(|_| DbError::Closed)?;
-        let slot = self.queries.acquire().await;
+        let user = pages.filter.viewer.user_id;
+        let user_memory = self.user_memory(user).acquire_many_owned(PAGE_KIB).await.map_err(|_| DbError::Closed)?;
+        let memory = Arc::clone(&self.memory).acquire_many_owned(PAGE_KIB).await.map_err(|_| DbError::Closed)?;
+        let memory = (user_memory, memory);
+        let slot = self.queries.acquire(user).await;
         let client = self.pool.get().await?;
         let pruned = pages.check_pruned && pruned_upto(&client).await? > pages.since;
         pages.check_pruned = false;
@@ -171,19 +184,104 @@ impl EventLog {
             return Ok(pruned.then(|| Page { pruned, events: Vec::new(), _memory: memory }));
         };
         pages.after = last.id;
-        let (skip, replayed) = (&pages.skip, &pages.replayed);
-        let events = page
-            .into_iter()
-            .filter(|e| skip.binary_search(&e.id).is_err() && !replayed.iter().any(|r| r.sent(e)))
-            .map(Arc::new)
-            .collect();
+        let replayed = &pages.replayed;
+        let events = page.into_iter().filter(|e| !replayed.iter().any(|r| r.sent(e))).map(Arc::new).collect();
         Ok(Some(Page { pruned, events, _memory: memory }))
+    }
+
+    /// The memory limit of `user`'s replays.
+    fn user_memory(&self, user: Uuid) -> Arc<Semaphore> {
+        let mut limits = self.user_memory.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if limits.len() > 1024 {
+            // Limits nobody holds or waits on: their users replay nothing now.
+            limits.retain(|_, limit| Arc::strong_count(limit) > 1);
+        }
+        Arc::clone(limits.entry(user).or_insert_with(|| Arc::new(Semaphore::new(USER_REPLAY_MEMORY / 1024))))
     }
 }
 
-const COLUMNS: &str = "id, type, deployment_id, user_id, organization_id, data::text";
+/// Query slots taken in turns: each user's requests wait behind that
+/// user's own, and the users waiting take one slot each in turn, so one
+/// user's hundred replays delay another user's one by one query at most
+/// per user ahead of it, not by a hundred.
+struct FairSlots {
+    state: Arc<Mutex<Turns>>,
+}
 
-fn event_from_row(row: &Row) -> Option<Event> {
+struct Turns {
+    free: usize,
+    waiting: HashMap<Uuid, VecDeque<oneshot::Sender<Slot>>>,
+    /// Users with someone waiting, in the order they get the next slot.
+    order: VecDeque<Uuid>,
+}
+
+/// A query slot, handed on when dropped.
+pub(crate) struct Slot {
+    state: Arc<Mutex<Turns>>,
+}
+
+impl FairSlots {
+    fn new(slots: usize) -> FairSlots {
+        FairSlots {
+            state: Arc::new(Mutex::new(Turns { free: slots, waiting: HashMap::new(), order: VecDeque::new() })),
+        }
+    }
+
+    async fn acquire(&self, user: Uuid) -> Slot {
+        let waiter = {
+            let mut turns = lock(&self.state);
+            if turns.free > 0 && turns.order.is_empty() {
+                turns.free -= 1;
+                return Slot { state: Arc::clone(&self.state) };
+            }
+            let (tx, rx) = oneshot::channel();
+            let queue = turns.waiting.entry(user).or_default();
+            queue.push_back(tx);
+            if queue.len() == 1 {
+                turns.order.push_back(user);
+            }
+            rx
+        };
+        match waiter.await {
+            Ok(slot) => slot,
+            // The sender is only dropped with the slots, which live as long
+            // as the server: never, but a slot of our own is as good.
+            Err(_) => Slot { state: Arc::clone(&self.state) },
+        }
+    }
+}
+
+fn lock(state: &Mutex<Turns>) -> std::sync::MutexGuard<'_, Turns> {
+    state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut turns = lock(&self.state);
+        // The next user in turn, skipping waiters that gave up.
+        while let Some(user) = turns.order.pop_front() {
+            let Some(queue) = turns.waiting.get_mut(&user) else { continue };
+            let mut granted = false;
+            while let Some(waiter) = queue.pop_front() {
+                if waiter.send(Slot { state: Arc::clone(&self.state) }).is_ok() {
+                    granted = true;
+                    break;
+                }
+            }
+            if queue.is_empty() {
+                turns.waiting.remove(&user);
+            } else {
+                turns.order.push_back(user);
+            }
+            if granted {
+                return;
+            }
+        }
+        turns.free += 1;
+    }
+}
+
+pub(crate) fn event_from_row(row: &Row) -> Option<Event> {
     let kind = EventKind::parse(row.get(1))?;
     Some(Event::new(row.get(0), kind, row.get(2), row.get(3), row.get(4), row.get(5)))
 }
@@ -192,45 +290,56 @@ fn events_from_rows(rows: &[Row]) -> Vec<Event> {
     rows.iter().filter_map(event_from_row).collect()
 }
 
-/// One event, for announcements too large to carry it.
-pub async fn fetch(client: &Client, id: i64) -> Result<Option<Event>, DbError> {
-    let sql = format!("SELECT {COLUMNS} FROM windflow_events WHERE id = $1");
-    Ok(client.query_opt(&sql, &[&id]).await?.as_ref().and_then(event_from_row))
-}
-
-/// Every event after id `after` of a transaction that the marker
-/// `snapshot` did not show as finished: after a source outage, what may not
-/// have been delivered ([`super::catchup`] says why `after` misses none).
-/// In id order, which is commit order within each deployment.
-pub async fn unfinished_at(client: &Client, snapshot: &str, after: i64) -> Result<Vec<Event>, DbError> {
-    let sql = format!(
-        "SELECT {COLUMNS} FROM windflow_events
-          WHERE id > $2
-            AND xid >= pg_snapshot_xmin($1::text::pg_snapshot)
-            AND NOT pg_visible_in_snapshot(xid, $1::text::pg_snapshot)
-          ORDER BY id"
-    );
-    Ok(events_from_rows(&client.query(&sql, &[&snapshot, &after]).await?))
-}
-
 /// Which events of the log a replay reads.
 struct Filter {
     deployment: Option<Uuid>,
     kind: Option<EventKind>,
     /// Only events this viewer may see.
     viewer: Viewer,
-    /// Only transactions this marker snapshot shows as finished...
-    snapshot: String,
-    /// ...or these events.
-    also: Vec<i64>,
+    /// Only ids below this one (the history has the rest)...
+    before: i64,
+    /// ...except these, which the history has too.
+    skip: Vec<i64>,
+}
+
+/// The candidates of a page: `$1` after, `$2` before, `$3` skip, `$4` rows,
+/// `$5` user, `$6` organization, `$7` deployment, `$8` type, `$9` superuser.
+/// Each form reads by an index that holds only what the viewer may see, or
+/// only the deployment's events, so a viewer who may see nothing reads
+/// nothing, however large the log.
+fn candidates(filter: &Filter) -> &'static str {
+    match (filter.deployment, filter.viewer.is_superuser) {
+        // Everything: the primary key.
+        (None, true) => {
+            "SELECT id, type, deployment_id, user_id, organization_id, data, size FROM windflow_events
+              WHERE id > $1 AND id < $2 AND NOT id = ANY($3)
+              ORDER BY id LIMIT $4"
+        }
+        // The viewer's own, and their organization's: two indexes, merged.
+        (None, false) => {
+            "(SELECT id, type, deployment_id, user_id, organization_id, data, size FROM windflow_events
+               WHERE user_id = $5 AND id > $1 AND id < $2 AND NOT id = ANY($3)
+               ORDER BY id LIMIT $4)
+             UNION ALL
+             (SELECT id, type, deployment_id, user_id, organization_id, data, size FROM windflow_events
+               WHERE organization_id = $6 AND user_id <> $5 AND id > $1 AND id < $2 AND NOT id = ANY($3)
+               ORDER BY id LIMIT $4)"
+        }
+        // One deployment's events of one type, those the viewer may see.
+        (Some(_), _) => {
+            "SELECT id, type, deployment_id, user_id, organization_id, data, size FROM windflow_events
+              WHERE deployment_id = $7 AND type = $8 AND id > $1 AND id < $2 AND NOT id = ANY($3)
+                AND ($9 OR user_id = $5 OR organization_id = $6)
+              ORDER BY id LIMIT $4"
+        }
+    }
 }
 
 /// A page of the events after `after` (by id) that pass `filter`: at most
 /// `rows` events, and no more than about `bytes` of event data (a page
-/// always holds at least one event, however large). Visibility is decided
-/// here, so a viewer who may see nothing pulls nothing.
+/// always holds at least one event, however large).
 async fn page_after(
-    client: &Client,
+    client: &deadpool_postgres::Client,
     after: i64,
     filter: &Filter,
     rows: i64,
@@ -238,38 +347,48 @@ async fn page_after(
 ) -> Result<Vec<Event>, DbError> {
     let sql = format!(
         "SELECT {COLUMNS} FROM (
-            SELECT id, type, deployment_id, user_id, organization_id, data,
-                   sum(size) OVER (ORDER BY id) - size AS before
-              FROM windflow_events
-             WHERE id > $1
-               AND ($2::uuid IS NULL OR deployment_id = $2)
-               AND ($3::text IS NULL OR type = $3)
-               AND (pg_visible_in_snapshot(xid, $4::text::pg_snapshot) OR id = ANY($5))
-               AND ($6 OR user_id = $7 OR (organization_id IS NOT NULL AND organization_id = $8))
-             ORDER BY id
-             LIMIT $9) page
-          WHERE before < $10
-          ORDER BY id"
+            SELECT *, sum(size) OVER (ORDER BY id) - size AS bytes_before
+              FROM ({}) candidates
+             ORDER BY id LIMIT $4) page
+          WHERE bytes_before < $10
+          ORDER BY id",
+        candidates(filter)
     );
     let kind = filter.kind.map(EventKind::as_str);
     let viewer = filter.viewer;
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 10] = [
         &after,
-        &filter.deployment,
-        &kind,
-        &filter.snapshot,
-        &filter.also,
-        &viewer.is_superuser,
+        &filter.before,
+        &filter.skip,
+        &rows,
         &viewer.user_id,
         &viewer.organization_id,
-        &rows,
+        &filter.deployment,
+        &kind,
+        &viewer.is_superuser,
         &bytes,
     ];
-    Ok(events_from_rows(&client.query(&sql, &params).await?))
+    // Typed: each form of `candidates` leaves some parameters unused, whose
+    // types PostgreSQL could not infer.
+    use tokio_postgres::types::Type;
+    let types = [
+        Type::INT8,
+        Type::INT8,
+        Type::INT8_ARRAY,
+        Type::INT8,
+        Type::UUID,
+        Type::UUID,
+        Type::UUID,
+        Type::TEXT,
+        Type::BOOL,
+        Type::INT8,
+    ];
+    let statement = client.prepare_typed_cached(&sql, &types).await?;
+    Ok(events_from_rows(&client.query(&statement, &params).await?))
 }
 
-/// The highest id retention has deleted.
-async fn pruned_upto(client: &Client) -> Result<i64, DbError> {
+/// The highest id retention (or a TRUNCATE) has deleted.
+async fn pruned_upto(client: &deadpool_postgres::Client) -> Result<i64, DbError> {
     Ok(client.query_one("SELECT upto FROM windflow_events_pruned", &[]).await?.get(0))
 }
 

@@ -1,16 +1,10 @@
-//! PostgreSQL: the pool, migrations, and the queries on the event log.
-//! The event sources live in [`listener`] (NOTIFY, the default) and
-//! [`replication`] (logical replication); [`source`] says which a database
-//! uses.
+//! PostgreSQL: the pool, migrations, the event feed ([`feed`]: where
+//! events enter), and the queries sessions run on the event log
+//! ([`events`]).
 
-pub mod announcement;
-pub mod catchup;
 pub mod events;
-pub mod listener;
-pub mod pgoutput;
-pub mod replication;
+pub mod feed;
 pub mod retention;
-pub mod source;
 
 use std::time::Duration;
 
@@ -69,15 +63,8 @@ pub enum DbError {
         "the database is a standby (pg_is_in_recovery() is true): LISTEN cannot work there; point DATABASE_URL at the primary"
     )]
     Standby,
-    #[error(transparent)]
-    NotReady(#[from] source::NotReady),
     #[error("the event log's replay limits are closed (shutting down)")]
     Closed,
-    #[error(
-        "cannot read the event signing key (windflow_notify_key): {}; run the server as the role that ran the migrations, or GRANT SELECT ON windflow_notify_key to its role",
-        describe(.0)
-    )]
-    SigningKey(tokio_postgres::Error),
 }
 
 pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, DbError> {
@@ -133,7 +120,7 @@ fn server_of(config: &tokio_postgres::Config) -> (String, u16) {
 }
 
 /// A failed connection, with what to do about the usual causes.
-fn connect_error(config: &tokio_postgres::Config, source: tokio_postgres::Error) -> DbError {
+pub(crate) fn connect_error(config: &tokio_postgres::Config, source: tokio_postgres::Error) -> DbError {
     let (host, port) = server_of(config);
     let server = format!("{host}:{port}");
     let code = source.as_db_error().map(|db| db.code().clone());

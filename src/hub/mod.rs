@@ -8,7 +8,7 @@
 //! `since` replay gap-free.
 //!
 //! - `routing`: the delivery rule and the subscriber indexes;
-//! - `resume`: the history, the markers and where each `since` falls.
+//! - `resume`: the history and where each `since` falls.
 //!
 //! The hub never waits on a client. A connection whose queue is full is a
 //! slow consumer: it is dropped from routing and its session is told to
@@ -33,16 +33,17 @@ use crate::metrics::Metrics;
 
 pub type ConnId = u64;
 
-/// What an event source hands the hub, in commit order.
+/// What the feed hands the hub, in the log's id order (commit order).
 #[derive(Debug)]
 pub enum Arrival {
     Event(Event),
-    /// A marker snapshot (`pg_current_snapshot()` as text): every
-    /// transaction it shows as finished has already been handed over.
-    Marker(String),
-    /// Once, before the first marker: the newest event id committed when
-    /// this process started, the resume cursor while nothing came yet.
-    Origin(i64),
+    /// Every id up to this one has been handed over or can no longer
+    /// commit: first when the feed starts (the resume cursor while nothing
+    /// came yet), then whenever it goes past ids that will never commit.
+    Through(i64),
+    /// The log's ids started again, below what was handed over: the
+    /// history is dropped, and this is the new `Through`.
+    Restarted(i64),
 }
 
 /// What sessions ask of the hub, through [`HubHandle`]'s methods.
@@ -58,19 +59,16 @@ enum Command {
 /// A `since` and what the event log says of it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Since {
-    /// Not looked up: fine when the history holds it.
+    /// Not looked up: all the hub needs unless it is newer than what was fed.
     Unchecked(i64),
-    /// In the event log, written by transaction `xid`.
-    Committed { id: i64, xid: u64 },
-    /// Not in the event log. `pruned`: retention deleted it, or events
-    /// after it (or it is 0 and retention deleted anything).
-    Missing { id: i64, pruned: bool },
+    /// Looked up: `newest` is the last id the log gave out.
+    Checked { id: i64, newest: i64 },
 }
 
 impl Since {
     pub fn id(self) -> i64 {
         match self {
-            Since::Unchecked(id) | Since::Committed { id, .. } | Since::Missing { id, .. } => id,
+            Since::Unchecked(id) | Since::Checked { id, .. } => id,
         }
     }
 }
@@ -83,8 +81,8 @@ impl Since {
 pub enum Outbound {
     Event(Arc<Event>),
     Subscribed(Box<Subscribed>),
-    /// The history does not hold `since`: look it up in the event log and
-    /// subscribe again with the answer.
+    /// `since` is newer than anything fed here: look it up in the event
+    /// log and subscribe again with the answer.
     LookUp(Box<LookUp>),
     Unsubscribed {
         topic: Topic,
@@ -117,17 +115,13 @@ pub struct Replay {
     pub recent: Vec<Arc<Event>>,
 }
 
-/// Events of the log handed over before a marker (or before this process
-/// started), after `since` by id. Events after the marker come from the
-/// history, in commit order.
+/// The events of the log after `since` and before `before` (by id, which
+/// is commit order): what precedes the history. The history has the rest.
 #[derive(Debug)]
 pub struct LogReplay {
     pub since: i64,
-    /// Events whose transactions this marker snapshot shows as finished...
-    pub snapshot: String,
-    /// ...or these, handed over just before it or since evicted from the history...
-    pub also: Vec<i64>,
-    /// ...except these (sorted), which the connection already received.
+    pub before: i64,
+    /// Ids below `before` that the history holds too (fed late): not read twice.
     pub skip: Vec<i64>,
 }
 
@@ -170,7 +164,7 @@ impl HubHandle {
 
     /// Answered with exactly one [`Outbound::Subscribed`], or first with an
     /// [`Outbound::LookUp`], after which the session subscribes again with
-    /// the `since` looked up.
+    /// the `since` looked up ([`Since::Checked`]).
     pub async fn subscribe(&self, conn: ConnId, topic: Topic, since: Option<Since>) -> Result<(), HubStopped> {
         self.send(Command::Subscribe { conn, topic, since }).await
     }
@@ -194,6 +188,9 @@ pub struct Hub {
     timeline: Timeline,
     /// `publish`'s candidates, kept to reuse the allocation.
     recipients: Vec<ConnId>,
+    /// The history's bounds, to start a new one after the ids restarted.
+    history_size: usize,
+    history_bytes: usize,
 }
 
 /// Capacity of the source → hub channel. When the hub falls behind, the
@@ -217,6 +214,8 @@ impl Hub {
             routes: Routes::default(),
             timeline: Timeline::new(History::new(history_size, history_bytes)),
             recipients: Vec::new(),
+            history_size,
+            history_bytes,
         };
         (hub, HubHandle { commands: commands_tx }, arrivals_tx)
     }
@@ -225,22 +224,26 @@ impl Hub {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                Some(arrival) = self.arrivals.recv() => match arrival {
-                    Arrival::Event(event) => self.publish(event),
-                    Arrival::Marker(snapshot) => self.on_marker(snapshot),
-                    Arrival::Origin(id) => self.timeline.origin = id,
-                },
+                Some(arrival) = self.arrivals.recv() => self.handle_arrival(arrival),
                 Some(command) = self.commands.recv() => self.handle(command),
                 else => break,
             }
         }
     }
 
-    fn on_marker(&mut self, snapshot: String) {
-        // Lagging resumes whose `since` this marker shows as finished can
-        // now be placed: in the history, or before it.
-        for d in self.timeline.on_marker(snapshot) {
-            self.subscribe(d.conn, d.topic, Some(d.since()));
+    fn handle_arrival(&mut self, arrival: Arrival) {
+        match arrival {
+            Arrival::Event(event) => self.publish(event),
+            Arrival::Through(id) => {
+                for d in self.timeline.advance(id) {
+                    self.subscribe(d.conn, d.topic, Some(Since::Unchecked(d.id)));
+                }
+            }
+            Arrival::Restarted(id) => {
+                let history = History::new(self.history_size, self.history_bytes);
+                self.timeline.restart(id, history);
+                self.metrics.history_bytes.store(0, Relaxed);
+            }
         }
     }
 
@@ -310,9 +313,9 @@ impl Hub {
         }
         self.recipients = recipients;
 
-        // A lagging resume waiting for this very event can now be placed.
-        for d in self.timeline.waiting_for(event.id) {
-            self.subscribe(d.conn, d.topic, Some(d.since()));
+        // Lagging resumes the feed has now reached can be placed.
+        for d in self.timeline.ready() {
+            self.subscribe(d.conn, d.topic, Some(Since::Unchecked(d.id)));
         }
     }
 
@@ -350,8 +353,6 @@ impl Hub {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashSet;
-
     use uuid::Uuid;
 
     use super::*;
@@ -460,16 +461,16 @@ mod tests {
     }
 
     #[test]
-    fn replay_from_history_follows_commit_order_not_id_order() {
+    fn replay_from_history_follows_the_order_events_were_fed() {
         let mut hub = hub();
         let (owner, deployment) = (Uuid::new_v4(), Uuid::new_v4());
         let watcher = Viewer { is_superuser: true, ..viewer(Uuid::new_v4()) };
-        // Commit order 5, 3, 7, 4: resuming after 3 owes 7 and 4.
-        for id in [5, 3, 7, 4] {
+        // 4 came late (the feed went past it, then it committed).
+        for id in [3, 5, 7, 4] {
             hub.publish(event(id, EventKind::StatusChanged, deployment, owner, None));
         }
         let mut client = connect(&mut hub, 1, watcher, 16);
-        hub.handle(Command::Subscribe { conn: 1, topic: Topic::DeploymentEvents, since: Some(Since::Unchecked(3)) });
+        hub.handle(Command::Subscribe { conn: 1, topic: Topic::DeploymentEvents, since: Some(Since::Unchecked(5)) });
         assert_eq!(client.events(), vec![7, 4]);
     }
 
@@ -485,43 +486,55 @@ mod tests {
         assert_eq!(client.events(), Vec::<i64>::new());
     }
 
-    #[test]
-    fn replay_older_than_history_is_looked_up_then_read_from_the_log_before_the_oldest_marker() {
-        let mut hub = Hub::new(Arc::new(Metrics::default()), 2, usize::MAX).0;
-        let owner = Uuid::new_v4();
-        let deployment = Uuid::new_v4();
-        hub.on_marker("10:10:".into());
-        for id in 1..=3 {
-            hub.publish(event(id, EventKind::Progress, deployment, owner, None));
+    fn reply(rx: &mut mpsc::Receiver<Outbound>) -> Subscribed {
+        match rx.try_recv() {
+            Ok(Outbound::Subscribed(reply)) => *reply,
+            other => panic!("expected subscribed, got {other:?}"),
         }
-        hub.on_marker("20:20:".into());
-        let (tx, mut rx) = mpsc::channel(8);
-        let watcher = Viewer { is_superuser: true, ..viewer(Uuid::new_v4()) };
-        hub.handle(Command::Register { conn: 9, viewer: watcher, outbound: tx, kicked: CancellationToken::new() });
-        let topic = progress(deployment);
-        hub.handle(Command::Subscribe { conn: 9, topic, since: Some(Since::Unchecked(1)) });
-        let Ok(Outbound::LookUp(look_up)) = rx.try_recv() else { panic!("the hub asks for a look-up") };
-        assert_eq!(look_up.since, 1);
-        hub.handle(Command::Subscribe { conn: 9, topic, since: Some(Since::Committed { id: 1, xid: 5 }) });
-        let Ok(Outbound::Subscribed(reply)) = rx.try_recv() else { panic!("no reply") };
-        let Subscribed { cursor: 1, replay: Some(replay), .. } = *reply else { panic!("no reply") };
-        let log = replay.from_log.expect("since 1 is older than the history");
-        // The oldest marker at or after the history's start is the second:
-        // events fed before it come from the log, the rest from the history.
-        assert_eq!((log.since, log.snapshot.as_str()), (1, "20:20:"));
-        assert_eq!(log.also.iter().copied().collect::<HashSet<_>>(), HashSet::from([1, 2, 3]));
-        assert!(replay.recent.is_empty());
     }
 
     #[test]
-    fn a_lagging_resume_waits_for_its_since_then_replays_from_its_place() {
+    fn replay_older_than_history_reads_the_log_up_to_the_history() {
+        let mut hub = Hub::new(Arc::new(Metrics::default()), 2, usize::MAX).0;
+        let (owner, deployment) = (Uuid::new_v4(), Uuid::new_v4());
+        for id in 1..=3 {
+            hub.publish(event(id, EventKind::Progress, deployment, owner, None));
+        }
+        let (tx, mut rx) = mpsc::channel(8);
+        let watcher = Viewer { is_superuser: true, ..viewer(Uuid::new_v4()) };
+        hub.handle(Command::Register { conn: 9, viewer: watcher, outbound: tx, kicked: CancellationToken::new() });
+        hub.handle(Command::Subscribe { conn: 9, topic: progress(deployment), since: Some(Since::Unchecked(0)) });
+        let Subscribed { cursor: 0, replay: Some(replay), .. } = reply(&mut rx) else { panic!("a replay") };
+        let log = replay.from_log.expect("since 0 is older than the history");
+        assert_eq!((log.since, log.before), (0, 2), "the log up to the history's first event");
+        assert_eq!(replay.recent.iter().map(|e| e.id).collect::<Vec<_>>(), vec![2, 3]);
+    }
+
+    #[test]
+    fn a_since_that_never_committed_replays_what_follows_it() {
         let mut hub = hub();
         let (owner, deployment) = (Uuid::new_v4(), Uuid::new_v4());
-        hub.on_marker("100:100:".into());
+        for id in [1, 2, 5, 6] {
+            hub.publish(event(id, EventKind::LogsUpdate, deployment, owner, None));
+        }
+        let watcher = Viewer { is_superuser: true, ..viewer(Uuid::new_v4()) };
+        let mut client = connect(&mut hub, 1, watcher, 16);
+        hub.handle(Command::Subscribe { conn: 1, topic: logs(deployment), since: Some(Since::Unchecked(3)) });
+        assert_eq!(client.events(), vec![5, 6]);
+    }
+
+    #[test]
+    fn a_lagging_resume_is_looked_up_then_waits_for_its_since() {
+        let mut hub = hub();
+        let (owner, deployment) = (Uuid::new_v4(), Uuid::new_v4());
+        hub.handle_arrival(Arrival::Through(6));
         let watcher = Viewer { is_superuser: true, ..viewer(Uuid::new_v4()) };
         let mut client = connect(&mut hub, 1, watcher, 16);
         let topic = logs(deployment);
-        hub.handle(Command::Subscribe { conn: 1, topic, since: Some(Since::Committed { id: 7, xid: 150 }) });
+        hub.handle(Command::Subscribe { conn: 1, topic, since: Some(Since::Unchecked(7)) });
+        let Ok(Outbound::LookUp(look_up)) = client.rx.try_recv() else { panic!("newer than the feed: a look-up") };
+        assert_eq!(look_up.since, 7);
+        hub.handle(Command::Subscribe { conn: 1, topic, since: Some(Since::Checked { id: 7, newest: 9 }) });
         assert!(client.rx.try_recv().is_err(), "no reply before since arrives");
         for id in [7, 8] {
             hub.publish(event(id, EventKind::LogsUpdate, deployment, owner, None));
@@ -532,7 +545,41 @@ mod tests {
     }
 
     #[test]
-    fn subscribed_carries_the_newest_event_as_cursor() {
+    fn a_since_the_log_never_gave_out_gets_resync() {
+        let mut hub = hub();
+        hub.handle_arrival(Arrival::Through(6));
+        let (tx, mut rx) = mpsc::channel(8);
+        hub.handle(Command::Register {
+            conn: 1,
+            viewer: viewer(Uuid::new_v4()),
+            outbound: tx,
+            kicked: CancellationToken::new(),
+        });
+        let since = Some(Since::Checked { id: 500, newest: 6 });
+        hub.handle(Command::Subscribe { conn: 1, topic: Topic::DeploymentEvents, since });
+        let Subscribed { cursor, replay: Some(replay), .. } = reply(&mut rx) else { panic!("a replay") };
+        assert!(replay.resync);
+        assert_eq!(cursor, 6, "a cursor that loses nothing from now on");
+    }
+
+    #[test]
+    fn ids_that_start_again_are_not_taken_for_repeats() {
+        let mut hub = hub();
+        let owner = Uuid::new_v4();
+        let mut client = connect(&mut hub, 1, viewer(owner), 16);
+        for id in 1..=3 {
+            hub.publish(event(id, EventKind::Progress, Uuid::new_v4(), owner, None));
+        }
+        hub.handle_arrival(Arrival::Restarted(0));
+        for id in 1..=2 {
+            hub.publish(event(id, EventKind::Progress, Uuid::new_v4(), owner, None));
+        }
+        assert_eq!(client.events(), vec![1, 2, 3, 1, 2]);
+        assert_eq!(hub.timeline.cursor(), 2);
+    }
+
+    #[test]
+    fn subscribed_carries_the_feeds_position_as_cursor() {
         let mut hub = hub();
         hub.handle(Command::Register {
             conn: 1,
@@ -540,11 +587,11 @@ mod tests {
             outbound: mpsc::channel(8).0,
             kicked: CancellationToken::new(),
         });
-        hub.timeline.origin = 41;
-        assert_eq!(hub.timeline.cursor(), 41, "before any event, the origin");
-        hub.publish(event(44, EventKind::Progress, Uuid::new_v4(), Uuid::new_v4(), None));
-        hub.publish(event(43, EventKind::Progress, Uuid::new_v4(), Uuid::new_v4(), None));
-        assert_eq!(hub.timeline.cursor(), 43, "the last in commit order, not the largest id");
+        hub.handle_arrival(Arrival::Through(41));
+        assert_eq!(hub.timeline.cursor(), 41, "before any event, where the feed started");
+        hub.publish(event(42, EventKind::Progress, Uuid::new_v4(), Uuid::new_v4(), None));
+        hub.publish(event(40, EventKind::Progress, Uuid::new_v4(), Uuid::new_v4(), None));
+        assert_eq!(hub.timeline.cursor(), 42, "a late event does not move it back");
     }
 
     #[test]

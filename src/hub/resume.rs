@@ -1,41 +1,25 @@
-//! Where a `since` falls: the history of recent events in commit order,
-//! the marker snapshots that tie it to the event log, and the replay plan
-//! of each resume.
+//! Where a `since` falls: the history of recent events, in the order they
+//! were fed (the log's id order, which is commit order), and the replay
+//! plan of each resume.
+//!
+//! The feed hands events over in id order, and only once every smaller id
+//! has been handed over or can no longer commit (`db::feed`). So "every
+//! event after N" is, for any instance, the events with larger ids: what
+//! the history holds after N, and before the history, the event log.
 
-use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
-
-use tracing::warn;
 
 use super::routing::{Conn, on_topic};
 use super::{ConnId, LogReplay, Replay, Since};
 use crate::event::{Event, Topic};
-use crate::history::{History, Snapshot};
+use crate::history::History;
 
-/// A marker as the hub keeps it: where it fell among the events.
-struct Marker {
-    /// The seq the next event fed after it got.
-    seq: u64,
-    snapshot: String,
-    parsed: Option<Snapshot>,
-    /// Events fed between the previous marker and this one: some may have
-    /// committed after this snapshot was taken.
-    fed_before: Vec<i64>,
-}
-
-/// A subscribe whose `since` committed but has not reached this process
-/// yet (this instance lags the one the client came from).
+/// A subscribe whose `since` the feed has not reached yet (this instance
+/// lags the one the client came from).
 pub(super) struct Deferred {
     pub conn: ConnId,
     pub topic: Topic,
     pub id: i64,
-    pub xid: u64,
-}
-
-impl Deferred {
-    pub fn since(&self) -> Since {
-        Since::Committed { id: self.id, xid: self.xid }
-    }
 }
 
 /// What a subscribe gets.
@@ -43,41 +27,27 @@ pub(super) enum Plan {
     /// `subscribed` with `cursor` and `replay`; the subscription delivers
     /// live events from seq `from` on.
     Ready { cursor: i64, replay: Option<Replay>, from: u64 },
-    /// The history does not hold `since`: the session looks it up.
+    /// `since` is newer than anything fed here: the session asks the log
+    /// whether such an id was ever given out.
     LookUp(i64),
-    /// `since` committed but was not fed here yet: wait for it.
+    /// `since` was given out but not fed here yet: wait for it.
     Wait,
 }
 
+/// How far past a `since` the history holds no event (ids that never
+/// committed) it is looked for, before the log is asked instead.
+const MAX_PROBE: i64 = 1024;
+
 pub(super) struct Timeline {
     history: History,
-    /// Markers from the oldest one at or after the history's first event
-    /// (or the newest, if none is) to the newest.
-    markers: VecDeque<Marker>,
-    /// Ids fed since the last marker, and between the two before it. A
-    /// transaction the marker shows as unfinished may have been fed just
-    /// before the marker: two generations cover it (the listener sends a
-    /// marker only after the previous one came back).
-    fed_since_marker: HashSet<i64>,
-    fed_before_marker: HashSet<i64>,
-    /// Ids evicted from the history since the newest marker.
-    evicted_since_marker: Vec<i64>,
-    /// The newest event id committed when this process started.
-    pub origin: i64,
+    /// Every id up to this one was fed, or can no longer commit.
+    through: i64,
     deferred: Vec<Deferred>,
 }
 
 impl Timeline {
     pub fn new(history: History) -> Timeline {
-        Timeline {
-            history,
-            markers: VecDeque::new(),
-            fed_since_marker: HashSet::new(),
-            fed_before_marker: HashSet::new(),
-            evicted_since_marker: Vec::new(),
-            origin: 0,
-            deferred: Vec::new(),
-        }
+        Timeline { history, through: 0, deferred: Vec::new() }
     }
 
     /// The seq the next event will get.
@@ -89,67 +59,47 @@ impl Timeline {
         self.history.bytes()
     }
 
-    /// The resume cursor of a subscription made now: the newest event fed.
+    /// The resume cursor of a subscription made now: everything up to it
+    /// was fed.
     pub fn cursor(&self) -> i64 {
-        self.history.last_id().unwrap_or(self.origin)
+        self.through
     }
 
-    /// Give the event its place in commit order; `None` when it was
-    /// already fed (a source's catch-up after a reconnect may overlap).
+    /// Give the event its place in the order; `None` when it was already
+    /// fed.
     pub fn admit(&mut self, mut event: Event) -> Option<Arc<Event>> {
-        if self.history.seq_of(event.id).is_some()
-            || self.fed_since_marker.contains(&event.id)
-            || self.fed_before_marker.contains(&event.id)
-        {
+        if self.history.seq_of(event.id).is_some() {
             return None;
         }
-        self.fed_since_marker.insert(event.id);
+        self.through = self.through.max(event.id);
         event.seq = self.history.next_seq();
         let event = Arc::new(event);
-        self.history.push(Arc::clone(&event), &mut self.evicted_since_marker);
-        self.prune_markers();
+        self.history.push(Arc::clone(&event));
         Some(event)
     }
 
-    /// A marker came: returns the lagging resumes it lets through.
-    pub fn on_marker(&mut self, snapshot: String) -> Vec<Deferred> {
-        let fed_before: Vec<i64> = self.fed_since_marker.iter().copied().collect();
-        self.fed_before_marker = std::mem::take(&mut self.fed_since_marker);
-        self.evicted_since_marker.clear();
-        let parsed = Snapshot::parse(&snapshot);
-        if parsed.is_none() {
-            warn!(snapshot = %snapshot, "marker is not a pg_snapshot; lagging resumes wait for the next one");
-        }
-        let seq = self.history.next_seq();
-        match self.markers.back_mut() {
-            // Nothing fed since the last marker: this one says the same of
-            // the events, with more transactions finished. Keeping both
-            // would grow by one marker a second on an idle server.
-            Some(last) if last.seq == seq => {
-                last.snapshot = snapshot;
-                last.parsed = parsed;
-                last.fed_before.extend(fed_before);
-            }
-            _ => self.markers.push_back(Marker { seq, snapshot, parsed, fed_before }),
-        }
-        self.prune_markers();
-        match self.markers.back().and_then(|m| m.parsed.as_ref()) {
-            Some(latest) => {
-                let (ready, waiting) =
-                    std::mem::take(&mut self.deferred).into_iter().partition(|d| latest.finished(d.xid));
-                self.deferred = waiting;
-                ready
-            }
-            None => Vec::new(),
-        }
+    /// The feed went past ids that will never commit: the lagging resumes
+    /// it lets through.
+    pub fn advance(&mut self, through: i64) -> Vec<Deferred> {
+        self.through = self.through.max(through);
+        self.ready()
     }
 
-    /// The lagging resumes waiting for event `id`, which was just fed.
-    pub fn waiting_for(&mut self, id: i64) -> Vec<Deferred> {
-        match self.deferred.iter().position(|d| d.id == id) {
-            Some(i) => self.deferred.extract_if(i.., |d| d.id == id).collect(),
-            None => Vec::new(),
+    /// The ids started again below what was fed: what the history holds
+    /// says nothing of the new ids, so it is dropped, and a resume from an
+    /// older id is looked up (and gets `resync`).
+    pub fn restart(&mut self, through: i64, history: History) {
+        self.history = history;
+        self.through = through;
+    }
+
+    /// The lagging resumes the feed has now reached.
+    pub fn ready(&mut self) -> Vec<Deferred> {
+        let through = self.through;
+        if !self.deferred.iter().any(|d| d.id <= through) {
+            return Vec::new();
         }
+        self.deferred.extract_if(.., |d| d.id <= through).collect()
     }
 
     /// A subscribe of `conn` to `topic` still waiting for its `since`.
@@ -162,72 +112,58 @@ impl Timeline {
         self.deferred.retain(|d| d.conn != conn);
     }
 
-    /// Drop markers from before the history's first event, but keep the
-    /// newest: the oldest one left is the floor a log replay reads up to.
-    fn prune_markers(&mut self) {
-        let first = self.history.first_seq();
-        while self.markers.len() > 1 && self.markers.front().is_some_and(|m| m.seq < first) {
-            self.markers.pop_front();
-        }
-    }
-
     /// Where a subscribe of `conn` (registered as `conn_id`) to `topic` starts.
     pub fn plan(&mut self, conn_id: ConnId, conn: &Conn, topic: Topic, since: Option<Since>) -> Plan {
         let Some(since) = since else {
             return Plan::Ready { cursor: self.cursor(), replay: None, from: self.next_seq() };
         };
-        if let Some(seq) = self.history.seq_of(since.id()) {
-            let recent = self.recent(conn, topic, seq + 1);
-            return Plan::Ready {
-                cursor: since.id(),
-                replay: Some(Replay { recent, ..Replay::default() }),
-                from: seq + 1,
+        let id = since.id();
+        if id > self.through {
+            return match since {
+                Since::Unchecked(_) => Plan::LookUp(id),
+                Since::Checked { newest, .. } if id <= newest => {
+                    self.deferred.push(Deferred { conn: conn_id, topic, id });
+                    Plan::Wait
+                }
+                // An id the log never gave out (or gave out before its ids
+                // started again): nothing can be placed after it.
+                Since::Checked { .. } => {
+                    let replay = Replay { resync: true, ..Replay::default() };
+                    Plan::Ready { cursor: self.cursor(), replay: Some(replay), from: self.next_seq() }
+                }
             };
         }
-        let resync = match since {
-            Since::Unchecked(id) => return Plan::LookUp(id),
-            Since::Committed { id, xid } => {
-                let finished = self.markers.back().and_then(|m| m.parsed.as_ref()).is_some_and(|s| s.finished(xid));
-                if !finished {
-                    self.deferred.push(Deferred { conn: conn_id, topic, id, xid });
-                    return Plan::Wait;
-                }
-                false
-            }
-            Since::Missing { id, pruned } if pruned || id == 0 => pruned,
-            // No such event: nothing can be placed after it.
-            Since::Missing { .. } => {
-                let replay = Replay { resync: true, ..Replay::default() };
-                return Plan::Ready { cursor: self.cursor(), replay: Some(replay), from: self.next_seq() };
-            }
-        };
-        let (from_log, from) = self.before_history(conn, since.id());
+        // In the history, or between two of its events (an id that never
+        // committed): replay what follows it there.
+        if let Some(seq) = self.placed_in_history(id) {
+            let recent = self.recent(conn, topic, seq);
+            return Plan::Ready { cursor: id, replay: Some(Replay { recent, ..Replay::default() }), from: seq };
+        }
+        // Older than the history: the log up to it, then all of it.
+        let before = self.history.first_id().unwrap_or(self.through + 1);
+        let from = self.history.first_seq();
+        let log = LogReplay { since: id, before, skip: self.history.late_below(before) };
         let recent = self.recent(conn, topic, from);
-        Plan::Ready { cursor: since.id(), replay: Some(Replay { resync, from_log, recent }), from }
+        Plan::Ready { cursor: id, replay: Some(Replay { resync: false, from_log: Some(log), recent }), from }
     }
 
-    /// For a `since` older than the history: what to read from the log
-    /// (events fed before the oldest kept marker), and the seq the history
-    /// takes over from.
-    fn before_history(&self, conn: &Conn, since: i64) -> (Option<LogReplay>, u64) {
-        let Some(floor) = self.markers.front() else {
-            // No marker yet (clients are accepted only after the first).
-            return (None, self.history.first_seq());
-        };
-        let mut also = floor.fed_before.clone();
-        if floor.seq < self.history.first_seq() {
-            also.extend(&self.evicted_since_marker);
+    /// The seq from which the history holds what follows `id`, when it
+    /// covers `id`: right after `id` itself, or at the first event of a
+    /// larger id when `id` never committed.
+    fn placed_in_history(&self, id: i64) -> Option<u64> {
+        if let Some(seq) = self.history.seq_of(id) {
+            return Some(seq + 1);
         }
-        // Events fed before the floor that are still in the history, and
-        // that this connection already received, are not sent again.
-        let mut skip: Vec<i64> = (self.history.first_seq()..floor.seq)
-            .filter_map(|seq| self.history.get(seq))
-            .filter(|event| conn.receives(event.seq, event))
-            .map(|event| event.id)
-            .collect();
-        skip.sort_unstable();
-        let log = LogReplay { since, snapshot: floor.snapshot.clone(), also, skip };
-        (Some(log), floor.seq.max(self.history.first_seq()))
+        let first = self.history.first_id()?;
+        if id < first {
+            return None;
+        }
+        let probed = (id + 1..=self.through.min(id + MAX_PROBE)).find_map(|next| self.history.seq_of(next));
+        Some(probed.unwrap_or_else(|| {
+            // Past the probe: the first event of a larger id, if any.
+            let after = self.history.all_from(self.history.first_seq()).find(|event| event.id > id);
+            after.map_or(self.history.next_seq(), |event| event.seq)
+        }))
     }
 
     /// The history's events of `topic` from `seq` on that this connection
@@ -243,29 +179,5 @@ impl Timeline {
             None if viewer.is_superuser => self.history.all_from(seq).filter(owed).cloned().collect(),
             None => by_seq(&mut self.history.of_owner_or_organization(viewer.user_id, viewer.organization_id, seq)),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use uuid::Uuid;
-
-    use super::*;
-    use crate::event::EventKind;
-
-    #[test]
-    fn markers_without_events_between_them_are_kept_once() {
-        let mut timeline = Timeline::new(History::new(100, usize::MAX));
-        for xmin in 10..1000 {
-            timeline.on_marker(format!("{xmin}:{xmin}:"));
-        }
-        assert_eq!(timeline.markers.len(), 1, "an idle server keeps one marker");
-        assert_eq!(timeline.markers[0].snapshot, "999:999:");
-        let event = Event::new(1, EventKind::Progress, Uuid::new_v4(), Uuid::new_v4(), None, "{}");
-        assert!(timeline.admit(event).is_some());
-        timeline.on_marker("1000:1000:".into());
-        timeline.on_marker("1001:1001:".into());
-        assert_eq!(timeline.markers.len(), 2);
-        assert_eq!(timeline.markers[1].fed_before, vec![1]);
     }
 }

@@ -179,11 +179,11 @@ impl TestServer {
         windflow_testkit::metric(self.addr, name).await.unwrap_or_else(|e| panic!("{e:#}"))
     }
 
-    /// Wait until the event source saw two more of its markers come back:
-    /// the second was sent after this call.
-    pub async fn two_markers_pass(&self) {
-        let start = self.metric("windflow_markers_total").await;
-        eventually("two markers come back", || async { self.metric("windflow_markers_total").await >= start + 2.0 })
+    /// Wait until the feed read the event log twice more: the second read
+    /// began after this call, so it saw everything committed before it.
+    pub async fn two_log_reads_pass(&self) {
+        let start = self.metric("windflow_log_reads_total").await;
+        eventually("two reads of the log", || async { self.metric("windflow_log_reads_total").await >= start + 2.0 })
             .await;
     }
 }
@@ -294,6 +294,65 @@ impl Client {
 }
 
 /// Writes as a backend writer would: plain SQL.
+/// A login role of its own (no privileges unless granted), dropped with
+/// the value, with whatever it was granted.
+pub struct Role {
+    pub name: String,
+    granted_in: Option<tokio_postgres::Config>,
+}
+
+impl Role {
+    pub async fn create() -> Role {
+        let name = format!("wf_role_{}", Uuid::new_v4().simple());
+        admin_client().await.batch_execute(&format!("CREATE ROLE {name} LOGIN")).await.expect("create role");
+        Role { name, granted_in: None }
+    }
+
+    /// A writer: SELECT, INSERT and UPDATE on `deployments` and
+    /// `deployment_logs`, nothing else.
+    pub async fn writer(database: &TestDatabase) -> Role {
+        let mut role = Role::create().await;
+        database
+            .client()
+            .await
+            .batch_execute(&format!("GRANT SELECT, INSERT, UPDATE ON deployments, deployment_logs TO {}", role.name))
+            .await
+            .expect("grant a writer's privileges");
+        role.granted_in = Some(database.config.clone());
+        role
+    }
+
+    pub async fn connect(&self, database: &TestDatabase) -> tokio_postgres::Client {
+        let mut config = database.config.clone();
+        config.user(&self.name);
+        let (client, connection) = config.connect(tokio_postgres::NoTls).await.expect("role connects");
+        tokio::spawn(connection);
+        client
+    }
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        let (name, granted_in) = (self.name.clone(), self.granted_in.take());
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            runtime.block_on(async {
+                if let Some(config) = granted_in
+                    && let Ok((client, connection)) = config.connect(tokio_postgres::NoTls).await
+                {
+                    tokio::spawn(connection);
+                    let _ = client.batch_execute(&format!("DROP OWNED BY {name}")).await;
+                }
+                if let Ok((client, connection)) = tokio_postgres::connect(&admin_url(), tokio_postgres::NoTls).await {
+                    tokio::spawn(connection);
+                    let _ = client.batch_execute(&format!("DROP ROLE IF EXISTS {name}")).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
 pub struct Writer {
     pub db: tokio_postgres::Client,
 }
