@@ -2,10 +2,10 @@
 // the browser entry makes `fields` reactive (it passes `shallowReactive`),
 // the server entry shows `initial` as it is.
 //
-// Within one deployment, event ids follow commit order (the triggers
-// serialize a deployment's writers), so events from any source (live, a
-// replay, what another view's subscription brought) merge by id: the
-// latest status is the one with the largest id, and log lines sort by id.
+// Within one deployment, event ids grow in commit order (docs/events.md),
+// so events from any source (live, a replay, what another view's
+// subscription brought) merge by id: the latest status is the one with the
+// largest id, and log lines sort by id.
 import type { DeploymentLogsUpdateData, DeploymentProgressData, DeploymentStatusChangedData, Topic } from './messages.js'
 import type { DeploymentWebSocket, InitialState, LogEntry, ViewError } from './types.js'
 
