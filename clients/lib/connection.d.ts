@@ -38,7 +38,7 @@ export declare class Connection {
     attach(id: string, { since, initial, onResync }: Attach): Deployment;
     detach(deployment: Deployment, onResync?: (topic: Topic) => void): void;
     /** Follow a refused deployment again, and reconnect now. */
-    retry(deployment: Deployment, since: number | null): void;
+    retry(deployment: Deployment): void;
     reconnect(): void;
     close(): void;
     private open;

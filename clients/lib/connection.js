@@ -62,6 +62,7 @@ export class Connection {
             this.forgetOld();
             if (isRefusal(deployment.fields.error))
                 deployment.fields.error = null;
+            deployment.since = since;
             for (const topic of topicsOf(id))
                 client.subscribe(topic, { since });
         }
@@ -85,11 +86,11 @@ export class Connection {
         }
     }
     /** Follow a refused deployment again, and reconnect now. */
-    retry(deployment, since) {
+    retry(deployment) {
         if (isRefusal(deployment.fields.error)) {
             deployment.fields.error = null;
             for (const topic of topicsOf(deployment.id))
-                this.client?.subscribe(topic, { since });
+                this.client?.subscribe(topic, { since: deployment.since });
         }
         this.reconnect();
     }
@@ -142,6 +143,12 @@ export class Connection {
         client.on('event', (_data, message) => this.receive(message));
         this.client = client;
         this.registry?.opened();
+        // Views that outlived a close() (of the app's connection) follow on.
+        for (const deployment of this.deployments.values()) {
+            if (deployment.views > 0)
+                for (const topic of topicsOf(deployment.id))
+                    client.subscribe(topic, { since: deployment.since });
+        }
         client.connect();
         return client;
     }

@@ -31,6 +31,8 @@ export declare class Deployment {
     readonly fields: DeploymentFields;
     /** Views following it now; while one does, its topics are subscribed and it is never forgotten. */
     views: number;
+    /** Where the first of those views asked its replay to start. */
+    since: number | null;
     readonly resyncListeners: Set<(topic: Topic) => void>;
     private statusEventId;
     private progressEventId;

@@ -26,6 +26,8 @@ export class Deployment {
     fields;
     /** Views following it now; while one does, its topics are subscribed and it is never forgotten. */
     views = 0;
+    /** Where the first of those views asked its replay to start. */
+    since = 0;
     resyncListeners = new Set();
     statusEventId = 0;
     progressEventId = 0;

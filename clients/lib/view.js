@@ -61,7 +61,7 @@ export const useDeploymentWebSocket = (deploymentId, options = {}) => {
     return shallowReadonly(viewOf(() => current.value, () => (closed.value || !connection ? CLOSED : connection.status), {
         reconnect: () => {
             if (attached && connection)
-                connection.retry(attached, since);
+                connection.retry(attached);
         },
         close,
     }));

@@ -72,6 +72,7 @@ export class Connection {
       this.followed += 1
       this.forgetOld()
       if (isRefusal(deployment.fields.error)) deployment.fields.error = null
+      deployment.since = since
       for (const topic of topicsOf(id)) client.subscribe(topic, { since })
     }
     return deployment
@@ -94,10 +95,10 @@ export class Connection {
   }
 
   /** Follow a refused deployment again, and reconnect now. */
-  retry(deployment: Deployment, since: number | null): void {
+  retry(deployment: Deployment): void {
     if (isRefusal(deployment.fields.error)) {
       deployment.fields.error = null
-      for (const topic of topicsOf(deployment.id)) this.client?.subscribe(topic, { since })
+      for (const topic of topicsOf(deployment.id)) this.client?.subscribe(topic, { since: deployment.since })
     }
     this.reconnect()
   }
@@ -148,6 +149,10 @@ export class Connection {
     client.on('event', (_data: unknown, message: DeploymentEvent) => this.receive(message))
     this.client = client
     this.registry?.opened()
+    // Views that outlived a close() (of the app's connection) follow on.
+    for (const deployment of this.deployments.values()) {
+      if (deployment.views > 0) for (const topic of topicsOf(deployment.id)) client.subscribe(topic, { since: deployment.since })
+    }
     client.connect()
     return client
   }

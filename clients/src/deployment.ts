@@ -62,6 +62,8 @@ export class Deployment {
   readonly fields: DeploymentFields
   /** Views following it now; while one does, its topics are subscribed and it is never forgotten. */
   views = 0
+  /** Where the first of those views asked its replay to start. */
+  since: number | null = 0
   readonly resyncListeners = new Set<(topic: Topic) => void>()
   private statusEventId = 0
   private progressEventId = 0

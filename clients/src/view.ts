@@ -64,7 +64,7 @@ export const useDeploymentWebSocket: UseDeploymentWebSocket = (deploymentId, opt
       () => (closed.value || !connection ? CLOSED : (connection.status as typeof CLOSED)),
       {
         reconnect: () => {
-          if (attached && connection) connection.retry(attached, since)
+          if (attached && connection) connection.retry(attached)
         },
         close,
       },

@@ -332,6 +332,32 @@ describe('useDeploymentWebSocket', () => {
     }
   })
 
+  test('closing the app’s connection, then a view that needs it: every view follows again', async () => {
+    // A colleague's deployments: their events come by subscription only.
+    const org = randomUUID()
+    const create = async (name: string) =>
+      (await sql.query('INSERT INTO deployments (user_id, organization_id, name) VALUES ($1, $2, $3) RETURNING id', [randomUUID(), org, name]))
+        .rows[0].id as string
+    const [a, b] = [await create('a'), await create('b')]
+    const member = randomUUID()
+    const { mount, sockets, windflow, close } = page(member, { token: token(member, { organizationId: org }) })
+    try {
+      const id = ref(a)
+      const fixed = mount(a)
+      const switching = mount(() => id.value)
+      await until(() => fixed.connected && switching.connected, 'both views')
+      windflow.close()
+      assert.equal(fixed.state, 'closed')
+      id.value = b
+      await until(() => fixed.connected && switching.connected && switching.status === 'pending', 'both views, again')
+      await log(a, 'for the view that stayed')
+      await until(() => fixed.logs.length === 1, 'its line')
+      assert.equal(sockets.length, 2)
+    } finally {
+      close()
+    }
+  })
+
   test('views given the same token share one socket without a provider', async () => {
     const owner = randomUUID()
     const [a, b] = [await createDeployment(sql, owner), await createDeployment(sql, owner)]
