@@ -20,6 +20,8 @@ export interface ClientOptions {
   heartbeat?: number
   /** Drop events already delivered (default true); `false` for an app that merges events by id itself. */
   dedupe?: boolean
+  /** Give up on a handshake not done after this many ms, and try again (default 10000). */
+  connectTimeout?: number
 }
 
 /**

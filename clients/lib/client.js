@@ -31,6 +31,8 @@
  *   twice that with no answer (default 25000; 0 disables).
  * @property {boolean} [dedupe] Drop events already delivered (default true). `false` hands every
  *   event the server sends to the callbacks, for an app that merges events by id itself.
+ * @property {number} [connectTimeout] Give up on a handshake not done after this many ms, and try
+ *   again (default 10000).
  */
 
 const EVENT_TYPES = ['DEPLOYMENT_STATUS_CHANGED', 'DEPLOYMENT_LOGS_UPDATE', 'DEPLOYMENT_PROGRESS']
@@ -49,6 +51,12 @@ const RESTART_CODES = [1001, 1012]
 /** While a server restarts, attempts come every 250..750 ms for this long, then back off. */
 const RESTART_DELAY = 500
 const RESTART_WINDOW = 30000
+/**
+ * A handshake not done after this long makes the client ask the URL over
+ * HTTP: a dev server that does not proxy the path holds the upgrade open
+ * forever, and its page fallback answers the plain request at once.
+ */
+const PROBE_AFTER = 2000
 /** Topic errors after which subscribing again cannot succeed: the topic is dropped. */
 const REFUSALS = ['forbidden', 'invalid_topic', 'too_many_subscriptions']
 
@@ -74,6 +82,7 @@ export class WindflowClient {
     this.maxDelay = options.maxDelay ?? 15000
     this.heartbeat = options.heartbeat ?? 25000
     this.dedupe = options.dedupe ?? true
+    this.connectTimeout = options.connectTimeout ?? 10000
     /** @type {ConnectionState} */
     this.state = 'closed'
     /** The user id the server authenticated, once it has. */
@@ -109,6 +118,7 @@ export class WindflowClient {
     this.frozen = new Set()
     /** @type {Map<string, { attempt: number, timer: any }>} */
     this.topicRetries = new Map()
+    this.handshakeTimers = []
     this.wake = () => this.wakeUp()
     this.onVisibility = () => {
       if (globalThis.document?.visibilityState === 'visible') this.wakeUp()
@@ -249,8 +259,22 @@ export class WindflowClient {
     this.socket = socket
     this.sentToken = token
     let opened = false
+    let probed = false
+    const probe = () => {
+      if (probed) return
+      probed = true
+      this.probe(generation).then((refused) => {
+        // Whatever answered will not upgrade this socket either.
+        if (refused && this.socket === socket && !opened) socket.close()
+      })
+    }
+    this.handshakeTimers = [
+      setTimeout(probe, Math.min(PROBE_AFTER, this.connectTimeout)),
+      setTimeout(() => opened || socket.close(), this.connectTimeout),
+    ]
     socket.onopen = () => {
       opened = true
+      this.stopHandshakeTimers()
       this.send(this.authMessage(token))
       this.startHeartbeat()
     }
@@ -260,6 +284,7 @@ export class WindflowClient {
       if (this.socket !== socket) return
       this.socket = null
       this.stopHeartbeat()
+      this.stopHandshakeTimers()
       for (const topic of [...this.topicRetries.keys()]) this.cancelTopicRetry(topic)
       this.emit('close', { code: event.code, reason: event.reason })
       if (!this.wanted) return
@@ -271,7 +296,7 @@ export class WindflowClient {
         return
       }
       if (RESTART_CODES.includes(event.code)) this.restartingUntil = Date.now() + RESTART_WINDOW
-      if (!opened) this.probe(generation)
+      if (!opened) probe()
       this.retry()
     }
   }
@@ -303,34 +328,35 @@ export class WindflowClient {
   }
 
   /**
-   * A socket that closed before it opened: the server may be down, or an
-   * HTTP server answered that is not windflow-notify (a dev server's page
-   * fallback, a proxy that does not forward upgrades). Browsers hide the
-   * answer from WebSocket, so ask with a plain GET: any answer at all
-   * means the upgrade was refused, which retrying alone will not fix.
+   * A socket that closed before it opened, or is slow to: the server may
+   * be down, or an HTTP server answered that is not windflow-notify (a dev
+   * server's page fallback, a proxy that does not forward upgrades).
+   * Browsers hide the answer from WebSocket, so ask with a plain GET: an
+   * answer means the upgrade was refused, which retrying alone will not
+   * fix. Resolves true when it reported `upgrade_refused`.
    */
   async probe(generation) {
-    if (typeof globalThis.fetch !== 'function') return
+    if (typeof globalThis.fetch !== 'function') return false
     const url = this.url.replace(/^ws/i, 'http')
     const location = globalThis.location
     let sameOrigin = !location
     try {
       sameOrigin = sameOrigin || new URL(url).origin === location.origin
     } catch {
-      return
+      return false
     }
     let response
     try {
       // Cross-origin, only whether something answered can be known.
       response = await fetch(url, sameOrigin ? { cache: 'no-store' } : { cache: 'no-store', mode: 'no-cors' })
     } catch {
-      return // nothing answered: the server is down, retrying is right
+      return false // nothing answered: the server is down, retrying is right
     }
     response.body?.cancel?.().catch?.(() => {})
-    if (generation !== this.generation || this.state === 'open') return
+    if (generation !== this.generation || this.state === 'open') return false
     const status = response.status
     // 5xx: the server, or a proxy in front of it, is down or full: retrying is right.
-    if (status >= 500) return
+    if (status >= 500) return false
     const type = response.headers.get('content-type')?.split(';')[0]
     let message
     if (status === 426) {
@@ -340,6 +366,7 @@ export class WindflowClient {
       message = `${this.url} answered ${answer} instead of a WebSocket upgrade: is it the windflow-notify endpoint? Behind a dev server, proxy /ws to it (docs/client.md); retrying`
     }
     this.fail({ code: 'upgrade_refused', message, status })
+    return true
   }
 
   retry() {
@@ -501,6 +528,7 @@ export class WindflowClient {
 
   /** Forget the current socket and close it, without the reconnect its close would start. */
   drop(code, reason) {
+    this.stopHandshakeTimers()
     const socket = this.socket
     this.socket = null
     if (!socket) return
@@ -537,6 +565,11 @@ export class WindflowClient {
   stopHeartbeat() {
     clearInterval(this.heartbeatTimer)
     this.heartbeatTimer = null
+  }
+
+  stopHandshakeTimers() {
+    for (const timer of this.handshakeTimers) clearTimeout(timer)
+    this.handshakeTimers = []
   }
 
   setState(state) {

@@ -118,12 +118,13 @@ export class Connection {
 
   private open(): WindflowClient {
     if (this.client) return this.client
-    const { token, WebSocket, minDelay, maxDelay, heartbeat } = this.options
+    const { token, WebSocket, minDelay, maxDelay, heartbeat, connectTimeout } = this.options
     // No de-duplication in the client: each deployment merges its events by
     // id, and a replay on a new socket must reach a deployment forgotten
     // since the old socket delivered its events.
     const url = this.options.url ?? defaultUrl()
-    const client = new WindflowClient({ url, token, WebSocket, minDelay, maxDelay, heartbeat, dedupe: false })
+    const options = { url, token, WebSocket, minDelay, maxDelay, heartbeat, connectTimeout, dedupe: false }
+    const client = new WindflowClient(options)
     client.on('state', (state: ConnectionState) => {
       this.status.state = state
     })

@@ -81,6 +81,8 @@ export interface WindflowOptions {
   maxDelay?: number
   /** Ping after this many ms of silence, reconnect after twice that (default 25000; 0 disables). */
   heartbeat?: number
+  /** Give up on a handshake not done after this many ms, and try again (default 10000). */
+  connectTimeout?: number
 }
 
 export interface DeploymentWebSocketOptions extends Partial<WindflowOptions> {

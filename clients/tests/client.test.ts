@@ -4,6 +4,7 @@
 // byte for byte the one the server serves (tests/package.test.ts).
 import assert from 'node:assert/strict'
 import { createServer, type Server } from 'node:http'
+import type { Socket } from 'node:net'
 import { test } from 'node:test'
 import WebSocket from 'ws'
 import { WindflowClient } from 'windflow-notify-clients/client'
@@ -300,29 +301,46 @@ test('going online ends a backoff wait at once', async () => {
   }
 })
 
-/** An HTTP server that answers every request, upgrades included, with `status`. */
-async function httpServer(answer: (upgrade: boolean) => [number, string]): Promise<Server> {
+/**
+ * An HTTP server that answers every request with `status`; upgrades too,
+ * unless `hold` (as Vite's dev server does with a path it does not proxy:
+ * the upgrade is never answered).
+ */
+async function httpServer(answer: (upgrade: boolean) => [number, string], hold = false): Promise<Server> {
   const server = createServer((request, response) => {
     const [status, type] = answer(request.headers.upgrade !== undefined)
     response.writeHead(status, { 'content-type': type }).end('<!doctype html><p>a page</p>')
   })
+  const held: Socket[] = []
+  if (hold) server.on('upgrade', (_request, socket: Socket) => held.push(socket))
+  server.on('close', () => held.forEach((socket) => socket.destroy()))
   await new Promise<void>((done) => server.listen(0, '127.0.0.1', done))
   return server
 }
 
 async function upgradeRefusal(server: Server) {
+  const sockets: Array<{ readyState: number }> = []
   const address = server.address()
   const port = typeof address === 'object' && address ? address.port : 0
-  const client = new WindflowClient({ url: `ws://127.0.0.1:${port}/ws`, token: 't', WebSocket, minDelay: 50, maxDelay: 100 })
+  class Counted extends WebSocket {
+    constructor(url: string) {
+      super(url)
+      sockets.push(this)
+    }
+  }
+  const client = new WindflowClient({ url: `ws://127.0.0.1:${port}/ws`, token: 't', WebSocket: Counted, minDelay: 50, maxDelay: 100 })
   const errors: Array<{ code: string; message: string; status?: number }> = []
   client.on('error', (error) => errors.push(error))
   client.connect()
   try {
     await until(() => errors.length > 0, 'an error')
-    return { error: errors[0], state: client.state }
+    // The probe closes a socket still held open; give it the turn it takes.
+    await new Promise((done) => setImmediate(done))
+    return { error: errors[0], state: client.state, firstSocket: sockets[0].readyState }
   } finally {
     client.close()
     server.close()
+    server.closeAllConnections()
   }
 }
 
@@ -338,4 +356,11 @@ test('an endpoint that refuses the upgrade says so', async () => {
   const { error } = await upgradeRefusal(await httpServer((upgrade) => (upgrade ? [503, 'application/json'] : [426, 'application/json'])))
   assert.equal(error.code, 'upgrade_refused')
   assert.match(error.message, /refused the WebSocket upgrade/)
+})
+
+test('an upgrade a dev server holds open forever is an error too, and that socket is given up', async () => {
+  const { error, firstSocket } = await upgradeRefusal(await httpServer(() => [200, 'text/html'], true))
+  assert.equal(error.code, 'upgrade_refused')
+  assert.match(error.message, /answered HTTP 200 \(text\/html\)/)
+  assert.ok(firstSocket >= 2, `the held socket is closing or closed (readyState ${firstSocket})`)
 })

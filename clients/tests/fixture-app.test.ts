@@ -226,6 +226,19 @@ describe('the fixture app', { skip: noFixture }, () => {
       }
     })
 
+    test('a WebSocket URL the dev server does not proxy shows `upgrade_refused`, not a silent retry', async () => {
+      const unproxied = `${origin.replace('http', 'ws')}/not-proxied`
+      const { page } = await open({ token: token(randomUUID()), ids: randomUUID(), url: unproxied })
+      try {
+        const error = view(page, 'selected').locator('.error[data-code="upgrade_refused"]')
+        await error.waitFor({ timeout: WAIT })
+        assert.match((await error.textContent()) ?? '', /answered HTTP 200 \(text\/html\) instead of a WebSocket upgrade/)
+        assert.equal(await view(page, 'selected').getAttribute('data-state'), 'reconnecting')
+      } finally {
+        await page.close()
+      }
+    })
+
     test('a refused token shows `unauthorized` and opens no socket until the token function gives another', async () => {
       const owner = randomUUID()
       const id = await createDeployment(sql, owner)
