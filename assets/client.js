@@ -263,10 +263,12 @@ export class WindflowClient {
     const probe = () => {
       if (probed) return
       probed = true
-      this.probe(generation).then((refused) => {
-        // Whatever answered will not upgrade this socket either.
-        if (refused && this.socket === socket && !opened) socket.close()
-      })
+      this.probe(generation)
+        .then((refused) => {
+          // Whatever answered will not upgrade this socket either.
+          if (refused && this.socket === socket && !opened) socket.close()
+        })
+        .catch(() => {})
     }
     this.handshakeTimers = [
       setTimeout(probe, Math.min(PROBE_AFTER, this.connectTimeout)),
