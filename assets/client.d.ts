@@ -1,6 +1,7 @@
-// Types for client.js (the browser client served at /client.js), so
-// TypeScript projects that import it, such as clients/src/, type-check
-// under `strict` without `allowJs`. Documented in docs/client.md.
+// Types for client.js (the browser client served at /client.js, and
+// shipped in the npm package as `windflow-notify-clients/client`), so
+// TypeScript projects that import it type-check under `strict` without
+// `allowJs`. Documented in docs/client.md.
 
 export type ConnectionState = 'connecting' | 'open' | 'reconnecting' | 'unauthorized' | 'closed'
 
@@ -17,6 +18,24 @@ export interface ClientOptions {
   maxDelay?: number
   /** Ping after this many ms of silence, reconnect after twice that (default 25000; 0 disables). */
   heartbeat?: number
+  /** Drop events already delivered (default true); `false` for an app that merges events by id itself. */
+  dedupe?: boolean
+  /** Give up on a handshake not done after this many ms, and try again (default 10000). */
+  connectTimeout?: number
+}
+
+/**
+ * An error of the connection: the server's `error` replies without a
+ * topic (`unauthorized`, `token_expired`, ...), and the client's own:
+ * `token_unavailable` (the token function threw) and `upgrade_refused`
+ * (an HTTP server answered, but not with a WebSocket upgrade; `status` is
+ * its HTTP status where the browser lets it be read, else 0).
+ */
+export interface ConnectionError {
+  code: string
+  message: string
+  topic?: string
+  status?: number
 }
 
 /** Does `topic` carry `message`? */
@@ -30,6 +49,8 @@ export class WindflowClient {
   userId: string | null
   /** The last event id delivered, in the order the server sent them. */
   lastEventId: number | null
+  /** The last error of the connection itself; null once authenticated. */
+  error: ConnectionError | null
   /** topic -> where it resumes (`since`); null for live only. */
   topics: Map<string, number | null>
   /** Returns a function that removes the callback. */
@@ -38,5 +59,7 @@ export class WindflowClient {
   unsubscribe(topic: string): void
   connect(): void
   close(): void
+  /** Connect again now, forgetting a refused token and the backoff. */
+  reconnect(): void
   setToken(token: ClientOptions['token']): void
 }

@@ -32,7 +32,7 @@ impl EventKind {
     /// carries this type alone). Every type is on `deployment_events`.
     const fn row(self) -> (&'static str, Option<&'static str>) {
         match self {
-            EventKind::StatusChanged => ("DEPLOYMENT_STATUS_CHANGED", None),
+            EventKind::StatusChanged => ("DEPLOYMENT_STATUS_CHANGED", Some("deployment_status_")),
             EventKind::LogsUpdate => ("DEPLOYMENT_LOGS_UPDATE", Some("deployment_logs_")),
             EventKind::Progress => ("DEPLOYMENT_PROGRESS", Some("deployment_progress_")),
         }
@@ -65,8 +65,9 @@ const _: () = {
 pub enum Topic {
     /// Every event, of every deployment the viewer may see.
     DeploymentEvents,
-    /// The events of one type for one deployment (`deployment_logs_{id}`,
-    /// `deployment_progress_{id}`): only types with a topic prefix.
+    /// The events of one type for one deployment (`deployment_status_{id}`,
+    /// `deployment_logs_{id}`, `deployment_progress_{id}`): only types with
+    /// a topic prefix.
     Deployment { kind: EventKind, deployment: Uuid },
 }
 
@@ -285,6 +286,10 @@ mod tests {
             Topic::parse(&format!("deployment_progress_{id}")),
             Some(Topic::Deployment { kind: EventKind::Progress, deployment: id })
         );
+        assert_eq!(
+            Topic::parse(&format!("deployment_status_{id}")),
+            Some(Topic::Deployment { kind: EventKind::StatusChanged, deployment: id })
+        );
         assert_eq!(Topic::parse("deployment_events"), Some(Topic::DeploymentEvents));
     }
 
@@ -297,7 +302,8 @@ mod tests {
             "DEPLOYMENT_EVENTS".into(),
             format!("deployment_logs_{}", id.simple()),
             format!("deployment_logs_{{{id}}}"),
-            format!("deployment_status_{id}"),
+            format!("deployment_status_{}", id.simple()),
+            format!("deployment_statuses_{id}"),
             format!("deployment_logs_{id}x"),
             "deployment_logs_".into(),
             "deployment_logs_zzzzzzzz-zzzz-zzzz-zzzz-zzzzzzzzzzzz".into(),

@@ -47,8 +47,8 @@ const SEEN_CAPACITY: usize = 10_000;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct TailArgs {
-    /// Topic to subscribe to (`deployment_events`, `deployment_logs_{id}`,
-    /// `deployment_progress_{id}`); repeat for several.
+    /// Topic to subscribe to (`deployment_events`, `deployment_status_{id}`,
+    /// `deployment_logs_{id}`, `deployment_progress_{id}`); repeat for several.
     #[arg(long = "topic", value_name = "TOPIC", required = true)]
     pub topics: Vec<String>,
     /// Replay every event committed after this event id first (0: all the

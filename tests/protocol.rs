@@ -79,7 +79,8 @@ async fn invalid_topics_get_invalid_topic_naming_it() {
         "deployments".to_string(),
         "DEPLOYMENT_EVENTS".into(),
         format!("deployment_logs_{}", id.simple()),
-        format!("deployment_status_{id}"),
+        format!("deployment_status_{}", id.simple()),
+        format!("deployment_state_{id}"),
         "deployment_logs_".into(),
     ] {
         client.send(json!({"type": "subscribe", "topic": topic})).await;

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use serde_json::json;
+use serde_json::{Value, json};
 use uuid::Uuid;
 
 #[tokio::test]
@@ -125,11 +125,56 @@ async fn progress_topic_carries_only_that_deployments_progress() {
 }
 
 #[tokio::test]
+async fn status_topic_carries_only_that_deployments_status_changes() {
+    let app = spawn_app().await;
+    let org = Uuid::new_v4();
+    let (owner, watcher) = (member_of(org), member_of(org));
+    let watched = app.writer.create_deployment(owner.user_id, Some(org)).await;
+    let other = app.writer.create_deployment(owner.user_id, Some(org)).await;
+    let mut client = app.server.connect_as(watcher).await;
+    client.subscribe(&format!("deployment_status_{watched}")).await;
+    app.writer.log(watched, "not a status").await;
+    app.writer.set_progress(watched, 10).await;
+    app.writer.set_status(other, "running").await;
+    app.writer.set_status(watched, "deploying").await;
+    let message = client.recv().await;
+    assert_eq!(message["type"], "DEPLOYMENT_STATUS_CHANGED", "{message}");
+    assert_eq!(message["data"]["deployment_id"], watched.to_string());
+    assert_eq!(message["data"]["status"], "deploying");
+}
+
+#[tokio::test]
+async fn status_topic_replays_only_that_deployments_history() {
+    let app = spawn_app().await;
+    let owner = user();
+    let watched = app.writer.create_deployment(owner.user_id, None).await;
+    let other = app.writer.create_deployment(owner.user_id, None).await;
+    app.writer.set_status(other, "failed").await;
+    app.writer.log(watched, "a line").await;
+    app.writer.set_status(watched, "running").await;
+    let mut client = app.server.connect_as(owner).await;
+    let topic = format!("deployment_status_{watched}");
+    client.send(json!({"type": "subscribe", "topic": topic, "since": 0})).await;
+    assert_eq!(client.recv_type("subscribed").await["data"]["topic"], topic);
+    let statuses: Vec<Value> =
+        [client.recv().await, client.recv().await].into_iter().map(|m| m["data"].clone()).collect();
+    assert_eq!(statuses.iter().map(|d| d["status"].clone()).collect::<Vec<_>>(), [json!("pending"), json!("running")]);
+    assert!(statuses.iter().all(|d| d["deployment_id"] == watched.to_string()), "{statuses:?}");
+    // Nothing else was replayed: the next message answers the ping.
+    client.send(json!({"type": "ping"})).await;
+    assert_eq!(client.recv().await["type"], "pong");
+}
+
+#[tokio::test]
 async fn subscribing_to_anothers_deployment_is_forbidden() {
     let app = spawn_app().await;
     let deployment = app.writer.create_deployment(Uuid::new_v4(), Some(Uuid::new_v4())).await;
     let mut client = app.server.connect_as(member_of(Uuid::new_v4())).await;
-    for topic in [format!("deployment_logs_{deployment}"), format!("deployment_progress_{deployment}")] {
+    for topic in [
+        format!("deployment_logs_{deployment}"),
+        format!("deployment_progress_{deployment}"),
+        format!("deployment_status_{deployment}"),
+    ] {
         client.send(json!({"type": "subscribe", "topic": topic})).await;
         let error = client.recv_type("error").await;
         assert_eq!(error["data"]["code"], "forbidden");

@@ -1,3 +1,12 @@
-export { useDeploymentWebSocket } from './useDeploymentWebSocket.js'
-export type { ConnectionState, DeploymentWebSocket, DeploymentWebSocketOptions } from './useDeploymentWebSocket.js'
+// The browser entry of `windflow-notify-clients` (server-side rendering
+// gets src/server.ts instead, through the `node` export condition). Typed
+// through types.ts only, so the shipped declarations never name `vue`.
+import { createWindflow as create } from './connection.js'
+import type { CreateWindflow } from './types.js'
+
+export { useDeploymentWebSocket } from './view.js'
+export { WindflowClient, topicCarries } from './client.js'
+export type * from './types.js'
 export type * from './messages.js'
+
+export const createWindflow: CreateWindflow = create

@@ -56,6 +56,8 @@ export type ErrorCode =
   | 'forbidden'
   | 'too_many_subscriptions'
   | 'token_expired'
+  /** The server could not serve a subscribe now (a permission check or a replay failed): subscribe again with the same `since`. */
+  | 'unavailable'
 
 export interface Authenticated { type: 'authenticated'; data: { user_id: Uuid; expires_at: Timestamp } }
 /**
@@ -73,7 +75,11 @@ export interface ErrorReply { type: 'error'; data: { code: ErrorCode; message: s
 export type Reply = Authenticated | Subscribed | Unsubscribed | Pong | Resync | ErrorReply
 export type ServerMessage = DeploymentEvent | Reply
 
-export type Topic = 'deployment_events' | `deployment_logs_${string}` | `deployment_progress_${string}`
+export type Topic =
+  | 'deployment_events'
+  | `deployment_status_${string}`
+  | `deployment_logs_${string}`
+  | `deployment_progress_${string}`
 
 export type ClientMessage =
   | { type: 'auth'; token: string }

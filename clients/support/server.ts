@@ -8,12 +8,13 @@ import { dirname, resolve } from 'node:path'
 import { createInterface } from 'node:readline'
 import { fileURLToPath } from 'node:url'
 import pg from 'pg'
+import WebSocket from 'ws'
 
 export const SECRET = 'node-test-secret'
 /** How long a test waits for something that should happen. */
 export const WAIT = 20_000
 
-const clientsDir = resolve(dirname(fileURLToPath(import.meta.url)), '../../..')
+const clientsDir = resolve(dirname(fileURLToPath(import.meta.url)), '../..')
 const adminUrl = process.env.TEST_DATABASE_URL ?? 'postgres://postgres@127.0.0.1:5432/postgres'
 
 /** The binary under test: WINDFLOW_BIN (set by `cargo test`), else target/debug. */
@@ -164,4 +165,31 @@ export function token(
 export async function createDeployment(sql: pg.Client, owner: string, name = 'app'): Promise<string> {
   const result = await sql.query('INSERT INTO deployments (user_id, name) VALUES ($1, $2) RETURNING id', [owner, name])
   return result.rows[0].id
+}
+
+/** Every socket a client opened through `Recorder.WebSocket`, with what it sent and received. */
+export interface RecordedSocket {
+  sent: Array<Record<string, unknown>>
+  received: Array<Record<string, unknown>>
+  closed: boolean
+}
+
+/** A `ws` WebSocket that records its sockets, for counting connections and frames. */
+export function recordingWebSocket(): { WebSocket: unknown; sockets: RecordedSocket[] } {
+  const sockets: RecordedSocket[] = []
+  class Recorded extends WebSocket {
+    constructor(url: string) {
+      super(url)
+      const record: RecordedSocket = { sent: [], received: [], closed: false }
+      sockets.push(record)
+      const send = this.send.bind(this)
+      this.send = ((data: string) => {
+        record.sent.push(JSON.parse(data))
+        send(data)
+      }) as typeof this.send
+      this.on('message', (data) => record.received.push(JSON.parse(String(data))))
+      this.on('close', () => (record.closed = true))
+    }
+  }
+  return { WebSocket: Recorded, sockets }
 }

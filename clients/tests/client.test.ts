@@ -1,8 +1,13 @@
-// WindflowClient's resume bookkeeping, against a scripted socket: which
-// `since` each topic is re-subscribed with after a reconnect.
+// WindflowClient against a scripted socket: which `since` each topic is
+// re-subscribed with after a reconnect, and which errors stop the retries.
+// It is the copy the package ships (`windflow-notify-clients/client`),
+// byte for byte the one the server serves (tests/package.test.ts).
 import assert from 'node:assert/strict'
+import { createServer, type Server } from 'node:http'
+import type { Socket } from 'node:net'
 import { test } from 'node:test'
-import { WindflowClient } from '../../assets/client.js'
+import WebSocket from 'ws'
+import { WindflowClient } from 'windflow-notify-clients/client'
 import { until } from '../support/server.js'
 
 type Sent = { type: string; topic?: string; since?: number }
@@ -25,7 +30,10 @@ class ScriptedSocket {
     this.sent.push(JSON.parse(text))
   }
 
+  closedWith: number | null = null
+
   close(code = 1000) {
+    this.closedWith = code
     this.drop(code)
   }
 
@@ -59,10 +67,31 @@ const logs = (id: string, event_id: number) => ({
   data: { deployment_id: id, logs: 'x', timestamp: '2030-01-01T00:00:00Z', append: true },
 })
 
+const progress = (id: string, event_id: number) => ({
+  type: 'DEPLOYMENT_PROGRESS',
+  event_id,
+  data: { deployment_id: id, progress: 1, current_step: null, total_steps: null, timestamp: '2030-01-01T00:00:00Z' },
+})
+const status = (id: string, event_id: number) => ({
+  type: 'DEPLOYMENT_STATUS_CHANGED',
+  event_id,
+  data: { deployment_id: id, status: 'running', old_status: 'deploying', timestamp: '2030-01-01T00:00:00Z', user_id: 'u', name: 'n', error_message: null },
+})
+
+type Options = Partial<ConstructorParameters<typeof WindflowClient>[0]>
+
 /** A client on a fresh scripted socket, already authenticated. */
-async function connected(subscribe: (client: WindflowClient) => void) {
+async function connected(subscribe: (client: WindflowClient) => void, options: Options = {}) {
   ScriptedSocket.all = []
-  const client = new WindflowClient({ url: 'ws://test/ws', token: 't', WebSocket: ScriptedSocket, minDelay: 1, maxDelay: 2, heartbeat: 0 })
+  const client = new WindflowClient({
+    url: 'ws://test/ws',
+    token: 't',
+    WebSocket: ScriptedSocket,
+    minDelay: 1,
+    maxDelay: 2,
+    heartbeat: 0,
+    ...options,
+  })
   subscribe(client)
   client.connect()
   await until(() => ScriptedSocket.all.length === 1, 'the first socket')
@@ -130,4 +159,208 @@ test('a topic given in upper case still takes the lowercase reply and its events
   second.reply(logs(A, 8))
   assert.deepEqual(await reconnect(second), [{ type: 'subscribe', topic, since: 8 }])
   client.close()
+})
+
+/** The socket after `socket`, once the client opened it. */
+async function nextSocket(before: number): Promise<ScriptedSocket> {
+  await until(() => ScriptedSocket.all.length > before, 'a new socket')
+  return ScriptedSocket.all[before]
+}
+
+/** Let the client's pending promises (a token function's) settle. */
+const settle = () => new Promise((done) => setImmediate(done))
+
+test('a deployment_status topic resumes from its own status events only', async () => {
+  const topic = `deployment_status_${A}`
+  const { client, socket } = await connected((c) => c.subscribe(topic))
+  socket.reply({ type: 'subscribed', data: { topic, event_id: 40 } })
+  socket.reply(status(A, 41))
+  socket.reply(progress(A, 42)) // not on this topic
+  socket.reply(status(B, 43)) // another deployment
+  assert.deepEqual(await reconnect(socket), [{ type: 'subscribe', topic, since: 41 }])
+  client.close()
+})
+
+test('a refused token function is asked again, but no socket opens until it gives another token', async () => {
+  let token = 'refused'
+  let asked = 0
+  const { client, socket } = await connected(() => {}, {
+    token: () => {
+      asked += 1
+      return token
+    },
+  })
+  assert.deepEqual(socket.sent[0], { type: 'auth', token: 'refused' })
+  socket.reply({ type: 'error', data: { code: 'unauthorized', message: 'bad token' } })
+  socket.drop(1008)
+  assert.equal(client.state, 'unauthorized')
+  assert.equal(client.error?.code, 'unauthorized')
+  const before = asked
+  await until(() => asked >= before + 5, 'the token function, asked again with backoff')
+  assert.equal(ScriptedSocket.all.length, 1, 'no socket for a token the server refused')
+  assert.equal(client.state, 'unauthorized')
+  token = 'fresh'
+  const next = await nextSocket(1)
+  next.accept()
+  assert.deepEqual(next.sent[0], { type: 'auth', token: 'fresh' })
+  assert.equal(client.state, 'open')
+  client.close()
+})
+
+test('a refused string token waits for setToken, and the same token again opens nothing', async () => {
+  const { client, socket } = await connected(() => {}, { token: 'refused' })
+  socket.drop(1008)
+  assert.equal(client.state, 'unauthorized')
+  client.setToken('refused')
+  await settle()
+  assert.equal(ScriptedSocket.all.length, 1)
+  assert.equal(client.state, 'unauthorized')
+  client.setToken('fresh')
+  const next = await nextSocket(1)
+  next.accept()
+  assert.deepEqual(next.sent[0], { type: 'auth', token: 'fresh' })
+  client.close()
+})
+
+test('a forbidden topic is dropped: no reconnect asks for it again', async () => {
+  const theirs = `deployment_logs_${A}`
+  const mine = `deployment_logs_${B}`
+  const errors: Array<{ code: string; topic?: string }> = []
+  const { client, socket } = await connected((c) => {
+    c.subscribe(theirs, { since: 0 })
+    c.subscribe(mine, { since: 0 })
+    c.on('error', (error) => errors.push(error))
+  })
+  socket.reply({ type: 'error', data: { code: 'forbidden', message: 'not yours', topic: theirs } })
+  socket.reply({ type: 'subscribed', data: { topic: mine, event_id: 0 } })
+  assert.deepEqual(errors, [{ code: 'forbidden', message: 'not yours', topic: theirs }])
+  assert.equal(client.error, null, 'a topic error is not the connection’s')
+  assert.deepEqual(await reconnect(socket), [{ type: 'subscribe', topic: mine, since: 0 }])
+  client.close()
+})
+
+test('unavailable: the same since is asked again, and events meanwhile do not move the cursor', async () => {
+  const topic = `deployment_logs_${A}`
+  const { client, socket } = await connected((c) => c.subscribe(topic, { since: 5 }))
+  assert.deepEqual(socket.subscribes(), [{ type: 'subscribe', topic, since: 5 }])
+  socket.reply({ type: 'error', data: { code: 'unavailable', message: 'replay failed', topic } })
+  socket.reply(logs(A, 9)) // live, while events 6..8 are still owed
+  await until(() => socket.subscribes().length === 2, 'the subscribe, sent again')
+  assert.deepEqual(socket.subscribes()[1], { type: 'subscribe', topic, since: 5 })
+  // Dropped before the retry was answered: the resume still starts at 5.
+  const again = await reconnect(socket)
+  assert.deepEqual(again, [{ type: 'subscribe', topic, since: 5 }])
+  const second = ScriptedSocket.all[1]
+  second.reply({ type: 'subscribed', data: { topic, event_id: 5 } })
+  second.reply(logs(A, 6))
+  assert.deepEqual(await reconnect(second), [{ type: 'subscribe', topic, since: 6 }])
+  client.close()
+})
+
+test('after a close that says the server restarts, the next attempt does not wait for the backoff', async () => {
+  const topic = `deployment_logs_${A}`
+  // A minute of backoff: only the restart schedule can reconnect within the wait.
+  const { client, socket } = await connected((c) => c.subscribe(topic, { since: 3 }), { minDelay: 60_000, maxDelay: 60_000 })
+  socket.drop(1001)
+  const next = await nextSocket(1)
+  next.drop(1006) // still restarting: refused
+  const third = await nextSocket(2)
+  third.accept()
+  assert.deepEqual(third.subscribes(), [{ type: 'subscribe', topic, since: 3 }])
+  client.close()
+})
+
+test('reconnect() opens a new socket now and resumes every topic', async () => {
+  const topic = `deployment_progress_${A}`
+  const { client, socket } = await connected((c) => c.subscribe(topic), { minDelay: 60_000, maxDelay: 60_000 })
+  socket.reply({ type: 'subscribed', data: { topic, event_id: 12 } })
+  client.reconnect()
+  assert.equal(socket.closedWith, 4000)
+  const next = await nextSocket(1)
+  next.accept()
+  assert.deepEqual(next.subscribes(), [{ type: 'subscribe', topic, since: 12 }])
+  client.close()
+})
+
+test('going online ends a backoff wait at once', async () => {
+  const window = new EventTarget()
+  const global = globalThis as { addEventListener?: unknown; removeEventListener?: unknown }
+  global.addEventListener = window.addEventListener.bind(window)
+  global.removeEventListener = window.removeEventListener.bind(window)
+  try {
+    const { client, socket } = await connected(() => {}, { minDelay: 60_000, maxDelay: 60_000 })
+    socket.drop(1006)
+    assert.equal(client.state, 'reconnecting')
+    window.dispatchEvent(new Event('online'))
+    ;(await nextSocket(1)).accept()
+    assert.equal(client.state, 'open')
+    client.close()
+  } finally {
+    delete global.addEventListener
+    delete global.removeEventListener
+  }
+})
+
+/**
+ * An HTTP server that answers every request with `status`; upgrades too,
+ * unless `hold` (as Vite's dev server does with a path it does not proxy:
+ * the upgrade is never answered).
+ */
+async function httpServer(answer: (upgrade: boolean) => [number, string], hold = false): Promise<Server> {
+  const server = createServer((request, response) => {
+    const [status, type] = answer(request.headers.upgrade !== undefined)
+    response.writeHead(status, { 'content-type': type }).end('<!doctype html><p>a page</p>')
+  })
+  const held: Socket[] = []
+  if (hold) server.on('upgrade', (_request, socket: Socket) => held.push(socket))
+  server.on('close', () => held.forEach((socket) => socket.destroy()))
+  await new Promise<void>((done) => server.listen(0, '127.0.0.1', done))
+  return server
+}
+
+async function upgradeRefusal(server: Server) {
+  const sockets: Array<{ readyState: number }> = []
+  const address = server.address()
+  const port = typeof address === 'object' && address ? address.port : 0
+  class Counted extends WebSocket {
+    constructor(url: string) {
+      super(url)
+      sockets.push(this)
+    }
+  }
+  const client = new WindflowClient({ url: `ws://127.0.0.1:${port}/ws`, token: 't', WebSocket: Counted, minDelay: 50, maxDelay: 100 })
+  const errors: Array<{ code: string; message: string; status?: number }> = []
+  client.on('error', (error) => errors.push(error))
+  client.connect()
+  try {
+    await until(() => errors.length > 0, 'an error')
+    // The probe closes a socket still held open; give it the turn it takes.
+    await new Promise((done) => setImmediate(done))
+    return { error: errors[0], state: client.state, firstSocket: sockets[0].readyState }
+  } finally {
+    client.close()
+    server.close()
+    server.closeAllConnections()
+  }
+}
+
+test('an HTTP page instead of a WebSocket upgrade (a dev server fallback) is an error, not a silent retry', async () => {
+  const { error, state } = await upgradeRefusal(await httpServer(() => [200, 'text/html; charset=utf-8']))
+  assert.equal(error.code, 'upgrade_refused')
+  assert.equal(error.status, 200)
+  assert.match(error.message, /answered HTTP 200 \(text\/html\) instead of a WebSocket upgrade.*proxy \/ws/)
+  assert.equal(state, 'reconnecting', 'it keeps trying: a proxy may be fixed')
+})
+
+test('an endpoint that refuses the upgrade says so', async () => {
+  const { error } = await upgradeRefusal(await httpServer((upgrade) => (upgrade ? [503, 'application/json'] : [426, 'application/json'])))
+  assert.equal(error.code, 'upgrade_refused')
+  assert.match(error.message, /refused the WebSocket upgrade/)
+})
+
+test('an upgrade a dev server holds open forever is an error too, and that socket is given up', async () => {
+  const { error, firstSocket } = await upgradeRefusal(await httpServer(() => [200, 'text/html'], true))
+  assert.equal(error.code, 'upgrade_refused')
+  assert.match(error.message, /answered HTTP 200 \(text\/html\)/)
+  assert.ok(firstSocket >= 2, `the held socket is closing or closed (readyState ${firstSocket})`)
 })

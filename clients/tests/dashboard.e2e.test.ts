@@ -3,44 +3,23 @@
 // the page must survive a server restart without a reload. Saves a
 // screenshot (SCREENSHOT, default ../target/dashboard.png).
 import assert from 'node:assert/strict'
-import { existsSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs'
-import { tmpdir } from 'node:os'
-import { dirname, join, resolve } from 'node:path'
+import { mkdirSync } from 'node:fs'
+import { dirname, resolve } from 'node:path'
 import { randomUUID } from 'node:crypto'
 import { test } from 'node:test'
 import { fileURLToPath } from 'node:url'
-import { chromium } from 'playwright-core'
+import { launchChromium, noChromium } from '../support/browser.js'
 import { connectWriter, createDatabase, startServer, token, WAIT, type Server } from '../support/server.js'
 
-const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium'
-const clientsDir = resolve(dirname(fileURLToPath(import.meta.url)), '../../..')
+const clientsDir = resolve(dirname(fileURLToPath(import.meta.url)), '../..')
 const SCREENSHOT = resolve(clientsDir, process.env.SCREENSHOT ?? '../target/dashboard.png')
-const ARGS = [
-  '--headless',
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-quic',
-  '--no-first-run',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-]
 
-const skip = existsSync(CHROMIUM)
-  ? false
-  : `Chromium not found at ${CHROMIUM}: install it (apt-get install -y chromium) or set CHROMIUM; .ci/run does`
-
-test('the dashboard shows live status, progress and logs, and survives a restart', { skip, timeout: 120_000 }, async () => {
+test('the dashboard shows live status, progress and logs, and survives a restart', { skip: noChromium, timeout: 120_000 }, async () => {
   const database = await createDatabase()
-  const profile = mkdtempSync(join(tmpdir(), 'windflow-chromium-'))
   let demo: Server | null = null
   let restarted: Server | null = null
-  const context = await chromium.launchPersistentContext(profile, {
-    executablePath: CHROMIUM,
-    args: ARGS,
-    headless: true,
-    viewport: { width: 1280, height: 760 },
-  })
+  const browser = await launchChromium()
+  const { context } = browser
   try {
     demo = await startServer(database, { command: 'demo' })
     const url = (await demo.line(/^\s+http:\/\/\S+\/\?token=/)).trim()
@@ -121,10 +100,9 @@ test('the dashboard shows live status, progress and logs, and survives a restart
     await sql.end()
     assert.deepEqual(problems, [], 'no script errors on the page')
   } finally {
-    await context.close()
+    await browser.close()
     await restarted?.stop()
     await demo?.stop()
     await database.drop()
-    rmSync(profile, { recursive: true, force: true })
   }
 })

@@ -1,0 +1,2 @@
+import type { UseDeploymentWebSocket } from './types.js';
+export declare const useDeploymentWebSocket: UseDeploymentWebSocket;
