@@ -1,4 +1,5 @@
-//! `bench hostile`: do hostile clients hurt the good ones?
+//! `bench hostile`: do hostile clients hurt the good ones? (With
+//! `--replay-hogs`, the replay-hog phases of [`crate::hogs`] instead.)
 //!
 //! Two phases in one invocation, each on a fresh database and a fresh
 //! server with the same settings, the same event log and the same writes:
@@ -86,6 +87,9 @@ pub struct Args {
     /// SO_RCVBUF of the hostile clients' sockets, in bytes.
     #[arg(long, default_value_t = 4096)]
     pub recv_buffer: u32,
+    /// Instead of the two phases above: the replay-hog phases (`crate::hogs`).
+    #[command(flatten)]
+    pub hogs: crate::hogs::HogArgs,
 }
 
 pub async fn run(args: &Args) -> Result<Value> {
@@ -97,6 +101,9 @@ pub async fn run(args: &Args) -> Result<Value> {
     }
     if args.duration == 0 || args.duration > 600 || !(args.rate > 0.0 && args.rate <= 100_000.0) {
         bail!("--duration is 1..=600 s and --rate 0..=100,000 writes/s");
+    }
+    if !args.hogs.replay_hogs.is_empty() {
+        return crate::hogs::run(&args.hogs, args.good, args.superusers, args.rate, args.duration, args.writers).await;
     }
     let baseline = phase(args, false).await.context("baseline phase")?;
     let hostile = phase(args, true).await.context("hostile phase")?;

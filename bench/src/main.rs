@@ -19,6 +19,7 @@ mod bare;
 mod clients;
 mod faults;
 mod harness;
+mod hogs;
 mod hostile;
 mod report;
 mod resuming;
