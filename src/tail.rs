@@ -28,7 +28,7 @@ use uuid::Uuid;
 use crate::backoff::Backoff;
 use crate::config::defaults;
 use crate::event::{EventKind, Topic};
-use crate::ws::protocol::{ClientMessage, ErrorCode, ServerMessage};
+use crate::protocol::{ClientMessage, ErrorCode, ServerMessage};
 
 /// Reconnect delays: up to 250 ms first, doubling to 10 s.
 const RECONNECT_BACKOFF: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
