@@ -187,12 +187,14 @@ impl Exhaustion {
         let answered = match self.reserve.take() {
             Some(reserve) => {
                 drop(reserve);
-                match listener.accept().await {
-                    Ok((stream, _)) => {
+                // The connection that was waiting may have gone meanwhile:
+                // do not wait for another one here.
+                match tokio::time::timeout(Duration::from_millis(100), listener.accept()).await {
+                    Ok(Ok((stream, _))) => {
                         answer_out_of_descriptors(stream, &self.answer);
                         true
                     }
-                    Err(_) => false,
+                    Ok(Err(_)) | Err(_) => false,
                 }
             }
             None => false,

@@ -512,6 +512,19 @@ async fn a_text_frame_that_is_not_utf8_closes_with_1007() {
 }
 
 #[tokio::test]
+async fn a_frame_websocket_does_not_allow_closes_with_1002() {
+    let app = spawn_app().await;
+    let mut reserved = Frame::message(b"{}".to_vec(), OpCode::Data(Data::Text), true);
+    reserved.header_mut().rsv1 = true;
+    let stray = Frame::message(b"x".to_vec(), OpCode::Data(Data::Continue), true);
+    for frame in [reserved, stray] {
+        let mut client = app.server.connect_as(user()).await;
+        client.ws.send(Message::Frame(frame)).await.unwrap();
+        assert_eq!(client.close_code().await, 1002);
+    }
+}
+
+#[tokio::test]
 async fn the_history_is_bounded_in_bytes_and_a_resume_past_it_reads_the_log() {
     let app = spawn_app_with(|s| s.history_bytes = 1 << 20).await;
     let (_, mut owner, deployment) = app.owner_with_deployment().await;

@@ -44,8 +44,9 @@ pub enum Out {
 pub enum Step {
     /// Answered in `out`, or queued behind the hub's answers.
     Done,
-    /// The connection must end: the answer in `out`, then a close.
-    Close(Ending),
+    /// The first token was refused: the error is in `out`, then the
+    /// connection closes (1008).
+    AuthenticationFailed,
     /// A first token: register the viewer with the hub (and count the
     /// connection against the user's), then [`Subscriber::authenticated`].
     Register(Claims),
@@ -59,13 +60,6 @@ pub enum Step {
         since: Option<i64>,
     },
     Hub(HubCall),
-}
-
-/// Why a connection ends on the core's word.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Ending {
-    /// A bad token on a connection that has none in force (close 1008).
-    AuthenticationFailed,
 }
 
 /// A request for the hub.
@@ -198,7 +192,7 @@ impl Subscriber {
                 warn!(conn = self.conn, reason = %e, authenticated = self.claims.is_some(), "auth refused");
                 self.error(ErrorCode::for_auth(&e), &e.to_string(), None);
                 match self.claims {
-                    None => Step::Close(Ending::AuthenticationFailed),
+                    None => Step::AuthenticationFailed,
                     // A failed refresh leaves the current token in force until its exp.
                     Some(_) => Step::Done,
                 }
@@ -233,15 +227,22 @@ impl Subscriber {
         self.out.push(Out::Reply(Box::new(message)));
     }
 
-    fn subscribe(&mut self, name: &str, since: Option<i64>) -> Step {
+    /// The topic a request names, once authenticated; otherwise the
+    /// request is answered with the error.
+    fn topic_of(&mut self, name: &str) -> Option<Topic> {
         if self.claims.is_none() {
             self.error(ErrorCode::Unauthorized, "authenticate first", Some(name));
-            return Step::Done;
+            return None;
         }
-        let Some(topic) = Topic::parse(name) else {
+        let topic = Topic::parse(name);
+        if topic.is_none() {
             self.error(ErrorCode::InvalidTopic, "unknown topic", Some(name));
-            return Step::Done;
-        };
+        }
+        topic
+    }
+
+    fn subscribe(&mut self, name: &str, since: Option<i64>) -> Step {
+        let Some(topic) = self.topic_of(name) else { return Step::Done };
         if !self.topics.contains(&topic) && self.topics.len() >= MAX_SUBSCRIPTIONS {
             let message = format!("at most {MAX_SUBSCRIPTIONS} subscriptions per connection");
             self.error(ErrorCode::TooManySubscriptions, &message, Some(&topic.to_string()));
@@ -286,14 +287,7 @@ impl Subscriber {
     }
 
     fn unsubscribe(&mut self, name: &str) -> Step {
-        if self.claims.is_none() {
-            self.error(ErrorCode::Unauthorized, "authenticate first", Some(name));
-            return Step::Done;
-        }
-        let Some(topic) = Topic::parse(name) else {
-            self.error(ErrorCode::InvalidTopic, "unknown topic", Some(name));
-            return Step::Done;
-        };
+        let Some(topic) = self.topic_of(name) else { return Step::Done };
         self.topics.remove(&topic);
         self.replayed.retain(|r| r.topic != topic);
         self.replies.push_back(Reply::Hub(Owed::Unsubscribe));
@@ -726,7 +720,7 @@ mod tests {
         let mut core = Subscriber::new(1);
         assert!(matches!(core.request(r#"{"type":"subscribe","topic":"deployment_events"}"#, &verifier()), Step::Done));
         assert_eq!(written(&mut core), ["unauthorized"]);
-        assert!(matches!(core.request(r#"{"type":"auth","token":"x"}"#, &verifier()), Step::Close(_)));
+        assert!(matches!(core.request(r#"{"type":"auth","token":"x"}"#, &verifier()), Step::AuthenticationFailed));
         assert_eq!(written(&mut core), ["unauthorized"]);
         let me = viewer();
         let mut core = authenticated(me);

@@ -41,7 +41,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::core::{Ending, HubCall, Out, Step, Subscriber, Work};
+use super::core::{HubCall, Out, Step, Subscriber, Work};
 use super::gate::{UserConnections, UserSlot};
 use super::replay::Replaying;
 use super::{Close, Endpoint, Flow, Incoming, Opening, Transport, TransportError};
@@ -314,7 +314,7 @@ impl<T: Transport> Driver<T> {
                     Wake::Outbound(None) => Err(Stop::Shutdown),
                     Wake::Incoming(incoming) => Box::pin(self.on_incoming(incoming)).await,
                     Wake::Outbound(Some(message)) => self.deliver(message).await,
-                    Wake::PingTick => self.on_ping_tick(interval).await,
+                    Wake::PingTick => self.on_ping_tick().await,
                     Wake::Deadline => Err(Stop::Deadline),
                     Wake::FenceTimeout => {
                         debug!(conn = self.conn, "no pong after authenticated; delivering anyway");
@@ -407,11 +407,10 @@ impl<T: Transport> Driver<T> {
         self.flush_out().await
     }
 
-    async fn on_ping_tick(&mut self, interval: Duration) -> Result<(), Stop> {
+    async fn on_ping_tick(&mut self) -> Result<(), Stop> {
         if Instant::now() >= self.interrupts.silent_at {
             return Err(Stop::Silent);
         }
-        let _ = interval;
         self.ping(None).await
     }
 
@@ -456,7 +455,7 @@ impl<T: Transport> Driver<T> {
     async fn step(&mut self, step: Step) -> Result<(), Stop> {
         match step {
             Step::Done => {}
-            Step::Close(Ending::AuthenticationFailed) => {
+            Step::AuthenticationFailed => {
                 self.flush_out().await?;
                 return Err(Stop::Close(Close::AUTH_FAILED));
             }

@@ -104,6 +104,7 @@ pub struct Close {
 impl Close {
     pub const SHUTDOWN: Close = Close { code: 1001, reason: "server shutting down" };
     pub const SILENT: Close = Close { code: 1001, reason: "no pong within two ping intervals" };
+    pub const PROTOCOL: Close = Close { code: 1002, reason: "protocol error" };
     pub const NOT_UTF8: Close = Close { code: 1007, reason: "text frames must be valid UTF-8" };
     pub const AUTH_TIMEOUT: Close = Close { code: 1008, reason: "authentication timeout" };
     pub const AUTH_FAILED: Close = Close { code: 1008, reason: "authentication failed" };

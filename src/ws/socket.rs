@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use hyper_tungstenite::HyperWebsocketStream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
@@ -117,7 +118,14 @@ impl Transport for WebSocket {
                 warn!(conn = self.conn, error = %e, "text frame is not UTF-8; closing with 1007");
                 Incoming::Refused(Close::NOT_UTF8)
             }
-            Some(Err(e)) => Incoming::Gone(format!("protocol error: {e}")),
+            Some(Err(tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake))) => {
+                Incoming::Gone("client went away without a close".into())
+            }
+            Some(Err(tungstenite::Error::Protocol(e))) => {
+                warn!(conn = self.conn, error = %e, "protocol error; closing with 1002");
+                Incoming::Refused(Close::PROTOCOL)
+            }
+            Some(Err(e)) => Incoming::Gone(format!("connection failed: {e}")),
         }
     }
 
