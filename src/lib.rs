@@ -1,4 +1,4 @@
-//! windflow-notify: PostgreSQL rows in, WebSocket messages out.
+//! windflow-notify: PostgreSQL rows in, WebSocket (or Server-Sent Events) messages out.
 //!
 //! # How an event travels
 //!

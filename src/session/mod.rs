@@ -38,10 +38,9 @@ use crate::hub::HubHandle;
 use crate::metrics::Metrics;
 
 /// What carries a session's messages: bytes in and out, pings, and the
-/// close. Its futures are awaited inside the session task, so their size
-/// is part of what every idle connection costs (S3 in BENCHMARKS.md):
-/// whatever is large and rare (a close handshake, fragmenting a large
-/// event) is boxed inside the implementation, not here.
+/// close. Its futures run inside the session task, so what is large and
+/// rare (a close handshake, fragmenting a large event) is boxed inside the
+/// implementation ([`driver`] says why).
 pub trait Transport: Send {
     /// Names the transport in log lines.
     const NAME: &'static str;
