@@ -38,9 +38,14 @@ impl Viewer {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Claims {
     pub viewer: Viewer,
-    /// `exp`, in seconds since the Unix epoch.
+    /// `exp`, in seconds since the Unix epoch, at most [`LATEST_EXP`].
     pub expires_at: u64,
 }
+
+/// 9999-12-31T23:59:59Z, the last second RFC 3339 can write: a later `exp`
+/// (valid JWT, and a year-10000 `exp` once panicked the session) is taken
+/// as this one.
+pub const LATEST_EXP: u64 = 253_402_300_799;
 
 impl Claims {
     pub fn expires_at_time(&self) -> SystemTime {
@@ -225,7 +230,7 @@ impl Verifier {
             claims.organization_id.as_deref().map(|org| parse_uuid_claim("organization_id", org)).transpose()?;
         Ok(Claims {
             viewer: Viewer { user_id, organization_id, is_superuser: claims.is_superuser.unwrap_or(false) },
-            expires_at: claims.exp,
+            expires_at: claims.exp.min(LATEST_EXP),
         })
     }
 }
@@ -352,6 +357,26 @@ mod tests {
         use base64_encode as b64;
         let token = format!("{}.{}.", b64(br#"{"alg":"none","typ":"JWT"}"#), b64(claims.as_bytes()));
         assert!(matches!(verifier.verify(&token), Err(AuthError::Invalid(_))));
+    }
+
+    #[test]
+    fn an_exp_past_the_year_9999_is_taken_as_its_last_second() {
+        let verifier = Verifier::from_args(&args("k")).unwrap();
+        for exp in [LATEST_EXP + 1, u64::MAX] {
+            let claims = WireClaims {
+                sub: Uuid::new_v4().to_string(),
+                exp,
+                is_superuser: None,
+                organization_id: None,
+                aud: None,
+                iss: None,
+            };
+            let token = jsonwebtoken::encode(&Header::default(), &claims, &EncodingKey::from_secret(b"k")).unwrap();
+            let claims = verifier.verify(&token).unwrap();
+            assert_eq!(claims.expires_at, LATEST_EXP);
+            let shown = crate::protocol::ServerMessage::authenticated(claims.viewer.user_id, claims.expires_at_time());
+            assert!(shown.to_text().contains("9999-12-31T23:59:59Z"), "{}", shown.to_text());
+        }
     }
 
     #[test]

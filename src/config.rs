@@ -30,6 +30,7 @@ pub mod defaults {
     pub const EVENT_RETENTION: &str = "24h";
     pub const PING_INTERVAL: &str = "30s";
     pub const MAX_CONNECTIONS: NonZeroUsize = NonZeroUsize::new(100_000).unwrap();
+    pub const MAX_CONNECTIONS_PER_USER: NonZeroUsize = NonZeroUsize::new(100).unwrap();
     pub const CLIENT_QUEUE: NonZeroUsize = NonZeroUsize::new(4096).unwrap();
     pub const HISTORY_SIZE: NonZeroUsize = NonZeroUsize::new(100_000).unwrap();
     pub const HISTORY_BYTES: &str = "64MiB";
@@ -120,7 +121,7 @@ pub struct ServerArgs {
         value_parser = parse_duration
     )]
     pub ping_interval: Duration,
-    /// Upgrades beyond this many open WebSocket connections get HTTP 503.
+    /// Connections (WebSocket and SSE) beyond this many open at once get HTTP 503.
     #[arg(
         long,
         env = "WINDFLOW_MAX_CONNECTIONS",
@@ -129,6 +130,14 @@ pub struct ServerArgs {
         value_parser = parse_count
     )]
     pub max_connections: NonZeroUsize,
+    /// Connections of one user (`sub`) beyond this many get HTTP 429 (or, authenticating with `auth`, an error and close 1013).
+    #[arg(
+        long,
+        env = "WINDFLOW_MAX_CONNECTIONS_PER_USER",
+        value_name = "WINDFLOW_MAX_CONNECTIONS_PER_USER",
+        default_value_t = defaults::MAX_CONNECTIONS_PER_USER
+    )]
+    pub max_connections_per_user: NonZeroUsize,
     /// Messages queued for one client before it counts as a slow consumer.
     #[arg(
         long,
@@ -182,6 +191,7 @@ impl ServerArgs {
             event_retention: duration(defaults::EVENT_RETENTION),
             ping_interval: duration(defaults::PING_INTERVAL),
             max_connections: defaults::MAX_CONNECTIONS,
+            max_connections_per_user: defaults::MAX_CONNECTIONS_PER_USER,
             client_queue: defaults::CLIENT_QUEUE,
             history_size: defaults::HISTORY_SIZE,
             history_bytes: bytes(defaults::HISTORY_BYTES),
@@ -340,6 +350,7 @@ mod tests {
             ("WINDFLOW_EVENT_RETENTION", defaults::EVENT_RETENTION.to_string()),
             ("WINDFLOW_PING_INTERVAL", defaults::PING_INTERVAL.to_string()),
             ("WINDFLOW_MAX_CONNECTIONS", defaults::MAX_CONNECTIONS.to_string()),
+            ("WINDFLOW_MAX_CONNECTIONS_PER_USER", defaults::MAX_CONNECTIONS_PER_USER.to_string()),
             ("WINDFLOW_CLIENT_QUEUE", defaults::CLIENT_QUEUE.to_string()),
             ("WINDFLOW_HISTORY_SIZE", defaults::HISTORY_SIZE.to_string()),
             ("WINDFLOW_HISTORY_BYTES", defaults::HISTORY_BYTES.to_string()),

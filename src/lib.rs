@@ -1,4 +1,4 @@
-//! windflow-notify: PostgreSQL rows in, WebSocket messages out.
+//! windflow-notify: PostgreSQL rows in, WebSocket (or Server-Sent Events) messages out.
 //!
 //! # How an event travels
 //!
@@ -17,11 +17,14 @@
 //!    ([`auth::Viewer::can_see`]). It keeps recent events for `since`
 //!    resumes ([`history`], bounded in events and bytes); an older `since`
 //!    is replayed from the event log, which has the same order.
-//! 4. [`ws::session`] writes it to the client's socket; each client has its
-//!    own bounded queue, so a slow one never holds up the others. Replies
-//!    ([`ws::protocol`]) keep request order, and replays from the event
-//!    log are paged under server-wide limits that no user can take for
-//!    themselves ([`db::events::EventLog`]).
+//! 4. [`session`] takes it from the client's own bounded queue (so a slow
+//!    client never holds up the others): its core ([`session::core`])
+//!    puts it in order among the replies ([`protocol`]) and resumes, and
+//!    the session's task ([`session::driver`]) writes it through the
+//!    client's transport: [`ws`] (WebSocket) or [`sse`] (Server-Sent
+//!    Events). Replays from the event log are paged under server-wide
+//!    limits that no user can take for themselves ([`session::replay`],
+//!    [`db::events::EventLog`]).
 //!
 //! # Adding an event type
 //!
@@ -59,6 +62,9 @@ pub mod http;
 pub mod hub;
 pub mod logging;
 pub mod metrics;
+pub mod protocol;
+pub mod session;
+pub mod sse;
 pub mod tail;
 pub mod ws;
 
@@ -79,7 +85,7 @@ use crate::db::feed::Feed;
 use crate::http::Server;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::ws::Endpoint;
+use crate::session::Endpoint;
 
 /// How long shutdown waits for the server's tasks, so the process exits
 /// within the 5 s a SIGTERM allows.
@@ -105,6 +111,7 @@ pub async fn serve(
     verifier: Verifier,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
+    http::raise_open_file_limit(settings.max_connections.get());
     db::migrate(database).await?;
     let metrics = Arc::new(Metrics::default());
     let tasks = TaskTracker::new();
@@ -120,7 +127,7 @@ pub async fn serve(
         _ = shutdown.cancelled() => {}
         _ = up.wait_for(|up| *up) => {}
     }
-    let websocket = Endpoint::new(
+    let sessions = Endpoint::new(
         &settings,
         verifier,
         hub_handle,
@@ -134,11 +141,12 @@ pub async fn serve(
             info!(
                 dashboard = %format!("http://{address}/"),
                 websocket = %format!("ws://{address}/ws"),
-                "serving the dashboard at /, the WebSocket at /ws, /healthz and /metrics"
+                events = %format!("http://{address}/events"),
+                "serving the dashboard at /, the WebSocket at /ws, Server-Sent Events at /events, /healthz and /metrics"
             );
         }
         let server = Server {
-            websocket,
+            sessions,
             metrics,
             source_up: up,
             send_buffer: settings.send_buffer,

@@ -118,23 +118,7 @@ fn return_large_frees_to_the_system() {
     // SAFETY: mallopt only changes allocator tuning; called once, before
     // any thread starts.
     unsafe {
-        glibc::mallopt(glibc::M_MMAP_THRESHOLD, 128 * 1024);
-    }
-}
-
-/// The one glibc call the server makes, declared here rather than pulling
-/// in the libc crate for it.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-mod glibc {
-    use std::ffi::c_int;
-
-    /// `M_MMAP_THRESHOLD` in glibc's `<malloc.h>`.
-    pub const M_MMAP_THRESHOLD: c_int = -3;
-
-    unsafe extern "C" {
-        /// `int mallopt(int param, int value)`: returns 1 on success, 0 on
-        /// error (an unknown `param`, or a value out of range).
-        pub fn mallopt(param: c_int, value: c_int) -> c_int;
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
     }
 }
 

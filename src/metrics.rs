@@ -70,7 +70,7 @@ impl Metrics {
         metric(
             "windflow_connections",
             "gauge",
-            "Open WebSocket connections.",
+            "Open connections, WebSocket and SSE.",
             self.connections.load(Relaxed).to_string(),
         );
         metric(

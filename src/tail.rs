@@ -3,9 +3,10 @@
 //! piped into `jq` or `grep`. Its own diagnostics go to stderr.
 //!
 //! Failures are of two kinds. Transient ones (connection refused or reset,
-//! HTTP 5xx, close 1001 or 1013, `unavailable`) are retried with backoff,
-//! and each topic resumes with `since` = the last `event_id` seen on it, so
-//! nothing is lost or printed twice across a server restart. Permanent ones
+//! HTTP 5xx or 429, close 1001 or 1013, `unavailable`) are retried with
+//! backoff, and each topic resumes with `since` = the last `event_id` seen
+//! on it, so nothing is lost or printed twice across a server restart; a
+//! replay that keeps failing (`unavailable`) is retried later and later. Permanent ones
 //! (a URL that is not the WebSocket endpoint, a refused token or topic)
 //! end `tail` with one line saying what to fix: retrying cannot help.
 //!
@@ -35,7 +36,7 @@ use uuid::Uuid;
 use crate::backoff::Backoff;
 use crate::config::{defaults, parse_bind, parse_duration};
 use crate::event::{EventKind, Topic};
-use crate::ws::protocol::{ClientMessage, ErrorCode, ServerMessage};
+use crate::protocol::{ClientMessage, ErrorCode, ServerMessage};
 
 /// Reconnect delays: up to 250 ms first, doubling to 10 s.
 const RECONNECT_BACKOFF: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
@@ -132,6 +133,35 @@ enum Ended {
     Stop,
     /// The connection was lost; try again.
     Lost(String),
+    /// The server could not serve a replay (`unavailable`): try again with
+    /// the same cursors, backing off further each time it fails.
+    Unavailable(String),
+}
+
+/// When to try again: the backoff restarts once a connection
+/// authenticates, unless the one before it ended because a replay failed
+/// (the next may fail the same way, and must not be retried at once).
+struct Retry {
+    backoff: Backoff,
+    replay_failed: bool,
+}
+
+impl Retry {
+    fn new() -> Retry {
+        Retry { backoff: RECONNECT_BACKOFF, replay_failed: false }
+    }
+
+    fn authenticated(&mut self) {
+        if !self.replay_failed {
+            self.backoff.reset();
+        }
+    }
+
+    /// The delay before the next attempt, after a connection that ended so.
+    fn after(&mut self, replay_failed: bool) -> Duration {
+        self.replay_failed = replay_failed;
+        self.backoff.next_delay()
+    }
 }
 
 /// What survives reconnections: where each topic resumes, and the recent
@@ -217,7 +247,7 @@ pub async fn run(args: TailArgs, shutdown: CancellationToken) -> Result<(), Tail
     request.headers_mut().insert("authorization", bearer);
     info!(%url, from = source, "connecting");
     let mut resume = Resume::new(&topics, args.since);
-    let mut backoff = RECONNECT_BACKOFF;
+    let mut retry = Retry::new();
     let started = Instant::now();
     // Whether a server ever answered at this URL: until one has, failures
     // count against --wait, and a port that is not HTTP ends tail.
@@ -236,18 +266,23 @@ pub async fn run(args: TailArgs, shutdown: CancellationToken) -> Result<(), Tail
         let delay = match connected {
             Ok(Ok((socket, _))) => {
                 answered = true;
-                match session(socket, &url, &topics, &mut resume, &mut backoff, &shutdown).await? {
+                match session(socket, &url, &topics, &mut resume, &mut retry, &shutdown).await? {
                     Ended::Stop => return Ok(()),
                     Ended::Lost(reason) => {
-                        let delay = backoff.next_delay();
+                        let delay = retry.after(false);
                         warn!(%url, %reason, retry_in = ?delay, "disconnected; will reconnect and resume");
+                        delay
+                    }
+                    Ended::Unavailable(reason) => {
+                        let delay = retry.after(true);
+                        warn!(%url, %reason, retry_in = ?delay, "a replay failed; will reconnect and resume from the same cursors");
                         delay
                     }
                 }
             }
-            Ok(Err(e)) => patience.retry(transient_or_fail(e, &url, &request, answered)?, &url, &mut backoff)?,
+            Ok(Err(e)) => patience.retry(transient_or_fail(e, &url, &request, answered)?, &url, &mut retry)?,
             Err(_) => {
-                patience.retry(format!("no answer to the upgrade within {HANDSHAKE_TIMEOUT:?}"), &url, &mut backoff)?
+                patience.retry(format!("no answer to the upgrade within {HANDSHAKE_TIMEOUT:?}"), &url, &mut retry)?
             }
         };
         tokio::select! {
@@ -268,9 +303,9 @@ struct Patience {
 
 impl Patience {
     /// The delay before the next attempt after `failure`, or the error to stop with.
-    fn retry(&self, failure: String, url: &str, backoff: &mut Backoff) -> Result<Duration, TailError> {
+    fn retry(&self, failure: String, url: &str, retry: &mut Retry) -> Result<Duration, TailError> {
         if self.answered {
-            let delay = backoff.next_delay();
+            let delay = retry.after(retry.replay_failed);
             warn!(%url, reason = %failure, retry_in = ?delay, "cannot connect; will retry");
             return Ok(delay);
         }
@@ -279,7 +314,7 @@ impl Patience {
             let waited = humantime::format_duration(self.wait).to_string();
             return Err(TailError::NoServer { url: url.into(), waited, reason: failure });
         }
-        let delay = backoff.next_delay().min(left);
+        let delay = retry.after(retry.replay_failed).min(left);
         warn!(%url, reason = %failure, retry_in = ?delay, hint = "is windflow-notify serve running at this URL?",
             "cannot connect; will retry");
         Ok(delay)
@@ -299,7 +334,8 @@ fn transient_or_fail(
     match error {
         tungstenite::Error::Http(response) => {
             let status = response.status();
-            if status.is_server_error() {
+            // Down, restarting, full, or this user's connections are all taken.
+            if status.is_server_error() || status == tungstenite::http::StatusCode::TOO_MANY_REQUESTS {
                 return Ok(format!("HTTP {status}"));
             }
             if status.as_u16() == 401 {
@@ -341,7 +377,7 @@ async fn session(
     url: &str,
     topics: &[Topic],
     resume: &mut Resume,
-    backoff: &mut Backoff,
+    retry: &mut Retry,
     shutdown: &CancellationToken,
 ) -> Result<Ended, TailError> {
     for &topic in topics {
@@ -398,13 +434,16 @@ async fn session(
         }
         match message {
             Some(ServerMessage::Authenticated { .. }) => {
-                backoff.reset();
+                retry.authenticated();
                 debug!("authenticated");
             }
             Some(ServerMessage::Subscribed { topic, event_id }) => resume.subscribed(topic, event_id),
             Some(ServerMessage::Error { code, message, topic }) => match code {
-                // The database could not answer: ask again on a fresh connection.
-                ErrorCode::Unavailable => return Ok(Ended::Lost(format!("unavailable: {message}"))),
+                // The database could not answer: ask again on a fresh
+                // connection. Nothing of a failed replay came after this,
+                // so each topic's cursor is where it resumes.
+                ErrorCode::Unavailable => return Ok(Ended::Unavailable(format!("unavailable: {message}"))),
+                ErrorCode::TooManyConnections => return Ok(Ended::Lost(format!("too many connections: {message}"))),
                 ErrorCode::TokenExpired => return Err(TailError::TokenEnded(format!("the token expired ({message})"))),
                 _ => {
                     let code = serde_json::to_value(code).ok().and_then(|c| c.as_str().map(str::to_string));
@@ -506,6 +545,22 @@ mod tests {
         // The viewer's own events include other deployments'.
         resume.event(20, Some(LOGS), Some(b));
         assert_eq!(resume.since(logs(a)), Some(20));
+    }
+
+    #[test]
+    fn a_replay_that_keeps_failing_is_retried_later_and_later() {
+        let mut retry = Retry::new();
+        let mut delays = Vec::new();
+        for _ in 0..4 {
+            retry.authenticated();
+            delays.push(retry.after(true));
+        }
+        assert!(delays[3] >= Duration::from_secs(1), "backed off: {delays:?}");
+        // A connection that ends otherwise lets the next one start over.
+        retry.authenticated();
+        retry.after(false);
+        retry.authenticated();
+        assert!(retry.after(false) <= Duration::from_millis(250));
     }
 
     #[test]

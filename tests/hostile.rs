@@ -413,6 +413,19 @@ async fn a_text_frame_that_is_not_utf8_closes_with_1007() {
 }
 
 #[tokio::test]
+async fn a_frame_websocket_does_not_allow_closes_with_1002() {
+    let app = spawn_app().await;
+    let mut reserved = Frame::message(b"{}".to_vec(), OpCode::Data(Data::Text), true);
+    reserved.header_mut().rsv1 = true;
+    let stray = Frame::message(b"x".to_vec(), OpCode::Data(Data::Continue), true);
+    for frame in [reserved, stray] {
+        let mut client = app.server.connect_as(user()).await;
+        client.ws.send(Message::Frame(frame)).await.unwrap();
+        assert_eq!(client.close_code().await, 1002);
+    }
+}
+
+#[tokio::test]
 async fn the_history_is_bounded_in_bytes_and_a_resume_past_it_reads_the_log() {
     let app = spawn_app_with(|s| s.history_bytes = 1 << 20).await;
     let (_, mut owner, deployment) = app.owner_with_deployment().await;
@@ -562,4 +575,265 @@ async fn text_from_clients_and_notifications_never_makes_a_log_line_of_its_own()
         assert!(!line.contains("FORGED") || line.contains("\\n2026"), "an unescaped line break:\n{line}");
         assert!(line.starts_with("20") && line.as_bytes().get(4) == Some(&b'-'), "a line of its own:\n{line}");
     }
+}
+
+// ---------------------------------------------------------------------
+// A session waiting for the event log, a replay that fails, tokens from
+// the far future, closes that must stay handshakes.
+// ---------------------------------------------------------------------
+
+/// What a client's reading half saw: a text message, or a ping.
+#[derive(Debug)]
+enum Seen {
+    Text(serde_json::Value),
+    Ping,
+}
+
+/// A client whose reading half runs on its own, as a browser's does: it
+/// answers pings by itself; what it sees comes on the channel.
+fn reading_on_its_own(
+    client: Client,
+) -> (
+    futures_util::stream::SplitSink<WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>, Message>,
+    tokio::sync::mpsc::UnboundedReceiver<Seen>,
+) {
+    let (sink, mut stream) = client.ws.split();
+    let (seen, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = stream.next().await {
+            let _ = match message {
+                Message::Text(text) => seen.send(Seen::Text(serde_json::from_str(text.as_str()).unwrap())),
+                Message::Ping(_) => seen.send(Seen::Ping),
+                _ => Ok(()),
+            };
+        }
+    });
+    (sink, rx)
+}
+
+async fn next_seen(seen: &mut tokio::sync::mpsc::UnboundedReceiver<Seen>) -> Seen {
+    tokio::time::timeout(WAIT, seen.recv()).await.expect("in time").expect("the connection is open")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_waiting_for_the_event_log_still_reads_pongs_unsubscribes_and_closes() {
+    let app = spawn_app_with(|s| s.ping_interval = Duration::from_millis(500)).await;
+    let deployment = app.writer.create_deployment(Uuid::new_v4(), None).await;
+    let topic = format!("deployment_logs_{deployment}");
+    // Every query on the event log waits behind this lock.
+    let locker = Writer::new(&app.database).await;
+    locker.execute("BEGIN; LOCK TABLE windflow_events IN ACCESS EXCLUSIVE MODE").await;
+    let watcher = superuser();
+    let (mut waiting, mut waiting_saw) = reading_on_its_own(app.server.connect_as(watcher).await);
+    let (mut leaving, _leaving_saw) = reading_on_its_own(app.server.connect_as(watcher).await);
+    // `since` 0 is older than the history: each session is answered
+    // `subscribed`, then reads the log for its replay, and waits.
+    let subscribe = json!({"type": "subscribe", "topic": topic, "since": 0}).to_string();
+    waiting.send(Message::Text(subscribe.clone().into())).await.unwrap();
+    leaving.send(Message::Text(subscribe.into())).await.unwrap();
+    let subscribed = loop {
+        if let Seen::Text(message) = next_seen(&mut waiting_saw).await {
+            break message;
+        }
+    };
+    assert_eq!((subscribed["type"].as_str(), subscribed["data"]["event_id"].as_i64()), (Some("subscribed"), Some(0)));
+    let admin = admin_client().await;
+    // The sessions' page queries (the feed's reads wait for the lock too).
+    let waiting_for_the_lock = || async {
+        let sql = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = $1
+                     AND application_name <> 'windflow-notify-listener'";
+        admin.query_one(sql, &[&app.database.name]).await.unwrap().get::<_, i64>(0)
+    };
+    eventually("both replays wait for the lock", || async { waiting_for_the_lock().await == 2 }).await;
+    // Four ping intervals of waiting: a session that did not read its
+    // client's pongs meanwhile would drop it as silent after two.
+    let mut pings = 0;
+    while pings < 8 {
+        match next_seen(&mut waiting_saw).await {
+            Seen::Ping => pings += 1,
+            other => panic!("while waiting for the log: {other:?}"),
+        }
+    }
+    // A close ends the other session while its replay still waits.
+    leaving.send(Message::Close(None)).await.unwrap();
+    eventually("the closed session is gone", || async { app.server.metric("windflow_connections").await == 1.0 }).await;
+    // An unsubscribe gives the replay up: `unsubscribed`, and nothing of it.
+    let unsubscribe = json!({"type": "unsubscribe", "topic": topic}).to_string();
+    waiting.send(Message::Text(unsubscribe.into())).await.unwrap();
+    let reply = loop {
+        if let Seen::Text(message) = next_seen(&mut waiting_saw).await {
+            break message;
+        }
+    };
+    assert_eq!(reply["type"], "unsubscribed", "{reply}");
+    assert_eq!(waiting_for_the_lock().await, 2, "both answered while the log was still locked");
+    locker.execute("ROLLBACK").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_whose_log_part_fails_is_followed_by_nothing_of_its_topic() {
+    // The server runs as a role of its own that owns the event log (not a
+    // superuser, so that a privilege can be taken from it): the fault is
+    // that it may no longer read the events' sizes, which only a replay's
+    // pages read, so live events still flow and the page query fails.
+    let role = Role::create().await;
+    let database = TestDatabase::create().await;
+    let admin = admin_client().await;
+    admin.batch_execute(&format!("ALTER DATABASE {} OWNER TO {}", database.name, role.name)).await.unwrap();
+    let mut config = database.config.clone();
+    config.user(&role.name);
+    let server = TestServer::start_on(&config, jwt_args(), |_| {}).await;
+    let writer = Writer::new(&database).await;
+    let (watched, other) =
+        (writer.create_deployment(Uuid::new_v4(), None).await, writer.create_deployment(Uuid::new_v4(), None).await);
+    for i in 0..5 {
+        writer.log(watched, &format!("before {i}")).await;
+    }
+    let watcher = superuser();
+    let mut client = server.connect_as(watcher).await;
+    client.subscribe(&format!("deployment_logs_{other}")).await;
+    let topic = format!("deployment_logs_{watched}");
+    let owner_db = {
+        let mut owner = database.config.clone();
+        owner.user(&role.name);
+        let (owner, connection) = owner.connect(tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        owner
+    };
+    owner_db
+        .batch_execute(&format!(
+            "REVOKE SELECT ON windflow_events FROM {0};
+             GRANT SELECT (id, type, deployment_id, user_id, organization_id, data) ON windflow_events TO {0}",
+            role.name
+        ))
+        .await
+        .unwrap();
+    // `since` 0 is older than the history: the log is read, and fails.
+    client.send(json!({"type": "subscribe", "topic": topic, "since": 0})).await;
+    client.recv_type("subscribed").await;
+    let error = client.recv_type("error").await;
+    assert_eq!(
+        (error["data"]["code"].as_str(), error["data"]["topic"].as_str()),
+        (Some("unavailable"), Some(topic.as_str()))
+    );
+    // Nothing of the topic follows: not the history's events of it, not a
+    // live one. The fence: an event of the other subscription.
+    writer.log(watched, "after the failure").await;
+    writer.log(other, "fence").await;
+    let next = client.recv().await;
+    assert_eq!(next["data"]["logs"], "fence", "nothing of {topic} after its unavailable: {next}");
+    // The client resubscribes with the same since once the log can be
+    // read: every event of the topic once, in order.
+    owner_db.batch_execute(&format!("GRANT SELECT ON windflow_events TO {}", role.name)).await.unwrap();
+    client.send(json!({"type": "subscribe", "topic": topic, "since": 0})).await;
+    client.recv_type("subscribed").await;
+    let owed = ids_after(&writer, watched, 0).await;
+    let owed_logs: Vec<i64> = owed[1..].to_vec();
+    let mut got = Vec::new();
+    while got.len() < owed_logs.len() {
+        got.push(client.recv_event().await.1);
+    }
+    assert_eq!(got, owed_logs);
+    drop(admin);
+}
+
+#[tokio::test]
+async fn a_token_valid_until_after_the_year_9999_is_answered() {
+    let app = spawn_app().await;
+    let sub = user().user_id;
+    let sign = |claims: serde_json::Value| {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    let now = windflow_notify::auth::unix_now();
+    for exp in [253_402_300_800u64, 253_402_300_799 * 1000, u64::MAX] {
+        let token = sign(json!({"sub": sub, "exp": exp}));
+        // On the upgrade, and in an `auth` message.
+        let mut client = app.server.connect(&token).await;
+        client.send_text("ping").await;
+        client.recv_type("pong").await;
+        let mut late = app.server.connect_anonymous().await;
+        late.send(json!({"type": "auth", "token": token})).await;
+        let authenticated = late.recv_type("authenticated").await;
+        assert_eq!(authenticated["data"]["expires_at"], "9999-12-31T23:59:59Z", "exp {exp}");
+    }
+    for nbf in [json!(253_402_300_800u64), json!(u64::MAX), json!(1e300)] {
+        let token = sign(json!({"sub": sub, "exp": now + 60, "nbf": nbf}));
+        let mut client = app.server.connect_anonymous().await;
+        client.send(json!({"type": "auth", "token": token})).await;
+        assert_eq!(client.recv_type("error").await["data"]["code"], "unauthorized", "nbf {nbf}");
+        assert_eq!(client.close_code().await, 1008);
+    }
+}
+
+#[tokio::test]
+async fn an_oversize_message_sent_in_2000_fragments_gets_its_1009_close_frame() {
+    let app = spawn_app().await;
+    for attempt in 0..5 {
+        let mut client = app.server.connect_as(user()).await;
+        // 2,000 fragments of 40 bytes: 80,000 bytes, over 64 KiB, sent as a
+        // client on a slower link does, a few at a time, before reading
+        // anything: it is still sending when the server refuses the message.
+        for i in 0..2000 {
+            let opcode = if i == 0 { OpCode::Data(Data::Text) } else { OpCode::Data(Data::Continue) };
+            let frame = Frame::message(vec![b'x'; 40], opcode, i == 1999);
+            if client.ws.feed(Message::Frame(frame)).await.is_err() {
+                break;
+            }
+            if i % 50 == 49 {
+                if client.ws.flush().await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        let _ = client.ws.flush().await;
+        let code = loop {
+            match tokio::time::timeout(WAIT, client.ws.next()).await.expect("the server answers") {
+                Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                other => panic!("attempt {attempt}: no close frame: {other:?}"),
+            }
+        };
+        assert_eq!(code, Some(1009), "attempt {attempt}");
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_stops_answering_pings_gets_a_close_frame_before_it_is_dropped() {
+    let app = spawn_app_with(|s| s.ping_interval = Duration::from_millis(300)).await;
+    let mut silent = app.server.connect_anonymous().await;
+    silent.send(json!({"type": "auth", "token": token(user())})).await;
+    // It reads nothing (so answers no ping) until the server has given up
+    // on it; then it reads the bytes the server sent, frame by frame (a
+    // WebSocket library would first try to answer the pings, and fail).
+    eventually("the silent client is dropped", || async { app.server.metric("windflow_connections").await == 0.0 })
+        .await;
+    let mut bytes = Vec::new();
+    tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read_to_end(silent.ws.get_mut(), &mut bytes))
+        .await
+        .expect("the stream ends")
+        .ok();
+    let mut frames = Vec::new();
+    let mut at = 0;
+    while at + 2 <= bytes.len() {
+        let opcode = bytes[at] & 0x0f;
+        let (len, header) = match bytes[at + 1] & 0x7f {
+            126 => (u16::from_be_bytes([bytes[at + 2], bytes[at + 3]]) as usize, 4),
+            127 => panic!("no frame here is that long"),
+            len => (len as usize, 2),
+        };
+        frames.push((opcode, bytes[at + header..at + header + len].to_vec()));
+        at += header + len;
+    }
+    let kinds: Vec<u8> = frames.iter().map(|(opcode, _)| *opcode).collect();
+    assert_eq!(kinds.first(), Some(&0x1), "authenticated first: {kinds:?}");
+    assert!(kinds[1..kinds.len() - 1].iter().all(|&k| k == 0x9), "then pings: {kinds:?}");
+    let (opcode, payload) = frames.last().expect("frames");
+    assert_eq!(*opcode, 0x8, "the last frame is a close: {kinds:?}");
+    assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 1001);
 }

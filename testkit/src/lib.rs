@@ -10,6 +10,7 @@
 mod cluster;
 mod database;
 mod http;
+pub mod sse;
 mod ws;
 
 use std::time::Duration;

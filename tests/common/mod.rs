@@ -585,3 +585,25 @@ pub async fn killing_the_source_three_times_loses_and_duplicates_nothing<F, Fut>
     assert_eq!(logs.len(), written, "every log row arrived");
     assert_nothing_more(writer, &mut client, admin.user_id).await;
 }
+
+/// `GET /events…` on `server`: the stream when it answered 200, else the
+/// status and the JSON body.
+pub async fn open_events(
+    server: &TestServer,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<windflow_testkit::sse::SseStream, (u16, Value)> {
+    let answer =
+        windflow_testkit::sse::open(server.addr, path, headers, None).await.unwrap_or_else(|e| panic!("{e:#}"));
+    match answer {
+        windflow_testkit::sse::SseAnswer::Stream(stream) => Ok(stream),
+        windflow_testkit::sse::SseAnswer::Refused(status, body) => {
+            Err((status, serde_json::from_str(&body).unwrap_or_else(|_| panic!("not JSON: {body}"))))
+        }
+    }
+}
+
+/// The next SSE event, which must come within [`WAIT`].
+pub async fn next_sse(stream: &mut windflow_testkit::sse::SseStream) -> windflow_testkit::sse::SseEvent {
+    stream.next_event(WAIT).await.unwrap_or_else(|e| panic!("{e:#}")).expect("an event, not the end of the stream")
+}

@@ -1,5 +1,6 @@
 //! The messages of docs/protocol.md, as serde enums: the server parses
-//! [`ClientMessage`] and writes [`ServerMessage`]; `tail` does the reverse.
+//! [`ClientMessage`] and writes [`ServerMessage`] (over WebSocket, or as
+//! Server-Sent Events); `tail` does the reverse.
 //! Events are not here: their frames are written once, by [`crate::event`].
 
 use std::time::SystemTime;
@@ -158,8 +159,10 @@ pub enum ErrorCode {
     Forbidden,
     TooManySubscriptions,
     TokenExpired,
-    /// The database could not answer a permission check; try again.
+    /// The database could not answer a permission check or a replay; try again.
     Unavailable,
+    /// The user holds `WINDFLOW_MAX_CONNECTIONS_PER_USER` connections already.
+    TooManyConnections,
     /// A code this build does not know (a newer server's), for `tail`.
     #[serde(other)]
     Unknown,
