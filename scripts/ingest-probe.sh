@@ -13,6 +13,11 @@
 #   v8       the migrations up to V8: ids at commit, wake-up NOTIFY, 4 indexes
 #   v8-2idx  V8 without the two visibility indexes (owner, organization)
 #   v8-now   V8 with the triggers fired at each row (not deferred to commit)
+#   v8-nopin V8 without the trigger functions' pinned search_path (its cost)
+#   v8-adv   V8 with the wake-up taken as pg_try_advisory_xact_lock, not a row lock
+#   v8-lean  all three: no visibility indexes, no pin, the advisory wake-up
+#   base     the migrations of the commit BASE (default HEAD), to weigh a
+#            change of the working tree's against it
 # Run as root (initdb runs as postgres).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,9 +36,9 @@ CONF
 su postgres -c "$BIN/pg_ctl -D $DIR/data -l $DIR/log -w start >/dev/null"
 trap 'su postgres -c "$BIN/pg_ctl -D $DIR/data -m immediate stop >/dev/null"; rm -rf $DIR' EXIT
 P() { PGOPTIONS="-c client_min_messages=warning" psql -h 127.0.0.1 -p "$PORT" -U postgres -qAtX -v ON_ERROR_STOP=1 "$@"; }
-setup() { # database, highest migration
+setup() { # database, highest migration, [directory of the migrations]
   P -c "CREATE DATABASE $1"
-  for f in $(ls sql/V*__*.sql | sort -V); do
+  for f in $(ls "${3:-sql}"/V*__*.sql | sort -V); do
     v=$(basename "$f" | sed -E 's/^V([0-9]+)__.*/\1/')
     [ "$v" -le "$2" ] && P -d "$1" -f "$f" >/dev/null 2>&1
   done
@@ -42,12 +47,21 @@ setup() { # database, highest migration
 }
 setup v7 7
 setup v8 8
+mkdir -p "$DIR/base-sql"
+git archive "${BASE:-HEAD}" sql | tar -x -C "$DIR/base-sql" --strip-components=1
+setup base 100 "$DIR/base-sql"
 P -d v8 -Atc "SELECT string_agg(format('CREATE TRIGGER %I AFTER %s ON %I FOR EACH ROW %s EXECUTE FUNCTION %s()', t.tgname || '_now',
     CASE WHEN t.tgtype & 16 <> 0 THEN 'UPDATE' ELSE 'INSERT' END, c.relname,
     coalesce('WHEN ' || substring(pg_get_triggerdef(t.oid) FROM 'WHEN (\(.*\)) EXECUTE'), ''), p.proname), E';\n') || ';'
   FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_proc p ON p.oid = t.tgfoid
   WHERE t.tgconstraint <> 0 AND p.proname LIKE 'windflow%' AND c.relname IN ('deployments', 'deployment_logs')" > "$DIR/now.sql"
 P -d v8 -f "$DIR/now.sql"
+P -d v8 -Atc "SELECT string_agg(pg_get_functiondef(f::regprocedure) || ';', E'\n')
+  FROM unnest(ARRAY['windflow_record(text,uuid,uuid,uuid,json)', 'windflow_deployment_events()',
+                    'windflow_deployment_log_events()']) f" > "$DIR/v8-functions.sql"
+# windflow_record comes first: its wake-up test is the first IF NOT FOUND.
+sed 's/PERFORM FROM windflow_wakeup FOR UPDATE SKIP LOCKED;/PERFORM WHERE false;/;
+     0,/IF NOT FOUND THEN/s//IF NOT pg_try_advisory_xact_lock(2003201652, 1) THEN/' "$DIR/v8-functions.sql" > "$DIR/advisory.sql"
 P -d v8 -c "ALTER TABLE deployments DISABLE TRIGGER deployments_created_events_now, DISABLE TRIGGER deployments_changed_events_now" \
         -c "ALTER TABLE deployment_logs DISABLE TRIGGER deployment_logs_events_now"
 cat > "$DIR/mix.sql" <<'S'
@@ -72,11 +86,20 @@ variant() { # name -> prints the database to run on, after putting it in that st
     off) P -d v8 -c "ALTER TABLE deployments DISABLE TRIGGER USER" -c "ALTER TABLE deployment_logs DISABLE TRIGGER USER"
          P -d v8 -c "ALTER TABLE deployments ENABLE TRIGGER deployments_touch_updated_at"; echo v8 ;;
     v7) echo v7 ;;
-    v8|v8-2idx|v8-now)
+    base) echo base ;;
+    v8|v8-2idx|v8-now|v8-nopin|v8-adv|v8-lean)
+      P -d v8 -f "$DIR/v8-functions.sql" >/dev/null
+      case $1 in
+        v8-nopin|v8-lean) P -d v8 -c "ALTER FUNCTION windflow_deployment_events() RESET search_path" \
+                          -c "ALTER FUNCTION windflow_deployment_log_events() RESET search_path" ;;
+      esac
+      case $1 in
+        v8-adv|v8-lean) P -d v8 -f "$DIR/advisory.sql" >/dev/null ;;
+      esac
       P -d v8 -c "ALTER TABLE deployments DISABLE TRIGGER USER" -c "ALTER TABLE deployment_logs DISABLE TRIGGER USER"
       P -d v8 -c "ALTER TABLE deployments ENABLE TRIGGER deployments_touch_updated_at"
       if [ "$1" = v8-now ]; then triggers v8 ENABLE now; else triggers v8 ENABLE deferred; fi
-      if [ "$1" = v8-2idx ]; then
+      if [ "$1" = v8-2idx ] || [ "$1" = v8-lean ]; then
         P -d v8 -c "DROP INDEX IF EXISTS windflow_events_user_id_idx" -c "DROP INDEX IF EXISTS windflow_events_organization_id_idx"
       else
         P -d v8 -c "CREATE INDEX IF NOT EXISTS windflow_events_user_id_idx ON windflow_events (user_id, id)" \
