@@ -286,12 +286,29 @@ impl Reader<'_> {
                 }
                 info!(application_name = APPLICATION_NAME, through = position.through, "event feed up");
             }
+            if let Read::Found = read {
+                // Busy: wake-ups that come within the next millisecond are
+                // answered by one read, so that under many writers the feed
+                // reads at most about a thousand times a second.
+                again = 0;
+                tokio::select! {
+                    _ = self.feed.shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(READ_AGAIN[0]) => {}
+                }
+                while let Ok(wakeup) = wakeups.try_recv() {
+                    self.claim(position, wakeup.payload());
+                }
+                // The once-a-second sample, when due, busy or not.
+                tokio::select! {
+                    biased;
+                    _ = sample.tick() => self.sample(position).await?,
+                    _ = std::future::ready(()) => {}
+                }
+                continue;
+            }
             let next = match read {
                 Read::Gap(wait) => Next::After(wait),
-                Read::Found => {
-                    again = 0;
-                    Next::After(READ_AGAIN[0])
-                }
+                Read::Found => Next::After(READ_AGAIN[0]),
                 Read::Nothing if again + 1 < READ_AGAIN.len() => {
                     again += 1;
                     Next::After(READ_AGAIN[again])
