@@ -24,6 +24,13 @@ pub const REPLAY_MEMORY: usize = 64 * 1024 * 1024;
 /// ...and by the replays of one user: a user whose many connections replay
 /// and never read holds this much at most, and leaves the rest to others.
 pub const USER_REPLAY_MEMORY: usize = 8 * 1024 * 1024;
+/// Replay queries one user may start per second, on average (a burst of
+/// [`USER_REPLAY_BURST`] first): a user's connections pipelining resumes
+/// from far back then wait behind each other, not load the database every
+/// writer and every other user needs. 100 pages a second is 25,600 events a
+/// second for one user's resumes from the log.
+pub const USER_REPLAY_QUERIES_PER_S: f64 = 100.0;
+pub const USER_REPLAY_BURST: f64 = 200.0;
 /// Event log rows, and bytes of event data (about), read per replay query.
 const PAGE_ROWS: i64 = 256;
 const PAGE_BYTES: usize = 256 * 1024;
@@ -49,8 +56,49 @@ pub struct EventLog {
     queries: FairSlots,
     /// In KiB.
     memory: Arc<Semaphore>,
-    /// In KiB, per user; entries nobody holds are dropped now and then.
-    user_memory: Mutex<HashMap<Uuid, Arc<Semaphore>>>,
+    /// Per user: replay memory and query rate; entries nobody holds are
+    /// dropped now and then.
+    users: Mutex<HashMap<Uuid, Arc<UserLimits>>>,
+}
+
+/// One user's share of the replay limits.
+struct UserLimits {
+    /// Replay pages held, in KiB ([`USER_REPLAY_MEMORY`]).
+    memory: Arc<Semaphore>,
+    /// Queries started ([`USER_REPLAY_QUERIES_PER_S`]); the user's waiters
+    /// queue on this lock, in turn.
+    budget: tokio::sync::Mutex<Budget>,
+}
+
+/// A token bucket.
+struct Budget {
+    tokens: f64,
+    at: tokio::time::Instant,
+}
+
+impl UserLimits {
+    fn new() -> UserLimits {
+        UserLimits {
+            memory: Arc::new(Semaphore::new(USER_REPLAY_MEMORY / 1024)),
+            budget: tokio::sync::Mutex::new(Budget { tokens: USER_REPLAY_BURST, at: tokio::time::Instant::now() }),
+        }
+    }
+
+    /// Wait for the user's next query to be due.
+    async fn pace(&self) {
+        let mut budget = self.budget.lock().await;
+        let now = tokio::time::Instant::now();
+        let refilled = budget.tokens + now.duration_since(budget.at).as_secs_f64() * USER_REPLAY_QUERIES_PER_S;
+        budget.tokens = refilled.min(USER_REPLAY_BURST);
+        budget.at = now;
+        if budget.tokens < 1.0 {
+            let wait = (1.0 - budget.tokens) / USER_REPLAY_QUERIES_PER_S;
+            tokio::time::sleep(std::time::Duration::from_secs_f64(wait)).await;
+            budget.tokens = 1.0;
+            budget.at = tokio::time::Instant::now();
+        }
+        budget.tokens -= 1.0;
+    }
 }
 
 /// One page of a replay; holds its share of the memory limits until dropped.
@@ -136,7 +184,7 @@ impl EventLog {
             pool,
             queries: FairSlots::new(REPLAY_QUERIES, Some(metrics)),
             memory: Arc::new(Semaphore::new(REPLAY_MEMORY / 1024)),
-            user_memory: Mutex::new(HashMap::new()),
+            users: Mutex::new(HashMap::new()),
         }
     }
 
@@ -157,6 +205,7 @@ impl EventLog {
     /// What the log says of a `since` newer than anything this process
     /// has: whether the database ever gave out that id.
     pub async fn look_up(&self, viewer: Viewer, since: i64) -> Result<Since, DbError> {
+        self.user(viewer.user_id).pace().await;
         let _slot = self.queries.acquire(viewer.user_id).await;
         let client = self.pool.get().await?;
         let row =
@@ -172,9 +221,11 @@ impl EventLog {
             return Ok(None);
         }
         let user = pages.filter.viewer.user_id;
-        let user_memory = self.user_memory(user).acquire_many_owned(PAGE_KIB).await.map_err(|_| DbError::Closed)?;
+        let limits = self.user(user);
+        let user_memory = Arc::clone(&limits.memory).acquire_many_owned(PAGE_KIB).await.map_err(|_| DbError::Closed)?;
         let memory = Arc::clone(&self.memory).acquire_many_owned(PAGE_KIB).await.map_err(|_| DbError::Closed)?;
         let memory = (user_memory, memory);
+        limits.pace().await;
         let slot = self.queries.acquire(user).await;
         let client = self.pool.get().await?;
         let pruned = pages.check_pruned && pruned_upto(&client).await? > pages.since;
@@ -191,14 +242,14 @@ impl EventLog {
         Ok(Some(Page { pruned, events, _memory: memory }))
     }
 
-    /// The memory limit of `user`'s replays.
-    fn user_memory(&self, user: Uuid) -> Arc<Semaphore> {
-        let mut limits = self.user_memory.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if limits.len() > 1024 {
+    /// `user`'s share of the replay limits.
+    fn user(&self, user: Uuid) -> Arc<UserLimits> {
+        let mut users = self.users.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if users.len() > 1024 {
             // Limits nobody holds or waits on: their users replay nothing now.
-            limits.retain(|_, limit| Arc::strong_count(limit) > 1);
+            users.retain(|_, limits| Arc::strong_count(limits) > 1 || Arc::strong_count(&limits.memory) > 1);
         }
-        Arc::clone(limits.entry(user).or_insert_with(|| Arc::new(Semaphore::new(USER_REPLAY_MEMORY / 1024))))
+        Arc::clone(users.entry(user).or_insert_with(|| Arc::new(UserLimits::new())))
     }
 }
 
@@ -448,6 +499,8 @@ async fn pruned_upto(client: &deadpool_postgres::Client) -> Result<i64, DbError>
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[tokio::test]
@@ -475,6 +528,21 @@ mod tests {
         let order: Vec<&str> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
         assert_eq!(order, ["hog 1", "other", "hog 2", "hog 3"], "the other user waits for one of the hog's, not three");
         assert_eq!(lock(&slots.state).free, 1, "the slot is back");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_users_replay_queries_are_paced_after_a_burst() {
+        let limits = UserLimits::new();
+        let started = tokio::time::Instant::now();
+        for _ in 0..USER_REPLAY_BURST as usize {
+            limits.pace().await;
+        }
+        assert_eq!(started.elapsed(), Duration::ZERO, "the burst goes at once");
+        for _ in 0..100 {
+            limits.pace().await;
+        }
+        let paced = started.elapsed().as_secs_f64();
+        assert!((0.99..=1.01).contains(&paced), "100 more take a second at 100 a second: {paced}");
     }
 
     #[tokio::test]
