@@ -590,3 +590,23 @@ async fn a_resume_after_a_token_that_changes_the_organization_gets_what_became_v
     assert_eq!(got, ["b1", "b2"]);
     assert_nothing_more(&app.writer, &mut client, viewer.user_id).await;
 }
+
+/// A transaction open in another database, with an xid (any login can hold
+/// one): the feed does not wait for it, neither live nor after a reconnect.
+/// (The logical source's reconnect used to wait for every such transaction
+/// when it created its slot.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_open_in_another_database_holds_up_nothing() {
+    let app = spawn_app().await;
+    let (_, mut owner, deployment) = app.owner_with_deployment().await;
+    let elsewhere = TestDatabase::create().await;
+    let idle = elsewhere.client().await;
+    idle.batch_execute("BEGIN; SELECT pg_current_xact_id()").await.unwrap();
+    app.writer.log(deployment, "while it is open").await;
+    assert_eq!(owner.recv_event().await.2["logs"], "while it is open");
+    assert_eq!(kill_listener(&app.database).await, 1);
+    app.writer.log(deployment, "across a reconnect").await;
+    assert_eq!(owner.recv_event().await.2["logs"], "across a reconnect");
+    eventually("the feed back up", || async { app.server.metric("windflow_listener_up").await == 1.0 }).await;
+    idle.batch_execute("ROLLBACK").await.unwrap();
+}
