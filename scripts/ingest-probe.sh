@@ -64,18 +64,7 @@ sed 's/PERFORM FROM windflow_wakeup FOR UPDATE SKIP LOCKED;/PERFORM WHERE false;
      0,/IF NOT FOUND THEN/s//IF NOT pg_try_advisory_xact_lock(2003201652, 1) THEN/' "$DIR/v8-functions.sql" > "$DIR/advisory.sql"
 P -d v8 -c "ALTER TABLE deployments DISABLE TRIGGER deployments_created_events_now, DISABLE TRIGGER deployments_changed_events_now" \
         -c "ALTER TABLE deployment_logs DISABLE TRIGGER deployment_logs_events_now"
-cat > "$DIR/mix.sql" <<'S'
-\set n random(1, 64)
-\set p random(0, 100)
-\set k random(1, 5)
-\if :k = 1
-UPDATE deployments SET status = CASE status WHEN 'running' THEN 'deploying' ELSE 'running' END WHERE id = (SELECT id FROM pgb_ids WHERE n = :n);
-\elif :k <= 3
-UPDATE deployments SET progress = :p, current_step = 'step' WHERE id = (SELECT id FROM pgb_ids WHERE n = :n);
-\else
-INSERT INTO deployment_logs (deployment_id, message) SELECT id, 'pgbench line' FROM pgb_ids WHERE n = :n;
-\endif
-S
+cp scripts/lib/s4-mix.sql "$DIR/mix.sql"
 triggers() { # database, ENABLE|DISABLE, which: deferred|now
   local suffix=""; [ "$3" = now ] && suffix=_now
   P -d "$1" -c "ALTER TABLE deployments $2 TRIGGER deployments_created_events$suffix, $2 TRIGGER deployments_changed_events$suffix" \

@@ -66,18 +66,7 @@ cat > $DIR/off.sql <<'SQL'
 ALTER TABLE deployments DISABLE TRIGGER deployments_events;
 ALTER TABLE deployment_logs DISABLE TRIGGER deployment_logs_events;
 SQL
-cat > $DIR/mix.sql <<'S'
-\set n random(1, 64)
-\set p random(0, 100)
-\set k random(1, 5)
-\if :k = 1
-UPDATE deployments SET status = CASE status WHEN 'running' THEN 'deploying' ELSE 'running' END WHERE id = (SELECT id FROM pgb_ids WHERE n = :n);
-\elif :k <= 3
-UPDATE deployments SET progress = :p, current_step = 'step' WHERE id = (SELECT id FROM pgb_ids WHERE n = :n);
-\else
-INSERT INTO deployment_logs (deployment_id, message) SELECT id, 'pgbench line' FROM pgb_ids WHERE n = :n;
-\endif
-S
+cp scripts/lib/s4-mix.sql $DIR/mix.sql
 rounds() { # label
   for round in $(seq 1 ${ROUNDS:-3}); do
     for variant in as-built slimmest off; do

@@ -537,25 +537,9 @@ async fn a_resume_after_a_new_token_moved_the_user_to_another_organization_gets_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_from_clients_and_notifications_never_makes_a_log_line_of_its_own() {
     let database = TestDatabase::create().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let url = format!("postgres://postgres@127.0.0.1:5432/{}", database.name);
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_windflow-notify"))
-        .arg("serve")
-        .env("DATABASE_URL", &url)
-        .env("WINDFLOW_BIND", format!("127.0.0.1:{port}"))
-        .env("JWT_SECRET_KEY", SECRET)
-        .env("RUST_LOG", "debug,tokio_postgres=warn,refinery_core=warn,hyper=warn,tungstenite=warn")
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    eventually("the server answers /healthz", || async {
-        tokio::net::TcpStream::connect(addr).await.is_ok() && http_get(addr, "/healthz", &[]).await.0 == 200
-    })
-    .await;
+    let (child, server) =
+        spawn_binary(&database, "debug,tokio_postgres=warn,refinery_core=warn,hyper=warn,tungstenite=warn").await;
     let forged = "x\n2026-12-04T10:00:00.000000Z  INFO windflow_notify: FORGED superuser=true";
-    let server = TestServer { addr, shutdown: tokio_util::sync::CancellationToken::new(), handle: None };
     let owner = user();
     let mut client = server.connect_as(owner).await;
     client.send(json!({"type": forged})).await;

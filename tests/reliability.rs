@@ -352,23 +352,7 @@ async fn shutdown_closes_clients_with_1001_and_every_task_ends() {
 #[tokio::test]
 async fn sigterm_closes_clients_and_exits_zero_within_5_seconds() {
     let database = TestDatabase::create().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let url = format!("postgres://postgres@127.0.0.1:5432/{}", database.name);
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_windflow-notify"))
-        .arg("serve")
-        .env("DATABASE_URL", &url)
-        .env("WINDFLOW_BIND", format!("127.0.0.1:{port}"))
-        .env("JWT_SECRET_KEY", SECRET)
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    eventually("the server answers /healthz", || async {
-        tokio::net::TcpStream::connect(addr).await.is_ok() && http_get(addr, "/healthz", &[]).await.0 == 200
-    })
-    .await;
-    let server = TestServer { addr, shutdown: tokio_util::sync::CancellationToken::new(), handle: None };
+    let (mut child, server) = spawn_binary(&database, "warn").await;
     let mut client = server.connect_as(user()).await;
     let pid = child.id().unwrap().to_string();
     let started = std::time::Instant::now();
@@ -486,11 +470,18 @@ async fn a_transaction_that_wrote_first_and_commits_last_across_a_listener_outag
     assert_nothing_more(&app.writer, &mut client, admin.user_id).await;
 }
 
-/// Ids taken before commit (`SET CONSTRAINTS ALL IMMEDIATE` fires the event
-/// triggers at once): a larger id that commits first waits for the smaller
-/// one, so the log's order stays the order of delivery.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_event_waits_for_a_smaller_id_still_committing() {
+/// A superuser on `deployment_events`, and two deployments: a transaction
+/// takes an id early for a line on the first (`SET CONSTRAINTS ALL
+/// IMMEDIATE` fires the event triggers at once) and stays open, then a line
+/// on the second commits with a larger id.
+struct EarlyId {
+    app: TestApp,
+    admin: windflow_notify::auth::Viewer,
+    client: Client,
+    early: Writer,
+}
+
+async fn early_id(early_line: &str, later_line: &str) -> EarlyId {
     let app = spawn_app().await;
     let admin = superuser();
     let mut client = app.server.connect_as(admin).await;
@@ -502,8 +493,18 @@ async fn an_event_waits_for_a_smaller_id_still_committing() {
     receive_exactly_once(&mut client, 2).await;
     let early = Writer::new(&app.database).await;
     early.execute("BEGIN; SET CONSTRAINTS ALL IMMEDIATE").await;
-    early.log(d1, "smaller id, committed second").await;
-    app.writer.log(d2, "larger id, committed first").await;
+    early.log(d1, early_line).await;
+    app.writer.log(d2, later_line).await;
+    EarlyId { app, admin, client, early }
+}
+
+/// Ids taken before commit (`SET CONSTRAINTS ALL IMMEDIATE` fires the event
+/// triggers at once): a larger id that commits first waits for the smaller
+/// one, so the log's order stays the order of delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_waits_for_a_smaller_id_still_committing() {
+    let EarlyId { app, admin, mut client, early } =
+        early_id("smaller id, committed second", "larger id, committed first").await;
     app.server.two_log_reads_pass().await;
     early.execute("COMMIT").await;
     let (_, first, data) = client.recv_event().await;
@@ -516,19 +517,7 @@ async fn an_event_waits_for_a_smaller_id_still_committing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_id_taken_by_a_transaction_that_rolled_back_holds_up_nothing() {
-    let app = spawn_app().await;
-    let admin = superuser();
-    let mut client = app.server.connect_as(admin).await;
-    client.subscribe("deployment_events").await;
-    let (d1, d2) = (
-        app.writer.create_deployment(Uuid::new_v4(), None).await,
-        app.writer.create_deployment(Uuid::new_v4(), None).await,
-    );
-    receive_exactly_once(&mut client, 2).await;
-    let early = Writer::new(&app.database).await;
-    early.execute("BEGIN; SET CONSTRAINTS ALL IMMEDIATE").await;
-    early.log(d1, "rolled back").await;
-    app.writer.log(d2, "after the gap").await;
+    let EarlyId { app, admin, mut client, early } = early_id("rolled back", "after the gap").await;
     app.server.two_log_reads_pass().await;
     early.execute("ROLLBACK").await;
     let (_, _, data) = client.recv_event().await;
@@ -540,19 +529,7 @@ async fn an_id_taken_by_a_transaction_that_rolled_back_holds_up_nothing() {
 /// delivery for at most 10 s; its events come late if it commits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_holding_an_early_id_for_long_is_passed_and_its_event_comes_late() {
-    let app = spawn_app().await;
-    let admin = superuser();
-    let mut client = app.server.connect_as(admin).await;
-    client.subscribe("deployment_events").await;
-    let (d1, d2) = (
-        app.writer.create_deployment(Uuid::new_v4(), None).await,
-        app.writer.create_deployment(Uuid::new_v4(), None).await,
-    );
-    receive_exactly_once(&mut client, 2).await;
-    let early = Writer::new(&app.database).await;
-    early.execute("BEGIN; SET CONSTRAINTS ALL IMMEDIATE").await;
-    early.log(d1, "held").await;
-    app.writer.log(d2, "passes it after a while").await;
+    let EarlyId { app, admin, mut client, early } = early_id("held", "passes it after a while").await;
     let (_, passed, data) = client.recv_event().await;
     assert_eq!(data["logs"], "passes it after a while");
     early.execute("COMMIT").await;

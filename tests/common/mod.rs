@@ -203,6 +203,31 @@ impl TestServer {
     }
 }
 
+/// The real `windflow-notify serve` binary as a child process on a free
+/// port, with `RUST_LOG=rust_log` and its stderr piped; returns once it
+/// answers `/healthz`, with a [`TestServer`] that talks to it (stopping the
+/// child is the caller's: SIGTERM by its pid, or drop).
+pub async fn spawn_binary(database: &TestDatabase, rust_log: &str) -> (tokio::process::Child, TestServer) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("addr").port();
+    let url = format!("postgres://postgres@127.0.0.1:5432/{}", database.name);
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_windflow-notify"))
+        .arg("serve")
+        .env("DATABASE_URL", &url)
+        .env("WINDFLOW_BIND", format!("127.0.0.1:{port}"))
+        .env("JWT_SECRET_KEY", SECRET)
+        .env("RUST_LOG", rust_log)
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the server binary");
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    eventually("the server answers /healthz", || async {
+        TcpStream::connect(addr).await.is_ok() && http_get(addr, "/healthz", &[]).await.0 == 200
+    })
+    .await;
+    (child, TestServer { addr, shutdown: CancellationToken::new(), handle: None })
+}
+
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.shutdown.cancel();
