@@ -706,6 +706,65 @@ mod tests {
     }
 
     #[test]
+    fn a_resume_at_connect_places_the_owner_feed_and_topics_at_since_each_event_once() {
+        let mut hub = hub();
+        let (owner, other) = (Uuid::new_v4(), Uuid::new_v4());
+        let (own, watched) = (Uuid::new_v4(), Uuid::new_v4());
+        let org = Uuid::new_v4();
+        let me = Viewer { organization_id: Some(org), ..viewer(owner) };
+        for (id, deployment, by) in [(1, own, owner), (2, watched, other), (3, own, owner), (4, watched, other)] {
+            hub.publish(event(id, EventKind::LogsUpdate, deployment, by, Some(org)));
+        }
+        let (tx, mut rx) = mpsc::channel(16);
+        hub.handle(Command::Register {
+            conn: 1,
+            viewer: me,
+            outbound: tx,
+            kicked: CancellationToken::new(),
+            resuming: true,
+        });
+        hub.publish(event(5, EventKind::LogsUpdate, own, owner, Some(org)));
+        assert!(rx.try_recv().is_err(), "nothing of the owner feed before the resume is placed");
+        let topics = vec![logs(watched), logs(watched)];
+        hub.handle(Command::Resume { conn: 1, topics, since: Some(Since::Unchecked(1)) });
+        let Ok(Outbound::Resumed(resumed)) = rx.try_recv() else { panic!("the resume's answer") };
+        assert_eq!(resumed.cursor, 1);
+        let replay = resumed.replay.expect("a replay");
+        let ids: Vec<i64> = replay.recent.iter().map(|e| e.id).collect();
+        assert_eq!(ids, vec![2, 3, 4, 5], "the owner feed and the topic after since, once, in commit order");
+        hub.publish(event(6, EventKind::LogsUpdate, own, owner, Some(org)));
+        hub.publish(event(7, EventKind::Progress, watched, other, Some(org)));
+        hub.publish(event(8, EventKind::LogsUpdate, watched, other, Some(org)));
+        let live: Vec<i64> = std::iter::from_fn(|| match rx.try_recv() {
+            Ok(Outbound::Event(e)) => Some(e.id),
+            _ => None,
+        })
+        .collect();
+        assert_eq!(live, vec![6, 8], "then live: not the watched deployment's progress");
+    }
+
+    #[test]
+    fn a_resume_newer_than_the_feed_is_looked_up_then_waits_for_its_since() {
+        let mut hub = hub();
+        let owner = Uuid::new_v4();
+        let (tx, mut rx) = mpsc::channel(16);
+        hub.handle_arrival(Arrival::Through(6));
+        let kicked = CancellationToken::new();
+        hub.handle(Command::Register { conn: 1, viewer: viewer(owner), outbound: tx, kicked, resuming: true });
+        hub.handle(Command::Resume { conn: 1, topics: Vec::new(), since: Some(Since::Unchecked(8)) });
+        assert!(matches!(rx.try_recv(), Ok(Outbound::ResumeLookUp(8))));
+        let since = Some(Since::Checked { id: 8, newest: 9 });
+        hub.handle(Command::Resume { conn: 1, topics: Vec::new(), since });
+        for id in [7, 8] {
+            hub.publish(event(id, EventKind::Progress, Uuid::new_v4(), owner, None));
+        }
+        let Ok(Outbound::Resumed(resumed)) = rx.try_recv() else { panic!("placed once the feed reached since") };
+        assert_eq!((resumed.cursor, resumed.replay.map(|r| r.recent.len())), (8, Some(0)));
+        hub.publish(event(9, EventKind::Progress, Uuid::new_v4(), owner, None));
+        assert!(matches!(rx.try_recv(), Ok(Outbound::Event(e)) if e.id == 9), "nothing up to since, then live");
+    }
+
+    #[test]
     fn topic_subscriber_who_loses_visibility_stops_receiving() {
         let mut hub = hub();
         let (org, deployment, owner) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());

@@ -504,16 +504,8 @@ impl Subscriber {
         Step::CheckPermission { topic, since }
     }
 
-    /// The database's answer to [`Step::CheckPermission`]. `hold`: hold
-    /// events until it is answered even without `since` (a stream that
-    /// opens with its topics writes nothing before they are all answered).
-    pub fn permitted(
-        &mut self,
-        topic: Topic,
-        since: Option<i64>,
-        answer: Result<bool, DbError>,
-        hold: bool,
-    ) -> Option<HubCall> {
+    /// The database's answer to [`Step::CheckPermission`].
+    pub fn permitted(&mut self, topic: Topic, since: Option<i64>, answer: Result<bool, DbError>) -> Option<HubCall> {
         let topic_name = topic.to_string();
         match answer {
             Ok(true) => {}
@@ -530,7 +522,7 @@ impl Subscriber {
             }
         }
         self.topics.insert(topic);
-        let held = hold || since.is_some();
+        let held = since.is_some();
         self.replies.push_back(Reply::Hub(Owed::Subscribe { topic, held }));
         if held {
             self.holding += 1;
@@ -783,6 +775,7 @@ mod tests {
     use crate::auth::{TokenRequest, sign};
     use crate::config::JwtArgs;
     use crate::event::EventKind;
+    use crate::session::ResumeAsk;
 
     const SECRET: &str = "core-tests";
 
@@ -837,7 +830,7 @@ mod tests {
             panic!("a permission check")
         };
         assert_eq!((asked, sent), (topic, since));
-        let call = core.permitted(topic, since, Ok(true), false);
+        let call = core.permitted(topic, since, Ok(true));
         assert_eq!(call, Some(HubCall::Subscribe(topic, since.map(Since::Unchecked))));
     }
 
@@ -968,6 +961,41 @@ mod tests {
         assert_eq!(core.looked_up(topic, 3, Err(DbError::Closed)), None);
         assert_eq!(written(&mut core), ["unavailable"]);
         assert!(!core.holds_events());
+    }
+
+    #[test]
+    fn a_resume_at_connect_answers_each_named_topic_in_order_then_its_replay_then_what_waited() {
+        let me = viewer();
+        let mut core = authenticated(me);
+        let (d, refused) = (Uuid::new_v4(), Uuid::new_v4());
+        let names = vec![logs(d).to_string(), "nope".into(), logs(refused).to_string(), logs(d).to_string()];
+        let ask = ResumeAsk { topics: names, since: Some(3), ..ResumeAsk::default() };
+        let mut resuming = core.start_resume(ask).expect("a good since");
+        assert_eq!(resuming.to_check(), [logs(d), logs(refused)], "each topic checked once");
+        resuming.permit(1, logs(refused), Ok(false));
+        assert_eq!(core.resume(resuming), HubCall::Resume(vec![logs(d)], Some(Since::Unchecked(3))));
+        assert!(core.resuming());
+        assert!(matches!(core.request("ping", &verifier()), Step::Done));
+        core.outbound(Outbound::Event(event(9, 9, d, me.user_id)));
+        assert!(written(&mut core).is_empty(), "everything waits for the resume's answer");
+        let replay = Replay { resync: false, from_log: None, recent: vec![event(4, 4, d, me.user_id)] };
+        let resumed = Resumed { topics: vec![logs(d)], cursor: 3, replay: Some(replay) };
+        assert!(core.outbound(Outbound::Resumed(Box::new(resumed))).is_none());
+        assert_eq!(
+            written(&mut core),
+            ["subscribed", "invalid_topic", "forbidden", "subscribed", "4", "9", "pong"],
+            "the named topics in order, the replay merged with what was held, then the reply that waited"
+        );
+        assert!(!core.resuming());
+    }
+
+    #[test]
+    fn a_resume_with_a_bad_since_is_a_bad_request_and_resumes_nothing() {
+        let mut core = authenticated(viewer());
+        let mut ask = ResumeAsk { topics: vec!["deployment_events".into()], ..ResumeAsk::default() };
+        ask.since_from(Some("-1"));
+        assert!(core.start_resume(ask).is_none());
+        assert_eq!(written(&mut core), ["bad_request"]);
     }
 
     #[test]

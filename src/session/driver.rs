@@ -484,7 +484,7 @@ impl<T: Transport> Driver<T> {
                 else {
                     return Ok(());
                 };
-                if let Some(call) = self.core.permitted(topic, since, answer, false) {
+                if let Some(call) = self.core.permitted(topic, since, answer) {
                     self.call_hub(call).await?;
                 }
             }
