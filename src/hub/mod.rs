@@ -8,7 +8,9 @@
 //! `since` replay gap-free.
 //!
 //! - `routing`: the delivery rule and the subscriber indexes;
-//! - `resume`: the history and where each `since` falls.
+//! - `resume`: the history and where each `since` falls, for a `subscribe`
+//!   and for a resume at connect (the owner feed and every topic placed at
+//!   one point, [`HubHandle::resume`]).
 //!
 //! The hub never waits on a client. A connection whose queue is full is a
 //! slow consumer: it is dropped from routing and its session is told to
