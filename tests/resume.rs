@@ -26,6 +26,9 @@ enum Form {
     Url,
     /// `{"type":"auth","token":…,"topics":[…],"since":N}` as its first message.
     AuthMessage,
+    /// What clients did before resume at connect: the token in the URL,
+    /// then `subscribe` with `since` once `authenticated` arrives.
+    SubscribeAfter,
 }
 
 /// Connect as `viewer`, resuming `topics` (and the owner feed) after
@@ -52,6 +55,15 @@ async fn resume(server: &TestServer, viewer: Viewer, form: Form, topics: &[Strin
             }
             client.send(auth).await;
             client.recv_type("authenticated").await;
+            client
+        }
+        Form::SubscribeAfter => {
+            let url = format!("{}?token={}", server.ws_url(), token(viewer));
+            let mut client = Client::connect(url.into_client_request().unwrap()).await.expect("upgrade");
+            client.recv_type("authenticated").await;
+            for topic in topics {
+                client.send(json!({"type": "subscribe", "topic": topic, "since": since})).await;
+            }
             client
         }
     }
@@ -225,6 +237,17 @@ async fn reconnecting_with_topics_and_since_in_the_url_under_load_loses_repeats_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnecting_with_topics_and_since_in_auth_under_load_loses_repeats_and_reorders_nothing() {
     reconnects_lose_repeat_and_reorder_nothing(Form::AuthMessage).await;
+}
+
+/// The same run, reconnecting as clients did before resume at connect:
+/// the owner feed is live from each connection's registration, so what it
+/// owed between the cursor and then is lost (or, when a subscription's
+/// replay covers it, comes after newer events). Not run by default; it
+/// fails, printing how.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the behaviour resume at connect replaces: run with --ignored to see it fail"]
+async fn reconnecting_by_subscribing_after_authenticated_loses_owner_events() {
+    reconnects_lose_repeat_and_reorder_nothing(Form::SubscribeAfter).await;
 }
 
 #[tokio::test]
