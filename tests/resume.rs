@@ -401,18 +401,46 @@ async fn more_than_256_topics_are_refused_past_the_limit_in_their_place() {
     let app = spawn_app().await;
     let admin = superuser();
     let topics: Vec<String> = (0..300).map(|_| format!("deployment_logs_{}", Uuid::new_v4())).collect();
-    let mut client = resume(&app.server, admin, Form::AuthMessage, &topics, Some(0)).await;
-    for (i, topic) in topics.iter().enumerate() {
-        let message = client.recv().await;
-        assert_eq!(message["data"]["topic"], *topic, "answer {i} in order");
-        let expected = if i < 256 { "subscribed" } else { "error" };
-        assert_eq!(message["type"], expected, "answer {i}: {message}");
-        if i >= 256 {
-            assert_eq!(message["data"]["code"], "too_many_subscriptions");
+    for form in [Form::AuthMessage, Form::Url] {
+        let mut client = resume(&app.server, admin, form, &topics, Some(0)).await;
+        for (i, topic) in topics.iter().enumerate() {
+            let message = client.recv().await;
+            assert_eq!(message["data"]["topic"], *topic, "{form:?}: answer {i} in order");
+            let expected = if i < 256 { "subscribed" } else { "error" };
+            assert_eq!(message["type"], expected, "{form:?}: answer {i}: {message}");
+            if i >= 256 {
+                assert_eq!(message["data"]["code"], "too_many_subscriptions");
+            }
         }
+        client.send(json!({"type": "subscribe", "topic": format!("deployment_logs_{}", Uuid::new_v4())})).await;
+        assert_eq!(client.recv_type("error").await["data"]["code"], "too_many_subscriptions");
     }
-    client.send(json!({"type": "subscribe", "topic": format!("deployment_logs_{}", Uuid::new_v4())})).await;
-    assert_eq!(client.recv_type("error").await["data"]["code"], "too_many_subscriptions");
+}
+
+#[tokio::test]
+async fn a_hundred_topics_each_checked_are_resumed_in_one_answer() {
+    let app = spawn_app().await;
+    let owner = user();
+    let rows = app
+        .writer
+        .db
+        .query(
+            "INSERT INTO deployments (user_id, name) SELECT $1, 'app ' || g FROM generate_series(1, 100) g RETURNING id",
+            &[&owner.user_id],
+        )
+        .await
+        .expect("100 deployments");
+    let topics: Vec<String> = rows.iter().map(|row| format!("deployment_progress_{}", row.get::<_, Uuid>(0))).collect();
+    let mut client = resume(&app.server, owner, Form::Url, &topics, Some(0)).await;
+    for topic in &topics {
+        let subscribed = client.recv_type("subscribed").await;
+        assert_eq!(subscribed["data"]["topic"], *topic);
+        assert_eq!(subscribed["data"]["event_id"], 0);
+    }
+    // Then the owner feed's 100 creations, once each, in commit order.
+    let created = receive_exactly_once(&mut client, 100).await;
+    assert!(created.iter().all(|(_, data)| data["old_status"].is_null()));
+    assert_nothing_more(&app.writer, &mut client, owner.user_id).await;
 }
 
 #[tokio::test]
