@@ -354,7 +354,8 @@ impl Subscriber {
         let topics = resuming.topics();
         self.topics.extend(topics.iter().copied());
         let since = resuming.since;
-        info!(conn = self.conn, topics = topics.len(), ?since, "resuming at connect");
+        let user_id = self.claims.map(|c| c.viewer.user_id.to_string()).unwrap_or_default();
+        info!(conn = self.conn, user_id, topics = topics.len(), ?since, "resuming at connect");
         self.replies.push_back(Reply::Hub(Owed::Resume { answers: resuming.answers, topics: topics.clone() }));
         self.holding += 1;
         HubCall::Resume(topics, since.map(Since::Unchecked))
