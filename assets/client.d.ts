@@ -49,6 +49,8 @@ export class WindflowClient {
   userId: string | null
   /** The last event id delivered, in the order the server sent them. */
   lastEventId: number | null
+  /** Where the next connection resumes (the `since` its `auth` names); null for live only. */
+  cursor: number | null
   /** The last error of the connection itself; null once authenticated. */
   error: ConnectionError | null
   /** topic -> where it resumes (`since`); null for live only. */

@@ -10,10 +10,12 @@
 //   client.connect()
 //
 // It authenticates with an `auth` message (the token never appears in a
-// URL), re-subscribes after every reconnect with `since` set to the last
-// `event_id` of that topic it saw (from an event, or from the `subscribed`
-// reply), drops events it already delivered, and backs off exponentially
-// with jitter between attempts. Errors that retrying cannot fix stop the
+// URL) that resumes at connect: it names every topic and `since`, the last
+// `event_id` the connection before saw (from an event, or from a
+// `subscribed` reply), so the server sends the owner feed and the topics
+// from there, merged in commit order, before anything live. It drops
+// events it already delivered, and backs off exponentially with jitter
+// between attempts. Errors that retrying cannot fix stop the
 // retries: a refused token (until the token changes), a topic refused as
 // `forbidden` or `invalid_topic` (that topic only).
 
@@ -89,6 +91,13 @@ export class WindflowClient {
     this.userId = null
     /** The last event id delivered, in the order the server sent them. */
     this.lastEventId = null
+    /**
+     * Where the next connection resumes (the `since` of its `auth`): the
+     * last `event_id` received, from an event or a `subscribed` reply. A
+     * connection carries the owner feed and every topic in commit order,
+     * so the last one received is where all of it resumes.
+     */
+    this.cursor = null
     /** The last error of the connection itself (not of a topic); null once authenticated. */
     this.error = null
     /** @type {Map<string, number | null>} topic -> resume point (`since`), null for live only */
@@ -153,6 +162,8 @@ export class WindflowClient {
     this.frozen.delete(topic)
     this.cancelTopicRetry(topic)
     if (this.state === 'open') this.send(subscribeMessage(topic, since))
+    // Named in the next connection's `auth`: its `since` must not pass this one.
+    else if (since !== null) this.frozen.add(topic)
   }
 
   /** @param {string} topic */
@@ -304,17 +315,32 @@ export class WindflowClient {
   }
 
   /**
-   * The first message of a connection. Resume at connect (topics and
-   * `since` in the `auth` message) will join it here; until then every
-   * topic is subscribed once `authenticated` arrives (`resumeMessages`).
+   * The first message of a connection: resume at connect. It names every
+   * topic and one `since`: where the last connection left off, or earlier
+   * for a topic whose own cursor is behind it (a replay that failed, a
+   * `since` asked for while disconnected). Nothing is sent after
+   * `authenticated`: the server answers each topic, then sends what the
+   * owner feed and the topics owe after `since`, then live.
    */
   authMessage(token) {
-    return { type: 'auth', token }
+    const message = { type: 'auth', token }
+    const topics = [...this.topics.keys()]
+    if (topics.length > 0) message.topics = topics
+    const since = this.resumeSince()
+    if (since !== null) message.since = since
+    // This connection starts there: a drop before anything arrives resumes there again.
+    this.cursor = since
+    return message
   }
 
-  /** What a fresh connection sends after `authenticated`: each topic from its cursor. */
-  resumeMessages() {
-    return [...this.topics].map(([topic, since]) => subscribeMessage(topic, since))
+  /** The `since` a new connection resumes from, null for live only. */
+  resumeSince() {
+    let since = this.cursor
+    for (const topic of this.frozen) {
+      const own = this.topics.get(topic)
+      if (typeof own === 'number' && (since === null || own < since)) since = own
+    }
+    return since
   }
 
   async authenticate() {
@@ -417,16 +443,14 @@ export class WindflowClient {
     this.emit('message', message)
     switch (message.type) {
       case 'authenticated': {
-        const firstTime = this.state !== 'open'
         this.userId = message.data.user_id
         this.attempt = 0
         this.restartingUntil = 0
         this.refusedToken = undefined
         this.error = null
         this.setState('open')
+        // The topics and `since` went in `auth`: their answers follow by themselves.
         this.emit('authenticated', message.data)
-        // A re-auth on a live connection keeps its subscriptions.
-        if (firstTime) for (const request of this.resumeMessages()) this.send(request)
         break
       }
       case 'subscribed':
@@ -461,6 +485,7 @@ export class WindflowClient {
       if (this.seenOrder.length > SEEN_CAPACITY) this.seen.delete(this.seenOrder.shift())
     }
     this.lastEventId = id
+    this.cursor = id
     // Per topic: each topic's events arrive in its commit order, so its
     // last one is where it resumes, even while another topic replays.
     for (const topic of this.topics.keys()) {
@@ -482,6 +507,7 @@ export class WindflowClient {
    * `event_id` leaves the resume point as it was.
    */
   subscribed(data) {
+    if (typeof data?.event_id === 'number') this.cursor = data.event_id
     const topic = this.topicNamed(data?.topic)
     if (topic === undefined) return
     this.frozen.delete(topic)

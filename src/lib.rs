@@ -16,7 +16,10 @@
 //!    subscribers of the [`event::Topic`]s that carry it who may see it
 //!    ([`auth::Viewer::can_see`]). It keeps recent events for `since`
 //!    resumes ([`history`], bounded in events and bytes); an older `since`
-//!    is replayed from the event log, which has the same order.
+//!    is replayed from the event log, which has the same order. A client
+//!    that reconnects names its topics and `since` in its connect request:
+//!    the hub places its owner feed and those topics at one point of the
+//!    feed and answers with one replay of their union (resume at connect).
 //! 4. [`session`] takes it from the client's own bounded queue (so a slow
 //!    client never holds up the others): its core ([`session::core`])
 //!    puts it in order among the replies ([`protocol`]) and resumes, and

@@ -15,9 +15,14 @@ use crate::event::Topic;
 #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientMessage {
+    /// `topics` and `since`: a resume at connect (the first `auth` only).
     Auth {
         #[serde(deserialize_with = "token")]
         token: String,
+        #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "topics")]
+        topics: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "event_id")]
+        since: Option<i64>,
     },
     /// `topic` is the name as sent; the session parses it, so that an
     /// invalid topic gets `invalid_topic` rather than `bad_request`.
@@ -75,6 +80,22 @@ fn topic<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error>
     string_field(deserializer, "topic")
 }
 
+/// `topics`: absent, null, or an array of strings.
+fn topics<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    let refused = || serde::de::Error::custom("field `topics` must be an array of topic names");
+    match Option::<serde_json::Value>::deserialize(deserializer)? {
+        None | Some(serde_json::Value::Null) => Ok(Vec::new()),
+        Some(serde_json::Value::Array(names)) => names
+            .into_iter()
+            .map(|name| match name {
+                serde_json::Value::String(name) => Ok(name),
+                _ => Err(refused()),
+            })
+            .collect(),
+        Some(_) => Err(refused()),
+    }
+}
+
 fn token<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
     string_field(deserializer, "token")
 }
@@ -98,7 +119,7 @@ fn truncate(s: &str, max: usize) -> &str {
 }
 
 /// What the server sends besides events: `{"type": …, "data": {…}}`.
-#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data", rename_all = "snake_case")]
 pub enum ServerMessage {
     Authenticated {
@@ -204,7 +225,11 @@ mod tests {
         );
         assert_eq!(
             ClientMessage::parse(r#"{"type":"auth","token":"x"}"#),
-            Ok(ClientMessage::Auth { token: "x".into() })
+            Ok(ClientMessage::Auth { token: "x".into(), topics: Vec::new(), since: None })
+        );
+        assert_eq!(
+            ClientMessage::parse(r#"{"type":"auth","token":"x","topics":["a","b"],"since":9}"#),
+            Ok(ClientMessage::Auth { token: "x".into(), topics: vec!["a".into(), "b".into()], since: Some(9) })
         );
         let subscribe = ClientMessage::Subscribe { topic: "deployment_events".into(), since: Some(3) };
         assert_eq!(ClientMessage::parse(&subscribe.to_text()), Ok(subscribe));
@@ -226,6 +251,10 @@ mod tests {
             (r#"{"type":"subscribe","topic":"t","since":-1}"#, "`since`"),
             (r#"{"type":"subscribe","topic":"t","since":"5"}"#, "`since`"),
             (r#"{"type":"auth"}"#, "missing field `token`"),
+            (r#"{"type":"auth","token":"x","topics":"a"}"#, "`topics`"),
+            (r#"{"type":"auth","token":"x","topics":[1]}"#, "`topics`"),
+            (r#"{"type":"auth","token":"x","since":-3}"#, "`since`"),
+            (r#"{"type":"auth","token":"x","since":"abc"}"#, "`since`"),
         ];
         for (input, expected) in cases {
             let BadRequest(message) = ClientMessage::parse(input).unwrap_err();

@@ -3,9 +3,11 @@
 //! piped into `jq` or `grep`. Its own diagnostics go to stderr.
 //!
 //! Failures are of two kinds. Transient ones (connection refused or reset,
-//! HTTP 5xx or 429, close 1001 or 1013, `unavailable`) are retried with
-//! backoff, and each topic resumes with `since` = the last `event_id` seen
-//! on it, so nothing is lost or printed twice across a server restart; a
+//! HTTP 5xx or 429, close 1001, 1011 or 1013, `unavailable`) are retried
+//! with backoff, and each reconnect resumes at connect: its topics and
+//! `since` = the last `event_id` seen go in the URL (`?topic=…&since=N`), so
+//! the owner feed and every topic come from there, merged in commit order,
+//! and nothing is lost or printed twice across a server restart; a
 //! replay that keeps failing (`unavailable`) is retried later and later. Permanent ones
 //! (a URL that is not the WebSocket endpoint, a refused token or topic)
 //! end `tail` with one line saying what to fix: retrying cannot help.
@@ -21,7 +23,7 @@ use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -31,12 +33,11 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use uuid::Uuid;
 
 use crate::backoff::Backoff;
 use crate::config::{defaults, parse_bind, parse_duration};
-use crate::event::{EventKind, Topic};
-use crate::protocol::{ClientMessage, ErrorCode, ServerMessage};
+use crate::event::Topic;
+use crate::protocol::{ErrorCode, ServerMessage};
 
 /// Reconnect delays: up to 250 ms first, doubling to 10 s.
 const RECONNECT_BACKOFF: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
@@ -164,40 +165,31 @@ impl Retry {
     }
 }
 
-/// What survives reconnections: where each topic resumes, and the recent
-/// ids (to drop duplicates).
+/// What survives reconnections: where the next connection resumes, and
+/// the recent ids (to drop duplicates).
 struct Resume {
-    /// Per topic, the last event id seen on it: from an event it carries or
-    /// from its `subscribed` reply. Each topic's events arrive in its commit
-    /// order, so its last one is where it resumes, never the largest.
-    cursors: Vec<(Topic, Option<i64>)>,
-    /// The last event id printed, whatever the topic: the resume point of a
-    /// topic that has none of its own (a server whose `subscribed` carries
-    /// no `event_id`, and no event of that topic yet).
-    last: Option<i64>,
+    /// The last event id seen, from an event or from `subscribed`. A
+    /// connection carries the owner feed and every topic merged in commit
+    /// order, so the last one seen (not the largest) is where all of it
+    /// resumes.
+    cursor: Option<i64>,
     seen: HashSet<i64>,
     order: VecDeque<i64>,
 }
 
 impl Resume {
-    fn new(topics: &[Topic], since: Option<i64>) -> Self {
-        Resume {
-            cursors: topics.iter().map(|&topic| (topic, since)).collect(),
-            last: None,
-            seen: HashSet::new(),
-            order: VecDeque::new(),
-        }
+    fn new(since: Option<i64>) -> Self {
+        Resume { cursor: since, seen: HashSet::new(), order: VecDeque::new() }
     }
 
-    /// Where `topic` resumes.
-    fn since(&self, topic: Topic) -> Option<i64> {
-        let own = self.cursors.iter().find(|(t, _)| *t == topic).and_then(|(_, since)| *since);
-        own.or(self.last)
+    /// Where the next connection resumes.
+    fn since(&self) -> Option<i64> {
+        self.cursor
     }
 
     /// An event arrived; false when it was already printed. Otherwise it
-    /// becomes the resume point of every topic that carries it.
-    fn event(&mut self, id: i64, kind: Option<EventKind>, deployment: Option<Uuid>) -> bool {
+    /// is the resume point.
+    fn event(&mut self, id: i64) -> bool {
         if !self.seen.insert(id) {
             return false;
         }
@@ -207,27 +199,38 @@ impl Resume {
         {
             self.seen.remove(&old);
         }
-        self.last = Some(id);
-        if let (Some(kind), Some(deployment)) = (kind, deployment) {
-            for (topic, since) in &mut self.cursors {
-                if topic.carries(kind, deployment) {
-                    *since = Some(id);
-                }
-            }
-        }
+        self.cursor = Some(id);
         true
     }
 
     /// A `subscribed` reply: its `event_id`, when it has one, is the
-    /// topic's resume point until an event of the topic comes.
-    fn subscribed(&mut self, topic: Topic, event_id: Option<i64>) {
-        let Some(id) = event_id else { return };
-        for (t, since) in &mut self.cursors {
-            if *t == topic {
-                *since = Some(id);
-            }
+    /// resume point until an event comes.
+    fn subscribed(&mut self, event_id: Option<i64>) {
+        if let Some(id) = event_id {
+            self.cursor = Some(id);
         }
     }
+}
+
+/// The upgrade request of a connection that resumes at connect: `base`
+/// with `topic=…` for each topic and `since=N` added to its query.
+fn resume_request(base: &Request, topics: &[Topic], since: Option<i64>) -> Request {
+    let mut request = base.clone();
+    let mut query: Vec<String> = topics.iter().map(|topic| format!("topic={topic}")).collect();
+    if let Some(since) = since {
+        query.push(format!("since={since}"));
+    }
+    if query.is_empty() {
+        return request;
+    }
+    let uri = base.uri().to_string();
+    let separator = if base.uri().query().is_some() { '&' } else { '?' };
+    // Topic names and ids need no escaping: letters, digits, `_` and `-`.
+    match format!("{uri}{separator}{}", query.join("&")).parse() {
+        Ok(uri) => *request.uri_mut() = uri,
+        Err(e) => warn!(error = %e, "cannot add the resume to the URL; connecting without it"),
+    }
+    request
 }
 
 /// Run until `shutdown` is cancelled or the server refuses us for good
@@ -246,14 +249,16 @@ pub async fn run(args: TailArgs, shutdown: CancellationToken) -> Result<(), Tail
     })?;
     request.headers_mut().insert("authorization", bearer);
     info!(%url, from = source, "connecting");
-    let mut resume = Resume::new(&topics, args.since);
+    let mut resume = Resume::new(args.since);
     let mut retry = Retry::new();
     let started = Instant::now();
     // Whether a server ever answered at this URL: until one has, failures
     // count against --wait, and a port that is not HTTP ends tail.
     let mut answered = false;
     loop {
-        let attempt = tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio_tungstenite::connect_async(request.clone()));
+        let resuming = resume_request(&request, &topics, resume.since());
+        debug!(uri = %resuming.uri(), "connecting, resuming at connect");
+        let attempt = tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio_tungstenite::connect_async(resuming));
         let connected = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             connected = attempt => connected,
@@ -266,7 +271,7 @@ pub async fn run(args: TailArgs, shutdown: CancellationToken) -> Result<(), Tail
         let delay = match connected {
             Ok(Ok((socket, _))) => {
                 answered = true;
-                match session(socket, &url, &topics, &mut resume, &mut retry, &shutdown).await? {
+                match session(socket, &url, &mut resume, &mut retry, &shutdown).await? {
                     Ended::Stop => return Ok(()),
                     Ended::Lost(reason) => {
                         let delay = retry.after(false);
@@ -372,22 +377,14 @@ fn transient_or_fail(
 
 type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
+/// One connection, its topics and cursor already in its URL.
 async fn session(
     mut socket: Socket,
     url: &str,
-    topics: &[Topic],
     resume: &mut Resume,
     retry: &mut Retry,
     shutdown: &CancellationToken,
 ) -> Result<Ended, TailError> {
-    for &topic in topics {
-        let since = resume.since(topic);
-        let subscribe = ClientMessage::Subscribe { topic: topic.to_string(), since };
-        debug!(%topic, ?since, "subscribing");
-        if let Err(e) = socket.send(Message::Text(subscribe.to_text().into())).await {
-            return Ok(Ended::Lost(e.to_string()));
-        }
-    }
     loop {
         let frame = tokio::select! {
             _ = shutdown.cancelled() => {
@@ -422,7 +419,7 @@ async fn session(
             Ok(message) => Some(message),
             Err(_) => {
                 if let Ok(event) = serde_json::from_str::<EventHeader>(text.as_str())
-                    && !resume.event(event.event_id, EventKind::parse(&event.kind), event.data.deployment_id)
+                    && !resume.event(event.event_id)
                 {
                     continue;
                 }
@@ -437,7 +434,7 @@ async fn session(
                 retry.authenticated();
                 debug!("authenticated");
             }
-            Some(ServerMessage::Subscribed { topic, event_id }) => resume.subscribed(topic, event_id),
+            Some(ServerMessage::Subscribed { event_id, .. }) => resume.subscribed(event_id),
             Some(ServerMessage::Error { code, message, topic }) => match code {
                 // The database could not answer: ask again on a fresh
                 // connection. Nothing of a failed replay came after this,
@@ -462,15 +459,7 @@ async fn session(
 /// What `tail` reads of an event message: enough to resume after it.
 #[derive(Deserialize)]
 struct EventHeader {
-    #[serde(rename = "type")]
-    kind: String,
     event_id: i64,
-    data: EventData,
-}
-
-#[derive(Deserialize)]
-struct EventData {
-    deployment_id: Option<Uuid>,
 }
 
 /// Print one line and flush it; false when stdout is closed (`| head`).
@@ -485,66 +474,45 @@ fn print_line(line: &str) -> Result<bool, TailError> {
 
 #[cfg(test)]
 mod tests {
+    use uuid::Uuid;
+
     use super::*;
-
-    const LOGS: EventKind = EventKind::LogsUpdate;
-
-    fn logs(deployment: Uuid) -> Topic {
-        Topic::Deployment { kind: LOGS, deployment }
-    }
+    use crate::event::EventKind;
 
     #[test]
     fn duplicates_are_dropped_and_the_resume_point_follows() {
-        let topics = [Topic::DeploymentEvents];
-        let mut resume = Resume::new(&topics, Some(3));
-        let d = Uuid::new_v4();
-        assert!(resume.event(7, Some(LOGS), Some(d)));
-        assert!(!resume.event(7, Some(LOGS), Some(d)));
-        assert!(resume.event(5, Some(LOGS), Some(d)));
-        assert_eq!(resume.since(Topic::DeploymentEvents), Some(5), "commit order, not the largest id");
-    }
-
-    #[test]
-    fn each_topic_resumes_from_its_own_last_event() {
-        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-        let topics = [logs(a), Topic::Deployment { kind: EventKind::Progress, deployment: b }];
-        let mut resume = Resume::new(&topics, Some(0));
-        resume.event(10, Some(LOGS), Some(a));
-        resume.event(11, Some(EventKind::Progress), Some(b));
-        resume.event(12, Some(LOGS), Some(a));
-        assert_eq!(resume.since(logs(a)), Some(12));
-        assert_eq!(resume.since(Topic::Deployment { kind: EventKind::Progress, deployment: b }), Some(11));
+        let mut resume = Resume::new(Some(3));
+        assert!(resume.event(7));
+        assert!(!resume.event(7));
+        assert!(resume.event(5));
+        assert_eq!(resume.since(), Some(5), "commit order, not the largest id");
     }
 
     #[test]
     fn subscribed_event_id_is_the_resume_point_before_any_event() {
-        let d = Uuid::new_v4();
-        let topics = [logs(d), Topic::DeploymentEvents];
-        let mut resume = Resume::new(&topics, None);
-        resume.subscribed(Topic::parse(&format!("deployment_logs_{d}")).unwrap(), Some(40));
-        assert_eq!(resume.since(logs(d)), Some(40), "a reconnect before any event loses nothing");
-        assert_eq!(resume.since(Topic::DeploymentEvents), None, "live only until it has a cursor");
-        resume.event(41, Some(LOGS), Some(d));
-        assert_eq!(resume.since(logs(d)), Some(41));
+        let mut resume = Resume::new(None);
+        assert_eq!(resume.since(), None, "live only until it has a cursor");
+        resume.subscribed(Some(40));
+        assert_eq!(resume.since(), Some(40), "a reconnect before any event loses nothing");
+        resume.subscribed(None);
+        assert_eq!(resume.since(), Some(40));
+        resume.event(41);
+        assert_eq!(resume.since(), Some(41));
     }
 
     #[test]
-    fn subscribed_without_event_id_changes_nothing() {
-        let d = Uuid::new_v4();
-        let topics = [logs(d)];
-        let mut resume = Resume::new(&topics, Some(9));
-        resume.subscribed(logs(d), None);
-        assert_eq!(resume.since(logs(d)), Some(9));
-    }
-
-    #[test]
-    fn a_topic_without_a_cursor_resumes_from_the_last_event_printed() {
-        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-        let topics = [logs(a)];
-        let mut resume = Resume::new(&topics, None);
-        // The viewer's own events include other deployments'.
-        resume.event(20, Some(LOGS), Some(b));
-        assert_eq!(resume.since(logs(a)), Some(20));
+    fn a_reconnect_names_its_topics_and_cursor_in_the_url() {
+        let base = "ws://127.0.0.1:8000/ws".into_client_request().unwrap();
+        let d = Uuid::nil();
+        let topics = [Topic::DeploymentEvents, Topic::Deployment { kind: EventKind::LogsUpdate, deployment: d }];
+        let request = resume_request(&base, &topics, Some(42));
+        assert_eq!(
+            request.uri().to_string(),
+            format!("ws://127.0.0.1:8000/ws?topic=deployment_events&topic=deployment_logs_{d}&since=42")
+        );
+        let with_query = "ws://h:1/ws?x=1".into_client_request().unwrap();
+        assert_eq!(resume_request(&with_query, &[], Some(7)).uri().to_string(), "ws://h:1/ws?x=1&since=7");
+        assert_eq!(resume_request(&base, &[], None).uri(), base.uri(), "nothing to resume: the URL as given");
     }
 
     #[test]

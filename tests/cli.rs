@@ -117,6 +117,10 @@ async fn a_demo_on_a_taken_port_says_so_once_with_the_fix() {
 /// A running `demo`, killed when dropped, and what its banner said.
 struct Demo {
     _child: tokio::process::Child,
+    /// Kept open: the banner goes on after what is read of it, and a demo
+    /// whose stdout is closed dies on its next line (println! panics on a
+    /// broken pipe).
+    _stdout: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
     url: String,
     token: String,
     you: String,
@@ -153,7 +157,7 @@ impl Demo {
         }
         let url = url.unwrap_or_default();
         let token = url.split_once("?token=").map(|(_, token)| token.to_string()).expect("a token in the URL");
-        Demo { _child: child, url, token, you: you.unwrap_or_default() }
+        Demo { _child: child, _stdout: lines, url, token, you: you.unwrap_or_default() }
     }
 
     /// The address this demo serves on.

@@ -266,6 +266,41 @@ async fn tail_defaults_its_url_to_windflow_bind_and_waits_for_the_server() {
     tail.next_of("subscribed").await;
 }
 
+/// An owner's tail reconnects with its topic and its cursor in the URL: the
+/// owner feed and the topic resume at one point, each event once.
+#[tokio::test]
+async fn tail_reconnects_with_its_topics_and_cursor_in_the_url() {
+    let database = TestDatabase::create().await;
+    let writer = Writer::new(&database).await;
+    let mut server = TestServer::start(&database, |_| {}).await;
+    let addr = server.addr;
+    let owner = user();
+    let deployment = writer.create_deployment(owner.user_id, None).await;
+    let topic = format!("deployment_logs_{deployment}");
+    let url = format!("ws://{addr}/ws");
+    let owner_token = token(owner);
+    let args = ["--url", url.as_str(), "--token", owner_token.as_str(), "--topic", topic.as_str()];
+    let mut tail = Tail::spawn(&args, &[("RUST_LOG", "windflow_notify::tail=debug")]);
+    tail.next_of("authenticated").await;
+    tail.next_of("subscribed").await;
+    writer.log(deployment, "before restart").await;
+    // The owner feed and the topic both carry it: once.
+    let before = tail.next_of("DEPLOYMENT_LOGS_UPDATE").await["event_id"].as_i64().expect("event id");
+
+    server.stop().await;
+    writer.log(deployment, "while down").await;
+    writer.set_status(deployment, "running").await;
+    let _server = server_on(addr, &database).await;
+    let reconnect = tail.stderr_line(&format!("since={before}")).await;
+    assert!(reconnect.contains(&format!("topic={topic}")), "the topic is in the URL: {reconnect}");
+    tail.next_of("authenticated").await;
+    tail.next_of("subscribed").await;
+    assert_eq!(tail.next_of("DEPLOYMENT_LOGS_UPDATE").await["data"]["logs"], "while down");
+    assert_eq!(tail.next_of("DEPLOYMENT_STATUS_CHANGED").await["data"]["status"], "running", "the owner feed too");
+    writer.log(deployment, "after restart").await;
+    assert_eq!(tail.next_of("DEPLOYMENT_LOGS_UPDATE").await["data"]["logs"], "after restart", "nothing twice");
+}
+
 /// A fresh subscriber whose first reconnect comes before any event: the
 /// `event_id` of its `subscribed` reply is where it resumes, so a
 /// deployment created while the server was down still reaches it.

@@ -1,5 +1,6 @@
-// WindflowClient against a scripted socket: which `since` each topic is
-// re-subscribed with after a reconnect, and which errors stop the retries.
+// WindflowClient against a scripted socket: which topics and `since` each
+// reconnect names in its `auth` (resume at connect), and which errors stop
+// the retries.
 // It is the copy the package ships (`windflow-notify-clients/client`),
 // byte for byte the one the server serves (tests/package.test.ts).
 import assert from 'node:assert/strict'
@@ -10,7 +11,9 @@ import WebSocket from 'ws'
 import { WindflowClient } from 'windflow-notify-clients/client'
 import { until } from '../support/server.js'
 
-type Sent = { type: string; topic?: string; since?: number }
+type Sent = { type: string; token?: string; topic?: string; topics?: string[]; since?: number }
+/** What a connection's `auth` resumes: its topics and `since`. */
+type Resume = { topics?: string[]; since?: number }
 
 /** A WebSocket whose server side the test plays. */
 class ScriptedSocket {
@@ -57,6 +60,16 @@ class ScriptedSocket {
   subscribes(): Sent[] {
     return this.sent.filter((message) => message.type === 'subscribe')
   }
+
+  /** The topics and `since` its `auth` named. */
+  resume(): Resume {
+    const auth = this.sent.find((message) => message.type === 'auth')
+    assert.ok(auth, 'an auth message')
+    const resume: Resume = {}
+    if (auth.topics !== undefined) resume.topics = auth.topics
+    if (auth.since !== undefined) resume.since = auth.since
+    return resume
+  }
 }
 
 const A = '0b1e2a10-0000-4000-8000-00000000000a'
@@ -100,25 +113,26 @@ async function connected(subscribe: (client: WindflowClient) => void, options: O
   return { client, socket }
 }
 
-/** Drop the connection; returns what the next one subscribes with. */
-async function reconnect(socket: ScriptedSocket): Promise<Sent[]> {
+/** Drop the connection; returns what the next one resumes, checking it subscribes nothing after. */
+async function reconnect(socket: ScriptedSocket): Promise<Resume> {
   const before = ScriptedSocket.all.length
   socket.drop()
   await until(() => ScriptedSocket.all.length === before + 1, 'a reconnect')
   const next = ScriptedSocket.all[before]
   next.accept()
-  return next.subscribes()
+  assert.deepEqual(next.subscribes(), [], 'the topics went in auth: nothing is subscribed after authenticated')
+  return next.resume()
 }
 
 test('a drop before any event resumes from the event_id of subscribed', async () => {
   const { client, socket } = await connected((c) => c.subscribe(`deployment_logs_${A}`))
-  assert.deepEqual(socket.subscribes(), [{ type: 'subscribe', topic: `deployment_logs_${A}` }])
+  assert.deepEqual(socket.resume(), { topics: [`deployment_logs_${A}`] }, 'live only: no since yet')
   socket.reply({ type: 'subscribed', data: { topic: `deployment_logs_${A}`, event_id: 41 } })
-  assert.deepEqual(await reconnect(socket), [{ type: 'subscribe', topic: `deployment_logs_${A}`, since: 41 }])
+  assert.deepEqual(await reconnect(socket), { topics: [`deployment_logs_${A}`], since: 41 })
   client.close()
 })
 
-test('each topic resumes from its own last event, after its subscribed', async () => {
+test('a reconnect resumes every topic from the last event received, in commit order', async () => {
   const { client, socket } = await connected((c) => {
     c.subscribe(`deployment_logs_${A}`)
     c.subscribe(`deployment_logs_${B}`)
@@ -128,10 +142,7 @@ test('each topic resumes from its own last event, after its subscribed', async (
   socket.reply(logs(A, 44))
   socket.reply(logs(B, 43)) // commit order, not id order: the last seen counts
   socket.reply(logs(A, 42))
-  assert.deepEqual(await reconnect(socket), [
-    { type: 'subscribe', topic: `deployment_logs_${A}`, since: 42 },
-    { type: 'subscribe', topic: `deployment_logs_${B}`, since: 43 },
-  ])
+  assert.deepEqual(await reconnect(socket), { topics: [`deployment_logs_${A}`, `deployment_logs_${B}`], since: 42 })
   client.close()
 })
 
@@ -140,12 +151,10 @@ test('subscribed without event_id leaves the resume point as it was', async () =
     c.subscribe(`deployment_logs_${A}`, { since: 5 })
     c.subscribe('deployment_events')
   })
+  assert.deepEqual(socket.resume(), { topics: [`deployment_logs_${A}`, 'deployment_events'], since: 5 })
   socket.reply({ type: 'subscribed', data: { topic: `deployment_logs_${A}` } })
   socket.reply({ type: 'subscribed', data: { topic: 'deployment_events' } })
-  assert.deepEqual(await reconnect(socket), [
-    { type: 'subscribe', topic: `deployment_logs_${A}`, since: 5 },
-    { type: 'subscribe', topic: 'deployment_events' },
-  ])
+  assert.deepEqual(await reconnect(socket), { topics: [`deployment_logs_${A}`, 'deployment_events'], since: 5 })
   client.close()
 })
 
@@ -154,10 +163,10 @@ test('a topic given in upper case still takes the lowercase reply and its events
   const { client, socket } = await connected((c) => c.subscribe(topic))
   socket.reply({ type: 'subscribed', data: { topic: topic.toLowerCase(), event_id: 7 } })
   const first = await reconnect(socket)
-  assert.deepEqual(first, [{ type: 'subscribe', topic, since: 7 }])
+  assert.deepEqual(first, { topics: [topic], since: 7 })
   const second = ScriptedSocket.all[1]
   second.reply(logs(A, 8))
-  assert.deepEqual(await reconnect(second), [{ type: 'subscribe', topic, since: 8 }])
+  assert.deepEqual(await reconnect(second), { topics: [topic], since: 8 })
   client.close()
 })
 
@@ -170,14 +179,14 @@ async function nextSocket(before: number): Promise<ScriptedSocket> {
 /** Let the client's pending promises (a token function's) settle. */
 const settle = () => new Promise((done) => setImmediate(done))
 
-test('a deployment_status topic resumes from its own status events only', async () => {
+test('every event received moves the cursor, whatever carried it (the owner feed too)', async () => {
   const topic = `deployment_status_${A}`
   const { client, socket } = await connected((c) => c.subscribe(topic))
   socket.reply({ type: 'subscribed', data: { topic, event_id: 40 } })
   socket.reply(status(A, 41))
-  socket.reply(progress(A, 42)) // not on this topic
+  socket.reply(progress(A, 42)) // not on this topic: the owner feed's
   socket.reply(status(B, 43)) // another deployment
-  assert.deepEqual(await reconnect(socket), [{ type: 'subscribe', topic, since: 41 }])
+  assert.deepEqual(await reconnect(socket), { topics: [topic], since: 43 })
   client.close()
 })
 
@@ -231,29 +240,30 @@ test('a forbidden topic is dropped: no reconnect asks for it again', async () =>
     c.subscribe(mine, { since: 0 })
     c.on('error', (error) => errors.push(error))
   })
+  assert.deepEqual(socket.resume(), { topics: [theirs, mine], since: 0 })
   socket.reply({ type: 'error', data: { code: 'forbidden', message: 'not yours', topic: theirs } })
   socket.reply({ type: 'subscribed', data: { topic: mine, event_id: 0 } })
   assert.deepEqual(errors, [{ code: 'forbidden', message: 'not yours', topic: theirs }])
   assert.equal(client.error, null, 'a topic error is not the connection’s')
-  assert.deepEqual(await reconnect(socket), [{ type: 'subscribe', topic: mine, since: 0 }])
+  assert.deepEqual(await reconnect(socket), { topics: [mine], since: 0 })
   client.close()
 })
 
 test('unavailable: the same since is asked again, and events meanwhile do not move the cursor', async () => {
   const topic = `deployment_logs_${A}`
   const { client, socket } = await connected((c) => c.subscribe(topic, { since: 5 }))
-  assert.deepEqual(socket.subscribes(), [{ type: 'subscribe', topic, since: 5 }])
-  socket.reply({ type: 'error', data: { code: 'unavailable', message: 'replay failed', topic } })
-  socket.reply(logs(A, 9)) // live, while events 6..8 are still owed
-  await until(() => socket.subscribes().length === 2, 'the subscribe, sent again')
-  assert.deepEqual(socket.subscribes()[1], { type: 'subscribe', topic, since: 5 })
+  assert.deepEqual(socket.resume(), { topics: [topic], since: 5 })
+  socket.reply({ type: 'error', data: { code: 'unavailable', message: 'permission check failed', topic } })
+  socket.reply(logs(B, 9)) // the owner feed, live, while the topic's events 6..8 are still owed
+  await until(() => socket.subscribes().length === 1, 'the subscribe, sent again')
+  assert.deepEqual(socket.subscribes()[0], { type: 'subscribe', topic, since: 5 })
   // Dropped before the retry was answered: the resume still starts at 5.
   const again = await reconnect(socket)
-  assert.deepEqual(again, [{ type: 'subscribe', topic, since: 5 }])
+  assert.deepEqual(again, { topics: [topic], since: 5 })
   const second = ScriptedSocket.all[1]
   second.reply({ type: 'subscribed', data: { topic, event_id: 5 } })
   second.reply(logs(A, 6))
-  assert.deepEqual(await reconnect(second), [{ type: 'subscribe', topic, since: 6 }])
+  assert.deepEqual(await reconnect(second), { topics: [topic], since: 6 })
   client.close()
 })
 
@@ -266,7 +276,7 @@ test('after a close that says the server restarts, the next attempt does not wai
   next.drop(1006) // still restarting: refused
   const third = await nextSocket(2)
   third.accept()
-  assert.deepEqual(third.subscribes(), [{ type: 'subscribe', topic, since: 3 }])
+  assert.deepEqual(third.resume(), { topics: [topic], since: 3 })
   client.close()
 })
 
@@ -278,7 +288,7 @@ test('reconnect() opens a new socket now and resumes every topic', async () => {
   assert.equal(socket.closedWith, 4000)
   const next = await nextSocket(1)
   next.accept()
-  assert.deepEqual(next.subscribes(), [{ type: 'subscribe', topic, since: 12 }])
+  assert.deepEqual(next.resume(), { topics: [topic], since: 12 })
   client.close()
 })
 

@@ -266,9 +266,12 @@ describe('the fixture app', { skip: noFixture }, () => {
       try {
         await waitFor(page, '#selected[data-state="open"][data-status="pending"]')
         await waitFor(page, '#pinned[data-state="forbidden"] .error[data-code="forbidden"]')
-        const refusedTopics = (record: (typeof sockets)[number]) =>
-          record.sent.filter((m) => m.type === 'subscribe' && String(m.topic).endsWith(theirs)).length
-        assert.equal(refusedTopics(sockets[0]), 3, 'each of its topics asked for once')
+        // Topics are asked for in a connection's `auth` (resume at connect) or, once open, by `subscribe`.
+        const asked = (record: (typeof sockets)[number], deployment: string) =>
+          record.sent
+            .flatMap((m) => (m.type === 'subscribe' ? [String(m.topic)] : m.type === 'auth' ? ((m.topics ?? []) as string[]) : []))
+            .filter((topic) => topic.endsWith(deployment)).length
+        assert.equal(asked(sockets[0], theirs), 3, 'each of its topics asked for once')
 
         const port = server!.port
         await server!.stop()
@@ -285,8 +288,10 @@ describe('the fixture app', { skip: noFixture }, () => {
         assert.deepEqual(await lines(page, 'selected'), ['written while down'])
         assert.equal(await view(page, 'pinned').getAttribute('data-state'), 'forbidden')
         const last = sockets.at(-1)!
-        await until(() => last.sent.some((m) => m.type === 'subscribe'), 'the resume')
-        assert.equal(refusedTopics(last), 0, 'a forbidden deployment is not asked for again')
+        await until(() => last.sent.some((m) => m.type === 'auth'), 'the resume')
+        assert.equal(asked(last, id), 3, 'the reconnect names the followed deployment’s topics in auth')
+        assert.equal(last.sent.filter((m) => m.type === 'subscribe').length, 0, 'and subscribes nothing after')
+        assert.equal(asked(last, theirs), 0, 'a forbidden deployment is not asked for again')
         assert.deepEqual(problems, [])
       } finally {
         await page.close()

@@ -110,9 +110,12 @@ pub struct Page {
 }
 
 /// A replay from the event log, read page by page in id order: the events
-/// of a topic after `since` and before the history took over.
+/// of a topic (or of a resume at connect's owner feed and topics) after
+/// `since` and before the history took over.
 pub struct Pages {
     topic: Topic,
+    /// A resume at connect: its topics (the owner feed is always in it).
+    resume: Option<Vec<Topic>>,
     filter: Filter,
     since: i64,
     after: i64,
@@ -167,13 +170,42 @@ impl Pages {
     /// out what the connection's earlier log replays (`replayed`) sent.
     pub fn new(topic: Topic, viewer: Viewer, log: LogReplay, resynced: bool, replayed: Vec<Replayed>) -> Pages {
         let LogReplay { since, before, skip } = log;
-        let filter = Filter { deployment: topic.deployment(), kind: topic.kind(), viewer, before, skip };
-        Pages { topic, filter, since, after: since, check_pruned: !resynced, replayed, done: false }
+        let (deployment, kind) = (topic.deployment(), topic.kind());
+        let filter = Filter { deployment, kind, viewer, before, skip, resume: None };
+        Pages { topic, resume: None, filter, since, after: since, check_pruned: !resynced, replayed, done: false }
+    }
+
+    /// The replay `log` of a resume at connect of `viewer`: its own
+    /// events and those of `topics`, each once, in id order.
+    pub fn resume(topics: Vec<Topic>, viewer: Viewer, log: LogReplay, resynced: bool) -> Pages {
+        let LogReplay { since, before, skip } = log;
+        let filter = Filter { deployment: None, kind: None, viewer, before, skip, resume: Some(topics.clone()) };
+        let topic = Topic::DeploymentEvents;
+        Pages {
+            topic,
+            resume: Some(topics),
+            filter,
+            since,
+            after: since,
+            check_pruned: !resynced,
+            replayed: Vec::new(),
+            done: false,
+        }
     }
 
     /// What this replay has sent so far, assuming every page read was written.
     pub fn replayed(&self) -> Replayed {
         Replayed { topic: self.topic, since: self.since, upto: if self.done { i64::MAX } else { self.after } }
+    }
+
+    /// What a resume at connect's replay sent, per topic: what a later
+    /// replay of one of them need not send again. (Its owner feed's
+    /// events are not remembered: a later replay may repeat them, never
+    /// lose them.)
+    pub fn replayed_topics(&self) -> Vec<Replayed> {
+        let upto = if self.done { i64::MAX } else { self.after };
+        let topics = self.resume.as_deref().unwrap_or_default();
+        topics.iter().map(|&topic| Replayed { topic, since: self.since, upto }).collect()
     }
 }
 
@@ -386,14 +418,39 @@ struct Filter {
     before: i64,
     /// ...except these, which the history has too.
     skip: Vec<i64>,
+    /// A resume at connect: the viewer's own events and these topics'
+    /// (`deployment` and `kind` are then unset).
+    resume: Option<Vec<Topic>>,
 }
 
 /// The candidates of a page: `$1` after, `$2` before, `$3` skip, `$4` rows,
-/// `$5` user, `$6` organization, `$7` deployment, `$8` type, `$9` superuser.
+/// `$5` user, `$6` organization, `$7` deployment, `$8` type, `$9` superuser,
+/// `$11` and `$12` the deployments and types of a resume's topics.
 /// Each form reads by an index that holds only what the viewer may see, or
 /// only the deployment's events, so a viewer who may see nothing reads
 /// nothing, however large the log.
 fn candidates(filter: &Filter) -> &'static str {
+    if let Some(topics) = &filter.resume {
+        // `deployment_events` holds the owner feed and every topic the
+        // viewer may see; without it, the owner's own events and, topic by
+        // topic, each deployment's events of one type (by its index).
+        if topics.contains(&Topic::DeploymentEvents) {
+            return candidates(&Filter { resume: None, skip: Vec::new(), ..*filter });
+        }
+        return "SELECT DISTINCT ON (id) * FROM (
+            (SELECT id, type, deployment_id, user_id, organization_id, data, size FROM windflow_events
+              WHERE user_id = $5 AND id > $1 AND id < $2 AND NOT id = ANY($3)
+              ORDER BY id LIMIT $4)
+            UNION ALL
+            SELECT e.* FROM unnest($11::uuid[], $12::text[]) AS wanted(deployment_id, type)
+             CROSS JOIN LATERAL (
+              SELECT id, type, deployment_id, user_id, organization_id, data, size FROM windflow_events
+               WHERE deployment_id = wanted.deployment_id AND type = wanted.type
+                 AND id > $1 AND id < $2 AND NOT id = ANY($3)
+                 AND ($9 OR user_id = $5 OR organization_id = $6)
+               ORDER BY id LIMIT $4) e
+          ) resumed ORDER BY id";
+    }
     match (filter.deployment, filter.viewer.is_superuser) {
         // Everything: the primary key.
         (None, true) => {
@@ -433,7 +490,8 @@ async fn page_after(
 ) -> Result<Vec<Event>, DbError> {
     let statement = client.prepare_typed_cached(&page_sql(filter), &PAGE_TYPES).await?;
     let kind = filter.kind.map(EventKind::as_str);
-    let params = page_params(&after, filter, &kind, &rows, &bytes);
+    let wanted = wanted(filter);
+    let params = page_params(&after, filter, &kind, &rows, &bytes, &wanted);
     Ok(events_from_rows(&client.query(&statement, &params).await?))
 }
 
@@ -452,7 +510,7 @@ fn page_sql(filter: &Filter) -> String {
 
 /// The parameters' types, given: each form of `candidates` leaves some
 /// unused, whose types PostgreSQL could not infer.
-const PAGE_TYPES: [tokio_postgres::types::Type; 10] = {
+const PAGE_TYPES: [tokio_postgres::types::Type; 12] = {
     use tokio_postgres::types::Type;
     [
         Type::INT8,
@@ -465,6 +523,8 @@ const PAGE_TYPES: [tokio_postgres::types::Type; 10] = {
         Type::TEXT,
         Type::BOOL,
         Type::INT8,
+        Type::UUID_ARRAY,
+        Type::TEXT_ARRAY,
     ]
 };
 
@@ -476,7 +536,8 @@ fn page_params<'a>(
     kind: &'a Option<&'static str>,
     rows: &'a i64,
     bytes: &'a i64,
-) -> [Param<'a>; 10] {
+    wanted: &'a (Vec<Uuid>, Vec<&'static str>),
+) -> [Param<'a>; 12] {
     let viewer = &filter.viewer;
     [
         after,
@@ -489,7 +550,15 @@ fn page_params<'a>(
         kind,
         &viewer.is_superuser,
         bytes,
+        &wanted.0,
+        &wanted.1,
     ]
+}
+
+/// The deployments and types of a resume's per-deployment topics.
+fn wanted(filter: &Filter) -> (Vec<Uuid>, Vec<&'static str>) {
+    let topics = filter.resume.as_deref().unwrap_or_default();
+    topics.iter().filter_map(|t| Some((t.deployment()?, t.kind()?.as_str()))).unzip()
 }
 
 /// The highest id retention (or a TRUNCATE) has deleted.
@@ -578,8 +647,9 @@ mod tests {
             .unwrap();
         let kind = filter.kind.map(EventKind::as_str);
         let (after, rows, bytes) = (0i64, PAGE_ROWS, PAGE_BYTES as i64);
-        let plan: serde_json::Value =
-            client.query_one(&statement, &page_params(&after, filter, &kind, &rows, &bytes)).await.unwrap().get(0);
+        let wanted = wanted(filter);
+        let params = page_params(&after, filter, &kind, &rows, &bytes, &wanted);
+        let plan: serde_json::Value = client.query_one(&statement, &params).await.unwrap().get(0);
         let top = &plan[0]["Plan"];
         let touched = ["Shared Hit Blocks", "Shared Read Blocks"].iter().filter_map(|k| top[k].as_u64()).sum();
         (touched, top["Actual Rows"].as_u64().unwrap_or(0) as usize)
@@ -612,7 +682,8 @@ mod tests {
             ))
             .await
             .unwrap();
-        let filter = |viewer| Filter { deployment: None, kind: None, viewer, before: i64::MAX, skip: Vec::new() };
+        let filter =
+            |viewer| Filter { deployment: None, kind: None, viewer, before: i64::MAX, skip: Vec::new(), resume: None };
         let nobody = Viewer { user_id: Uuid::new_v4(), organization_id: Some(Uuid::new_v4()), is_superuser: false };
         let (touched, rows) = buffers(&client, &filter(nobody)).await;
         assert_eq!(rows, 0);

@@ -8,7 +8,9 @@
 //! `since` replay gap-free.
 //!
 //! - `routing`: the delivery rule and the subscriber indexes;
-//! - `resume`: the history and where each `since` falls.
+//! - `resume`: the history and where each `since` falls, for a `subscribe`
+//!   and for a resume at connect (the owner feed and every topic placed at
+//!   one point, [`HubHandle::resume`]).
 //!
 //! The hub never waits on a client. A connection whose queue is full is a
 //! slow consumer: it is dropped from routing and its session is told to
@@ -24,7 +26,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use self::resume::{Plan, Timeline};
+use self::resume::{Deferral, Deferred, Place, Plan, Timeline};
 use self::routing::{Conn, Routes};
 use crate::auth::Viewer;
 use crate::event::{Event, Topic};
@@ -49,11 +51,34 @@ pub enum Arrival {
 /// What sessions ask of the hub, through [`HubHandle`]'s methods.
 #[derive(Debug)]
 enum Command {
-    Register { conn: ConnId, viewer: Viewer, outbound: mpsc::Sender<Outbound>, kicked: CancellationToken },
-    UpdateViewer { conn: ConnId, viewer: Viewer },
-    Subscribe { conn: ConnId, topic: Topic, since: Option<Since> },
-    Unsubscribe { conn: ConnId, topic: Topic },
-    Unregister { conn: ConnId },
+    Register {
+        conn: ConnId,
+        viewer: Viewer,
+        outbound: mpsc::Sender<Outbound>,
+        kicked: CancellationToken,
+        resuming: bool,
+    },
+    UpdateViewer {
+        conn: ConnId,
+        viewer: Viewer,
+    },
+    Subscribe {
+        conn: ConnId,
+        topic: Topic,
+        since: Option<Since>,
+    },
+    Resume {
+        conn: ConnId,
+        topics: Vec<Topic>,
+        since: Option<Since>,
+    },
+    Unsubscribe {
+        conn: ConnId,
+        topic: Topic,
+    },
+    Unregister {
+        conn: ConnId,
+    },
 }
 
 /// A `since` and what the event log says of it.
@@ -84,6 +109,11 @@ pub enum Outbound {
     /// `since` is newer than anything fed here: look it up in the event
     /// log and subscribe again with the answer.
     LookUp(Box<LookUp>),
+    /// The answer to a resume at connect ([`HubHandle::resume`]).
+    Resumed(Box<Resumed>),
+    /// The `since` of a resume at connect is newer than anything fed here:
+    /// look it up and resume again with the answer.
+    ResumeLookUp(i64),
     Unsubscribed {
         topic: Topic,
     },
@@ -93,6 +123,16 @@ pub enum Outbound {
 pub struct Subscribed {
     pub topic: Topic,
     /// The subscription's resume cursor (the `event_id` of `subscribed`).
+    pub cursor: i64,
+    pub replay: Option<Replay>,
+}
+
+/// A resume at connect placed: the owner feed and `topics` deliver from
+/// one point of the feed, `cursor`, and `replay` is what the union of them
+/// owes after `since`, once each, in commit order.
+#[derive(Debug)]
+pub struct Resumed {
+    pub topics: Vec<Topic>,
     pub cursor: i64,
     pub replay: Option<Replay>,
 }
@@ -144,17 +184,28 @@ impl HubHandle {
 
     /// An authenticated connection: from now on its queue (of `capacity`
     /// messages) receives its viewer's own events. A full queue cancels
-    /// `kicked`.
+    /// `kicked`. `resuming`: its own events wait for [`HubHandle::resume`],
+    /// which places them.
     pub async fn register(
         &self,
         conn: ConnId,
         viewer: Viewer,
         capacity: usize,
         kicked: CancellationToken,
+        resuming: bool,
     ) -> Result<mpsc::Receiver<Outbound>, HubStopped> {
         let (outbound, queue) = mpsc::channel(capacity);
-        self.send(Command::Register { conn, viewer, outbound, kicked }).await?;
+        self.send(Command::Register { conn, viewer, outbound, kicked, resuming }).await?;
         Ok(queue)
+    }
+
+    /// A resume at connect, for a connection registered `resuming` and
+    /// nothing else yet: the owner feed and every topic start at one point
+    /// of the feed, after `since` (or now). Answered with one
+    /// [`Outbound::Resumed`], or first with [`Outbound::ResumeLookUp`],
+    /// after which the session resumes again with the `since` looked up.
+    pub async fn resume(&self, conn: ConnId, topics: Vec<Topic>, since: Option<Since>) -> Result<(), HubStopped> {
+        self.send(Command::Resume { conn, topics, since }).await
     }
 
     /// A re-authentication changed the viewer's organization or role.
@@ -235,9 +286,8 @@ impl Hub {
         match arrival {
             Arrival::Event(event) => self.publish(event),
             Arrival::Through(id) => {
-                for d in self.timeline.advance(id) {
-                    self.subscribe(d.conn, d.topic, Some(Since::Unchecked(d.id)));
-                }
+                let ready = self.timeline.advance(id);
+                self.place_deferred(ready);
             }
             Arrival::Restarted(id) => {
                 let history = History::new(self.history_size, self.history_bytes);
@@ -249,14 +299,16 @@ impl Hub {
 
     fn handle(&mut self, command: Command) {
         match command {
-            Command::Register { conn, viewer, outbound, kicked } => {
-                let seq = self.timeline.next_seq();
+            Command::Register { conn, viewer, outbound, kicked, resuming } => {
+                // A resuming connection's own events start where its resume is placed.
+                let seq = if resuming { u64::MAX } else { self.timeline.next_seq() };
                 self.routes.register(conn, Conn::new(viewer, outbound, kicked, seq));
             }
             Command::UpdateViewer { conn, viewer } => {
                 self.routes.set_viewer(conn, viewer, self.timeline.next_seq());
             }
             Command::Subscribe { conn, topic, since } => self.subscribe(conn, topic, since),
+            Command::Resume { conn, topics, since } => self.resume(conn, topics, since),
             Command::Unsubscribe { conn, topic } => {
                 // A subscribe still waiting for its `since` is answered first.
                 if let Some(d) = self.timeline.cancel_wait(conn, topic) {
@@ -272,14 +324,15 @@ impl Hub {
 
     fn subscribe(&mut self, conn: ConnId, topic: Topic, since: Option<Since>) {
         let Some(entry) = self.routes.get(conn) else { return };
-        let (cursor, replay, from) = match self.timeline.plan(conn, entry, topic, since) {
+        let (cursor, replay, from) = match self.timeline.plan(entry, topic, since) {
             Plan::Ready { cursor, replay, from } => (cursor, replay, from),
             Plan::LookUp(since) => {
                 self.queue(conn, Outbound::LookUp(Box::new(LookUp { topic, since })));
                 return;
             }
-            Plan::Wait => {
+            Plan::Wait(id) => {
                 debug!(conn, topic = %topic, ?since, "since has not reached this instance yet; waiting");
+                self.timeline.defer(Deferred { conn, what: Deferral::Subscribe(topic), id });
                 return;
             }
         };
@@ -314,9 +367,51 @@ impl Hub {
         self.recipients = recipients;
 
         // Lagging resumes the feed has now reached can be placed.
-        for d in self.timeline.ready() {
-            self.subscribe(d.conn, d.topic, Some(Since::Unchecked(d.id)));
+        let ready = self.timeline.ready();
+        self.place_deferred(ready);
+    }
+
+    fn place_deferred(&mut self, ready: Vec<Deferred>) {
+        for d in ready {
+            let since = Some(Since::Unchecked(d.id));
+            match d.what {
+                Deferral::Subscribe(topic) => self.subscribe(d.conn, topic, since),
+                Deferral::Resume(topics) => self.resume(d.conn, topics, since),
+            }
         }
+    }
+
+    /// Place a resume at connect: one point of the feed for the owner feed
+    /// and every topic, one replay for their union.
+    fn resume(&mut self, conn: ConnId, topics: Vec<Topic>, since: Option<Since>) {
+        if self.routes.get(conn).is_none() {
+            return;
+        }
+        let placed = match self.timeline.place(since) {
+            Place::At(placed) => placed,
+            Place::LookUp(id) => {
+                self.queue(conn, Outbound::ResumeLookUp(id));
+                return;
+            }
+            Place::Wait(id) => {
+                debug!(conn, ?since, "resume: since has not reached this instance yet; waiting");
+                self.timeline.defer(Deferred { conn, what: Deferral::Resume(topics), id });
+                return;
+            }
+        };
+        self.routes.start_owner_feed(conn, placed.from);
+        for &topic in &topics {
+            self.routes.subscribe(conn, topic, placed.from);
+        }
+        self.count_subscriptions();
+        let Some(entry) = self.routes.get(conn) else { return };
+        let replay = placed.replay.map(|(resync, from_log)| Replay {
+            resync,
+            from_log,
+            recent: self.timeline.owed_from(entry, placed.from),
+        });
+        debug!(conn, topics = topics.len(), cursor = placed.cursor, ?since, "resumed at connect");
+        self.queue(conn, Outbound::Resumed(Box::new(Resumed { topics, cursor: placed.cursor, replay })));
     }
 
     /// Queue a message for a connection without waiting; a full queue makes
@@ -405,7 +500,7 @@ mod tests {
     fn connect(hub: &mut Hub, conn: ConnId, viewer: Viewer, queue: usize) -> Client {
         let (tx, rx) = mpsc::channel(queue);
         let kicked = CancellationToken::new();
-        hub.handle(Command::Register { conn, viewer, outbound: tx, kicked: kicked.clone() });
+        hub.handle(Command::Register { conn, viewer, outbound: tx, kicked: kicked.clone(), resuming: false });
         Client { conn, rx, kicked }
     }
 
@@ -502,7 +597,13 @@ mod tests {
         }
         let (tx, mut rx) = mpsc::channel(8);
         let watcher = Viewer { is_superuser: true, ..viewer(Uuid::new_v4()) };
-        hub.handle(Command::Register { conn: 9, viewer: watcher, outbound: tx, kicked: CancellationToken::new() });
+        hub.handle(Command::Register {
+            conn: 9,
+            viewer: watcher,
+            outbound: tx,
+            kicked: CancellationToken::new(),
+            resuming: false,
+        });
         hub.handle(Command::Subscribe { conn: 9, topic: progress(deployment), since: Some(Since::Unchecked(0)) });
         let Subscribed { cursor: 0, replay: Some(replay), .. } = reply(&mut rx) else { panic!("a replay") };
         let log = replay.from_log.expect("since 0 is older than the history");
@@ -554,6 +655,7 @@ mod tests {
             viewer: viewer(Uuid::new_v4()),
             outbound: tx,
             kicked: CancellationToken::new(),
+            resuming: false,
         });
         let since = Some(Since::Checked { id: 500, newest: 6 });
         hub.handle(Command::Subscribe { conn: 1, topic: Topic::DeploymentEvents, since });
@@ -586,6 +688,7 @@ mod tests {
             viewer: viewer(Uuid::new_v4()),
             outbound: mpsc::channel(8).0,
             kicked: CancellationToken::new(),
+            resuming: false,
         });
         hub.handle_arrival(Arrival::Through(41));
         assert_eq!(hub.timeline.cursor(), 41, "before any event, where the feed started");
@@ -602,6 +705,65 @@ mod tests {
         hub.publish(event(1, EventKind::StatusChanged, Uuid::new_v4(), owner, None));
         hub.publish(event(1, EventKind::StatusChanged, Uuid::new_v4(), owner, None));
         assert_eq!(client.events(), vec![1]);
+    }
+
+    #[test]
+    fn a_resume_at_connect_places_the_owner_feed_and_topics_at_since_each_event_once() {
+        let mut hub = hub();
+        let (owner, other) = (Uuid::new_v4(), Uuid::new_v4());
+        let (own, watched) = (Uuid::new_v4(), Uuid::new_v4());
+        let org = Uuid::new_v4();
+        let me = Viewer { organization_id: Some(org), ..viewer(owner) };
+        for (id, deployment, by) in [(1, own, owner), (2, watched, other), (3, own, owner), (4, watched, other)] {
+            hub.publish(event(id, EventKind::LogsUpdate, deployment, by, Some(org)));
+        }
+        let (tx, mut rx) = mpsc::channel(16);
+        hub.handle(Command::Register {
+            conn: 1,
+            viewer: me,
+            outbound: tx,
+            kicked: CancellationToken::new(),
+            resuming: true,
+        });
+        hub.publish(event(5, EventKind::LogsUpdate, own, owner, Some(org)));
+        assert!(rx.try_recv().is_err(), "nothing of the owner feed before the resume is placed");
+        let topics = vec![logs(watched), logs(watched)];
+        hub.handle(Command::Resume { conn: 1, topics, since: Some(Since::Unchecked(1)) });
+        let Ok(Outbound::Resumed(resumed)) = rx.try_recv() else { panic!("the resume's answer") };
+        assert_eq!(resumed.cursor, 1);
+        let replay = resumed.replay.expect("a replay");
+        let ids: Vec<i64> = replay.recent.iter().map(|e| e.id).collect();
+        assert_eq!(ids, vec![2, 3, 4, 5], "the owner feed and the topic after since, once, in commit order");
+        hub.publish(event(6, EventKind::LogsUpdate, own, owner, Some(org)));
+        hub.publish(event(7, EventKind::Progress, watched, other, Some(org)));
+        hub.publish(event(8, EventKind::LogsUpdate, watched, other, Some(org)));
+        let live: Vec<i64> = std::iter::from_fn(|| match rx.try_recv() {
+            Ok(Outbound::Event(e)) => Some(e.id),
+            _ => None,
+        })
+        .collect();
+        assert_eq!(live, vec![6, 8], "then live: not the watched deployment's progress");
+    }
+
+    #[test]
+    fn a_resume_newer_than_the_feed_is_looked_up_then_waits_for_its_since() {
+        let mut hub = hub();
+        let owner = Uuid::new_v4();
+        let (tx, mut rx) = mpsc::channel(16);
+        hub.handle_arrival(Arrival::Through(6));
+        let kicked = CancellationToken::new();
+        hub.handle(Command::Register { conn: 1, viewer: viewer(owner), outbound: tx, kicked, resuming: true });
+        hub.handle(Command::Resume { conn: 1, topics: Vec::new(), since: Some(Since::Unchecked(8)) });
+        assert!(matches!(rx.try_recv(), Ok(Outbound::ResumeLookUp(8))));
+        let since = Some(Since::Checked { id: 8, newest: 9 });
+        hub.handle(Command::Resume { conn: 1, topics: Vec::new(), since });
+        for id in [7, 8] {
+            hub.publish(event(id, EventKind::Progress, Uuid::new_v4(), owner, None));
+        }
+        let Ok(Outbound::Resumed(resumed)) = rx.try_recv() else { panic!("placed once the feed reached since") };
+        assert_eq!((resumed.cursor, resumed.replay.map(|r| r.recent.len())), (8, Some(0)));
+        hub.publish(event(9, EventKind::Progress, Uuid::new_v4(), owner, None));
+        assert!(matches!(rx.try_recv(), Ok(Outbound::Event(e)) if e.id == 9), "nothing up to since, then live");
     }
 
     #[test]

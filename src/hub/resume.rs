@@ -13,13 +13,19 @@ use super::routing::{Conn, on_topic};
 use super::{ConnId, LogReplay, Replay, Since};
 use crate::event::{Event, Topic};
 use crate::history::History;
+use uuid::Uuid;
 
-/// A subscribe whose `since` the feed has not reached yet (this instance
-/// lags the one the client came from).
+/// A subscribe, or a resume at connect, whose `since` the feed has not
+/// reached yet (this instance lags the one the client came from).
 pub(super) struct Deferred {
     pub conn: ConnId,
-    pub topic: Topic,
+    pub what: Deferral,
     pub id: i64,
+}
+
+pub(super) enum Deferral {
+    Subscribe(Topic),
+    Resume(Vec<Topic>),
 }
 
 /// What a subscribe gets.
@@ -30,8 +36,25 @@ pub(super) enum Plan {
     /// `since` is newer than anything fed here: the session asks the log
     /// whether such an id was ever given out.
     LookUp(i64),
-    /// `since` was given out but not fed here yet: wait for it.
-    Wait,
+    /// `since` (this id) was given out but not fed here yet: wait for it.
+    Wait(i64),
+}
+
+/// Where a `since` falls in the feed.
+pub(super) enum Place {
+    At(Placed),
+    LookUp(i64),
+    Wait(i64),
+}
+
+pub(super) struct Placed {
+    /// The resume cursor.
+    pub cursor: i64,
+    /// What follows `since` is delivered from this seq on...
+    pub from: u64,
+    /// ...and, with a `since`, replayed: `resync` first, then the log part
+    /// (before the history), then the history from `from`.
+    pub replay: Option<(bool, Option<LogReplay>)>,
 }
 
 /// How far past a `since` the history holds no event (ids that never
@@ -104,47 +127,85 @@ impl Timeline {
 
     /// A subscribe of `conn` to `topic` still waiting for its `since`.
     pub fn cancel_wait(&mut self, conn: ConnId, topic: Topic) -> Option<Deferred> {
-        let i = self.deferred.iter().position(|d| d.conn == conn && d.topic == topic)?;
+        let i = self
+            .deferred
+            .iter()
+            .position(|d| d.conn == conn && matches!(d.what, Deferral::Subscribe(t) if t == topic))?;
         Some(self.deferred.swap_remove(i))
+    }
+
+    pub fn defer(&mut self, deferred: Deferred) {
+        self.deferred.push(deferred);
     }
 
     pub fn forget(&mut self, conn: ConnId) {
         self.deferred.retain(|d| d.conn != conn);
     }
 
-    /// Where a subscribe of `conn` (registered as `conn_id`) to `topic` starts.
-    pub fn plan(&mut self, conn_id: ConnId, conn: &Conn, topic: Topic, since: Option<Since>) -> Plan {
-        let Some(since) = since else {
-            return Plan::Ready { cursor: self.cursor(), replay: None, from: self.next_seq() };
-        };
+    /// Where a subscribe of `conn` to `topic` starts.
+    pub fn plan(&self, conn: &Conn, topic: Topic, since: Option<Since>) -> Plan {
+        match self.place(since) {
+            Place::LookUp(id) => Plan::LookUp(id),
+            Place::Wait(id) => Plan::Wait(id),
+            Place::At(Placed { cursor, from, replay }) => {
+                let replay = replay.map(|(resync, from_log)| {
+                    // Without a log part, the history from `from` is all
+                    // there is; with one, the whole history follows it.
+                    Replay { resync, from_log, recent: self.recent(conn, topic, from) }
+                });
+                Plan::Ready { cursor, replay, from }
+            }
+        }
+    }
+
+    /// Where what follows `since` starts: in the history, before it (the
+    /// log first), or not here yet.
+    pub fn place(&self, since: Option<Since>) -> Place {
+        let now = Placed { cursor: self.cursor(), from: self.next_seq(), replay: None };
+        let Some(since) = since else { return Place::At(now) };
         let id = since.id();
         if id > self.through {
             return match since {
-                Since::Unchecked(_) => Plan::LookUp(id),
-                Since::Checked { newest, .. } if id <= newest => {
-                    self.deferred.push(Deferred { conn: conn_id, topic, id });
-                    Plan::Wait
-                }
+                Since::Unchecked(_) => Place::LookUp(id),
+                Since::Checked { newest, .. } if id <= newest => Place::Wait(id),
                 // An id the log never gave out (or gave out before its ids
                 // started again): nothing can be placed after it.
-                Since::Checked { .. } => {
-                    let replay = Replay { resync: true, ..Replay::default() };
-                    Plan::Ready { cursor: self.cursor(), replay: Some(replay), from: self.next_seq() }
-                }
+                Since::Checked { .. } => Place::At(Placed { replay: Some((true, None)), ..now }),
             };
         }
         // In the history, or between two of its events (an id that never
         // committed): replay what follows it there.
         if let Some(seq) = self.placed_in_history(id) {
-            let recent = self.recent(conn, topic, seq);
-            return Plan::Ready { cursor: id, replay: Some(Replay { recent, ..Replay::default() }), from: seq };
+            return Place::At(Placed { cursor: id, from: seq, replay: Some((false, None)) });
         }
         // Older than the history: the log up to it, then all of it.
         let before = self.history.first_id().unwrap_or(self.through + 1);
         let from = self.history.first_seq();
         let log = LogReplay { since: id, before, skip: self.history.late_below(before) };
-        let recent = self.recent(conn, topic, from);
-        Plan::Ready { cursor: id, replay: Some(Replay { resync: false, from_log: Some(log), recent }), from }
+        Place::At(Placed { cursor: id, from, replay: Some((false, Some(log))) })
+    }
+
+    /// The history's events from `seq` on that `conn` receives, by the
+    /// delivery rule as it stands (a resume at connect, placed at `seq`,
+    /// with nothing sent before): its own and its topics', each once, in
+    /// commit order, visiting only the candidates.
+    pub fn owed_from(&self, conn: &Conn, seq: u64) -> Vec<Arc<Event>> {
+        let viewer = conn.viewer;
+        let owed = |event: &&Arc<Event>| conn.receives(event.seq, event);
+        if viewer.is_superuser && conn.subscriptions.contains(Topic::DeploymentEvents) {
+            return self.history.all_from(seq).filter(owed).cloned().collect();
+        }
+        let organization = viewer.organization_id.filter(|_| conn.subscriptions.contains(Topic::DeploymentEvents));
+        let mut seqs: Vec<u64> = self.history.of_owner_or_organization(viewer.user_id, organization, seq).collect();
+        let mut deployments: Vec<Uuid> = conn.subscriptions.topics().filter_map(Topic::deployment).collect();
+        deployments.sort_unstable();
+        deployments.dedup();
+        for deployment in deployments {
+            seqs.extend(self.history.of_deployment(deployment, seq));
+        }
+        seqs.sort_unstable();
+        seqs.dedup();
+        seqs.into_iter().filter_map(|s| self.history.get(s)).filter(owed).cloned().collect()
     }
 
     /// The seq from which the history holds what follows `id`, when it

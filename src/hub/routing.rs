@@ -124,7 +124,7 @@ impl Subscriptions {
         }
     }
 
-    fn topics(&self) -> impl Iterator<Item = Topic> + '_ {
+    pub fn topics(&self) -> impl Iterator<Item = Topic> + '_ {
         self.deployment_events.map(|_| Topic::DeploymentEvents).into_iter().chain(self.per_deployment.keys().copied())
     }
 }
@@ -191,6 +191,13 @@ impl Routes {
         if conn.subscriptions.insert(topic, seq) {
             self.index(id, topic, viewer);
             self.subscriptions += 1;
+        }
+    }
+
+    /// A connection registered to resume gets its own events from `seq` on.
+    pub fn start_owner_feed(&mut self, id: ConnId, seq: u64) {
+        if let Some(conn) = self.conns.get_mut(&id) {
+            conn.registered_seq = conn.registered_seq.min(seq);
         }
     }
 

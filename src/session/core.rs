@@ -21,11 +21,12 @@ use std::sync::Arc;
 
 use tracing::{debug, info, warn};
 
+use super::ResumeAsk;
 use crate::auth::{Claims, Verifier, Viewer};
 use crate::db::DbError;
 use crate::db::events::{Pages, Replayed};
 use crate::event::{Event, Topic};
-use crate::hub::{ConnId, LogReplay, LookUp, Outbound, Replay, Since, Subscribed};
+use crate::hub::{ConnId, LogReplay, LookUp, Outbound, Replay, Resumed, Since, Subscribed};
 use crate::protocol::{BadRequest, ClientMessage, ErrorCode, ServerMessage};
 
 pub const MAX_SUBSCRIPTIONS: usize = 256;
@@ -67,6 +68,8 @@ pub enum Step {
 pub enum HubCall {
     Subscribe(Topic, Option<Since>),
     Unsubscribe(Topic),
+    /// A resume at connect: the owner feed and these topics, after `since`.
+    Resume(Vec<Topic>, Option<Since>),
 }
 
 /// Database work an answer of the hub needs before the next message.
@@ -76,6 +79,87 @@ pub enum Work {
     Replay { topic: Topic, pages: Box<Pages>, recent: Vec<Arc<Event>> },
     /// Look `since` up in the event log, then [`Subscriber::looked_up`].
     LookUp { topic: Topic, since: i64 },
+    /// The replay of a resume at connect from the event log: write its
+    /// pages ([`Subscriber::resume_page`]), then [`Subscriber::resume_replayed`].
+    ResumeReplay { topics: Vec<Topic>, pages: Box<Pages>, recent: Vec<Arc<Event>> },
+    /// Look the `since` of a resume at connect up, then
+    /// [`Subscriber::resume_looked_up`].
+    LookUpResume { since: i64 },
+}
+
+/// A resume at connect being prepared: each named topic's answer, in the
+/// order named, and its `since`.
+#[derive(Debug)]
+pub struct Resuming {
+    answers: Vec<Answer>,
+    since: Option<i64>,
+    /// The topics were checked already.
+    pub checked: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Answer {
+    /// `subscribed`, with the resume's cursor.
+    Topic(Topic),
+    /// This error, in the topic's place.
+    Refused(Box<ServerMessage>),
+}
+
+impl Resuming {
+    /// The topics still to check, once each.
+    pub fn to_check(&self) -> Vec<Topic> {
+        if self.checked {
+            return Vec::new();
+        }
+        let mut topics = Vec::new();
+        for answer in &self.answers {
+            if let Answer::Topic(topic) = answer
+                && topic.deployment().is_some()
+                && !topics.contains(topic)
+            {
+                topics.push(*topic);
+            }
+        }
+        topics
+    }
+
+    /// The database's answer to whether the viewer may watch `topic`.
+    pub fn permit(&mut self, conn: ConnId, topic: Topic, answer: Result<bool, DbError>) {
+        let refusal = match answer {
+            Ok(true) => return,
+            Ok(false) => {
+                info!(conn, topic = %topic, "resume: topic refused");
+                ServerMessage::error(
+                    ErrorCode::Forbidden,
+                    "no such deployment, or not yours to see",
+                    Some(&topic.to_string()),
+                )
+            }
+            Err(e) => {
+                warn!(conn, topic = %topic, error = %e, "resume: permission check failed");
+                let message = "cannot check permission now; subscribe again with since";
+                ServerMessage::error(ErrorCode::Unavailable, message, Some(&topic.to_string()))
+            }
+        };
+        for answer in &mut self.answers {
+            if *answer == Answer::Topic(topic) {
+                *answer = Answer::Refused(Box::new(refusal.clone()));
+            }
+        }
+    }
+
+    /// The topics the hub subscribes, once each, in the order named.
+    fn topics(&self) -> Vec<Topic> {
+        let mut topics = Vec::new();
+        for answer in &self.answers {
+            if let Answer::Topic(topic) = answer
+                && !topics.contains(topic)
+            {
+                topics.push(*topic);
+            }
+        }
+        topics
+    }
 }
 
 /// A reply in request order.
@@ -95,6 +179,11 @@ enum Owed {
         held: bool,
     },
     Unsubscribe,
+    /// A resume at connect ([`Resuming`]); it holds events.
+    Resume {
+        answers: Vec<Answer>,
+        topics: Vec<Topic>,
+    },
     /// The undoing of a subscription whose replay failed: the client asked
     /// nothing, so its answer is not written.
     Undo,
@@ -118,6 +207,8 @@ pub struct Subscriber {
     replayed: Vec<Replayed>,
     /// Topics being undone: their events still in the queue are dropped.
     undoing: Vec<Topic>,
+    /// The resume at connect the request named, until the first token.
+    resume_ask: Option<ResumeAsk>,
     /// What to write next, in order; the driver writes and empties it.
     pub out: Vec<Out>,
 }
@@ -134,6 +225,7 @@ impl Subscriber {
             held_live: 0,
             replayed: Vec::new(),
             undoing: Vec::new(),
+            resume_ask: None,
             out: Vec::new(),
         }
     }
@@ -168,7 +260,12 @@ impl Subscriber {
                 self.reply(ServerMessage::pong());
                 Step::Done
             }
-            ClientMessage::Auth { token } => self.auth(&token, verifier),
+            ClientMessage::Auth { token, topics, since } => {
+                if self.claims.is_none() && (!topics.is_empty() || since.is_some()) {
+                    self.resume_ask.get_or_insert_with(ResumeAsk::default).join(topics, since);
+                }
+                self.auth(&token, verifier)
+            }
             ClientMessage::Subscribe { topic, since } => self.subscribe(&topic, since),
             ClientMessage::Unsubscribe { topic } => self.unsubscribe(&topic),
         }
@@ -196,6 +293,162 @@ impl Subscriber {
                     // A failed refresh leaves the current token in force until its exp.
                     Some(_) => Step::Done,
                 }
+            }
+        }
+    }
+
+    /// The resume at connect the request named (its URL), if any.
+    pub fn ask_resume(&mut self, ask: ResumeAsk) {
+        if !ask.is_empty() {
+            self.resume_ask = Some(ask);
+        }
+    }
+
+    /// The resume at connect to make once registered, if one was asked for.
+    pub fn take_resume(&mut self) -> Option<ResumeAsk> {
+        self.resume_ask.take()
+    }
+
+    /// Whether a resume at connect waits for the hub: requests wait for it
+    /// (the hub answers them in order, and it comes first).
+    pub fn resuming(&self) -> bool {
+        matches!(self.replies.front(), Some(Reply::Hub(Owed::Resume { .. })))
+    }
+
+    /// Read the topics a resume at connect names, in order: an unknown one
+    /// gets `invalid_topic`, those past the limit `too_many_subscriptions`,
+    /// each in its place. A `since` that could not be read gets
+    /// `bad_request` now, and nothing is resumed.
+    pub fn start_resume(&mut self, ask: ResumeAsk) -> Option<Resuming> {
+        if let Some(why) = ask.bad_since {
+            debug!(conn = self.conn, reason = %why, "resume refused");
+            self.error(ErrorCode::BadRequest, &format!("{why}; nothing was resumed"), None);
+            return None;
+        }
+        let mut answers = Vec::with_capacity(ask.topics.len());
+        let mut distinct: HashSet<Topic> = HashSet::new();
+        for name in &ask.topics {
+            let answer = match Topic::parse(name) {
+                None => {
+                    let message = format!("unknown topic; expected {}", Topic::forms());
+                    Answer::Refused(Box::new(ServerMessage::error(ErrorCode::InvalidTopic, message, Some(name))))
+                }
+                Some(topic) if !distinct.contains(&topic) && distinct.len() >= MAX_SUBSCRIPTIONS => {
+                    let message = format!("at most {MAX_SUBSCRIPTIONS} subscriptions per connection");
+                    let error =
+                        ServerMessage::error(ErrorCode::TooManySubscriptions, message, Some(&topic.to_string()));
+                    Answer::Refused(Box::new(error))
+                }
+                Some(topic) => {
+                    distinct.insert(topic);
+                    Answer::Topic(topic)
+                }
+            };
+            answers.push(answer);
+        }
+        Some(Resuming { answers, since: ask.since, checked: ask.checked })
+    }
+
+    /// The resume at connect, its topics checked: ask the hub to place it.
+    pub fn resume(&mut self, resuming: Resuming) -> HubCall {
+        let topics = resuming.topics();
+        self.topics.extend(topics.iter().copied());
+        let since = resuming.since;
+        let user_id = self.claims.map(|c| c.viewer.user_id.to_string()).unwrap_or_default();
+        info!(conn = self.conn, user_id, topics = topics.len(), ?since, "resuming at connect");
+        self.replies.push_back(Reply::Hub(Owed::Resume { answers: resuming.answers, topics: topics.clone() }));
+        self.holding += 1;
+        HubCall::Resume(topics, since.map(Since::Unchecked))
+    }
+
+    /// The hub placed the resume at connect: each named topic's answer in
+    /// order, then what the union owes (the log part is work).
+    fn resumed(&mut self, resumed: Resumed) -> Option<Work> {
+        let Resumed { topics, cursor, replay } = resumed;
+        if let Some(Reply::Hub(Owed::Resume { answers, .. })) = self.replies.front_mut() {
+            for answer in std::mem::take(answers) {
+                let reply = match answer {
+                    Answer::Topic(topic) => Box::new(ServerMessage::Subscribed { topic, event_id: Some(cursor) }),
+                    Answer::Refused(error) => error,
+                };
+                self.out.push(Out::Reply(reply));
+            }
+        }
+        let Some(Replay { resync, from_log, recent }) = replay else {
+            self.answered_subscribe();
+            return None;
+        };
+        if resync {
+            self.resync_all(&topics);
+        }
+        match (from_log, self.claims) {
+            (Some(log), Some(claims)) => {
+                let pages = Box::new(Pages::resume(topics.clone(), claims.viewer, log, resync));
+                Some(Work::ResumeReplay { topics, pages, recent })
+            }
+            _ => {
+                self.held.extend(recent);
+                self.answered_subscribe();
+                None
+            }
+        }
+    }
+
+    /// `resync` for a resume: one per topic, or for `deployment_events`
+    /// when it names none (the owner feed is a part of it).
+    fn resync_all(&mut self, topics: &[Topic]) {
+        let all = [Topic::DeploymentEvents];
+        let named = if topics.is_empty() { &all[..] } else { topics };
+        for &topic in named {
+            self.out.push(Out::Reply(Box::new(ServerMessage::Resync { topic })));
+        }
+    }
+
+    /// A page of a resume's replay from the event log.
+    pub fn resume_page(&mut self, topics: &[Topic], pruned: bool, events: &mut Vec<Arc<Event>>) {
+        if pruned {
+            self.resync_all(topics);
+        }
+        self.out.extend(events.drain(..).map(Out::Event));
+    }
+
+    /// The log part of the resume at connect is written (`Ok`, with what
+    /// it sent per topic), or it failed part-way: then the client gets
+    /// `unavailable` and the connection closes (what it has is a gap-free
+    /// prefix; it reconnects with the cursor it holds). False: close.
+    pub fn resume_replayed(&mut self, recent: Vec<Arc<Event>>, outcome: Result<Vec<Replayed>, ()>) -> bool {
+        match outcome {
+            Ok(sent) => {
+                for replayed in sent {
+                    Replayed::remember(&mut self.replayed, replayed);
+                }
+                self.held.extend(recent);
+                self.answered_subscribe();
+                true
+            }
+            Err(()) => {
+                let message = "replay from the event log failed; reconnect with since";
+                self.out.push(Out::Reply(Box::new(ServerMessage::error(ErrorCode::Unavailable, message, None))));
+                false
+            }
+        }
+    }
+
+    /// What the event log said of a resume's `since` newer than anything
+    /// the hub had: the hub is asked again. Without an answer the client
+    /// gets `unavailable` and the connection closes (false).
+    pub fn resume_looked_up(&mut self, since: i64, answer: Result<Since, DbError>) -> Option<HubCall> {
+        let topics = match self.replies.front() {
+            Some(Reply::Hub(Owed::Resume { topics, .. })) => topics.clone(),
+            _ => return None,
+        };
+        match answer {
+            Ok(since) => Some(HubCall::Resume(topics, Some(since))),
+            Err(e) => {
+                warn!(conn = self.conn, since, error = %e, "cannot look up a resume's since in the event log");
+                let message = "cannot look up since in the event log now; reconnect with since";
+                self.out.push(Out::Reply(Box::new(ServerMessage::error(ErrorCode::Unavailable, message, None))));
+                None
             }
         }
     }
@@ -252,16 +505,8 @@ impl Subscriber {
         Step::CheckPermission { topic, since }
     }
 
-    /// The database's answer to [`Step::CheckPermission`]. `hold`: hold
-    /// events until it is answered even without `since` (a stream that
-    /// opens with its topics writes nothing before they are all answered).
-    pub fn permitted(
-        &mut self,
-        topic: Topic,
-        since: Option<i64>,
-        answer: Result<bool, DbError>,
-        hold: bool,
-    ) -> Option<HubCall> {
+    /// The database's answer to [`Step::CheckPermission`].
+    pub fn permitted(&mut self, topic: Topic, since: Option<i64>, answer: Result<bool, DbError>) -> Option<HubCall> {
         let topic_name = topic.to_string();
         match answer {
             Ok(true) => {}
@@ -278,7 +523,7 @@ impl Subscriber {
             }
         }
         self.topics.insert(topic);
-        let held = hold || since.is_some();
+        let held = since.is_some();
         self.replies.push_back(Reply::Hub(Owed::Subscribe { topic, held }));
         if held {
             self.holding += 1;
@@ -311,6 +556,8 @@ impl Subscriber {
                 let LookUp { topic, since } = *look_up;
                 Some(Work::LookUp { topic, since })
             }
+            Outbound::Resumed(resumed) => self.resumed(*resumed),
+            Outbound::ResumeLookUp(since) => Some(Work::LookUpResume { since }),
             Outbound::Unsubscribed { topic } => {
                 if matches!(self.replies.front(), Some(Reply::Hub(Owed::Undo))) {
                     self.undoing.retain(|t| *t != topic);
@@ -463,7 +710,7 @@ impl Subscriber {
     /// any more, the held ones follow, merged by commit order; then the
     /// replies that waited behind it.
     fn answered_subscribe(&mut self) {
-        if let Some(Reply::Hub(Owed::Subscribe { held: true, .. })) = self.replies.front() {
+        if let Some(Reply::Hub(Owed::Subscribe { held: true, .. } | Owed::Resume { .. })) = self.replies.front() {
             self.holding = self.holding.saturating_sub(1);
         }
         if self.holding == 0 && !self.held.is_empty() {
@@ -529,6 +776,7 @@ mod tests {
     use crate::auth::{TokenRequest, sign};
     use crate::config::JwtArgs;
     use crate::event::EventKind;
+    use crate::session::ResumeAsk;
 
     const SECRET: &str = "core-tests";
 
@@ -583,7 +831,7 @@ mod tests {
             panic!("a permission check")
         };
         assert_eq!((asked, sent), (topic, since));
-        let call = core.permitted(topic, since, Ok(true), false);
+        let call = core.permitted(topic, since, Ok(true));
         assert_eq!(call, Some(HubCall::Subscribe(topic, since.map(Since::Unchecked))));
     }
 
@@ -714,6 +962,41 @@ mod tests {
         assert_eq!(core.looked_up(topic, 3, Err(DbError::Closed)), None);
         assert_eq!(written(&mut core), ["unavailable"]);
         assert!(!core.holds_events());
+    }
+
+    #[test]
+    fn a_resume_at_connect_answers_each_named_topic_in_order_then_its_replay_then_what_waited() {
+        let me = viewer();
+        let mut core = authenticated(me);
+        let (d, refused) = (Uuid::new_v4(), Uuid::new_v4());
+        let names = vec![logs(d).to_string(), "nope".into(), logs(refused).to_string(), logs(d).to_string()];
+        let ask = ResumeAsk { topics: names, since: Some(3), ..ResumeAsk::default() };
+        let mut resuming = core.start_resume(ask).expect("a good since");
+        assert_eq!(resuming.to_check(), [logs(d), logs(refused)], "each topic checked once");
+        resuming.permit(1, logs(refused), Ok(false));
+        assert_eq!(core.resume(resuming), HubCall::Resume(vec![logs(d)], Some(Since::Unchecked(3))));
+        assert!(core.resuming());
+        assert!(matches!(core.request("ping", &verifier()), Step::Done));
+        core.outbound(Outbound::Event(event(9, 9, d, me.user_id)));
+        assert!(written(&mut core).is_empty(), "everything waits for the resume's answer");
+        let replay = Replay { resync: false, from_log: None, recent: vec![event(4, 4, d, me.user_id)] };
+        let resumed = Resumed { topics: vec![logs(d)], cursor: 3, replay: Some(replay) };
+        assert!(core.outbound(Outbound::Resumed(Box::new(resumed))).is_none());
+        assert_eq!(
+            written(&mut core),
+            ["subscribed", "invalid_topic", "forbidden", "subscribed", "4", "9", "pong"],
+            "the named topics in order, the replay merged with what was held, then the reply that waited"
+        );
+        assert!(!core.resuming());
+    }
+
+    #[test]
+    fn a_resume_with_a_bad_since_is_a_bad_request_and_resumes_nothing() {
+        let mut core = authenticated(viewer());
+        let mut ask = ResumeAsk { topics: vec!["deployment_events".into()], ..ResumeAsk::default() };
+        ask.since_from(Some("-1"));
+        assert!(core.start_resume(ask).is_none());
+        assert_eq!(written(&mut core), ["bad_request"]);
     }
 
     #[test]

@@ -44,9 +44,9 @@ use tracing::{debug, info, warn};
 use super::core::{HubCall, Out, Step, Subscriber, Work};
 use super::gate::{UserConnections, UserSlot};
 use super::replay::Replaying;
-use super::{Close, Endpoint, Flow, Incoming, Opening, Transport, TransportError};
+use super::{Close, Endpoint, Flow, Incoming, Opening, ResumeAsk, Transport, TransportError};
 use crate::auth::Claims;
-use crate::db::events::Replayed;
+use crate::db::events::{Pages, Replayed};
 use crate::event::Topic;
 use crate::hub::{ConnId, HubStopped, Outbound};
 use crate::protocol::ClientMessage;
@@ -283,10 +283,12 @@ impl<T: Transport> Driver<T> {
         let shutdown = self.endpoint.shutdown.clone();
         let kicked = self.interrupts.kicked.clone();
         loop {
-            let step = if let Some(incoming) = self.stashed.pop_front() {
+            // Requests wait behind a resume at connect: the hub answers it first.
+            let resuming = self.core.resuming();
+            let step = if !resuming && let Some(incoming) = self.stashed.pop_front() {
                 Box::pin(self.on_incoming(incoming)).await
             } else {
-                let reading = self.core.replies_owed() < MAX_HELD_REPLIES;
+                let reading = self.core.replies_owed() < MAX_HELD_REPLIES && self.stashed.len() < MAX_HELD_REPLIES;
                 let draining = self.fence.is_none();
                 // One timer for the deadline and the fence, whichever is first.
                 let (timer, fence_first) = match self.fence {
@@ -312,6 +314,7 @@ impl<T: Transport> Driver<T> {
                     // and when it stops for shutdown.
                     Wake::Outbound(None) if self.interrupts.kicked.is_cancelled() => Err(Stop::Kicked),
                     Wake::Outbound(None) => Err(Stop::Shutdown),
+                    Wake::Incoming(incoming) if resuming => self.stash(incoming),
                     Wake::Incoming(incoming) => Box::pin(self.on_incoming(incoming)).await,
                     Wake::Outbound(Some(message)) => self.deliver(message).await,
                     Wake::PingTick => self.on_ping_tick().await,
@@ -329,17 +332,22 @@ impl<T: Transport> Driver<T> {
         }
     }
 
-    /// A session that starts authenticated registers at once, and
-    /// subscribes to the topics it opens with (checked at its gate).
+    /// A session that starts authenticated registers at once (and makes
+    /// the resume its request names); one that sends `auth` later makes it
+    /// then.
     async fn open(&mut self, opening: Opening) -> Result<(), Stop> {
+        self.core.ask_resume(opening.resume);
         let Some(claims) = opening.claims else { return Ok(()) };
-        self.register(claims).await?;
-        for topic in opening.topics {
-            if let Some(call) = self.core.permitted(topic, opening.since, Ok(true), true) {
-                self.call_hub(call).await?;
-            }
+        self.register(claims).await
+    }
+
+    /// What the client sent while a resume at connect waits: control
+    /// frames count, requests wait their turn.
+    fn stash(&mut self, incoming: Incoming) -> Result<(), Stop> {
+        if let Some(request) = self.control(incoming)? {
+            self.stashed.push_back(request);
         }
-        self.flush_out().await
+        Ok(())
     }
 
     /// How the session ends, for the log line; closes as it should.
@@ -476,7 +484,7 @@ impl<T: Transport> Driver<T> {
                 else {
                     return Ok(());
                 };
-                if let Some(call) = self.core.permitted(topic, since, answer, false) {
+                if let Some(call) = self.core.permitted(topic, since, answer) {
                     self.call_hub(call).await?;
                 }
             }
@@ -500,13 +508,19 @@ impl<T: Transport> Driver<T> {
                 }
             }
         }
+        let ask = self.core.take_resume();
+        // A resume places the owner feed too: nothing of it is queued before.
+        let resuming = ask.as_ref().is_some_and(|ask| ask.bad_since.is_none());
         let hub = &self.endpoint.hub;
-        let queue =
-            hub.register(self.conn, claims.viewer, self.endpoint.client_queue, self.interrupts.kicked.clone()).await?;
+        let (capacity, kicked) = (self.endpoint.client_queue, self.interrupts.kicked.clone());
+        let queue = hub.register(self.conn, claims.viewer, capacity, kicked, resuming).await?;
         self.outbound = Some(queue);
         self.core.authenticated(claims);
         self.interrupts.deadline = expiry(claims);
         self.flush_out().await?;
+        if let Some(ask) = ask {
+            Box::pin(self.resume(claims, ask)).await?;
+        }
         if T::TWO_WAY {
             // The fence: the client's pong to this ping comes after
             // anything it sent before it saw `authenticated`.
@@ -516,11 +530,26 @@ impl<T: Transport> Driver<T> {
         Ok(())
     }
 
+    /// A resume at connect: its topics read and checked, then placed by
+    /// the hub; its answer comes through the queue.
+    async fn resume(&mut self, claims: Claims, ask: ResumeAsk) -> Result<(), Stop> {
+        let Some(mut resuming) = self.core.start_resume(ask) else { return self.flush_out().await };
+        let endpoint = Arc::clone(&self.endpoint);
+        for topic in resuming.to_check() {
+            if let Waited::Done(answer) = self.wait_reading(endpoint.log.may_watch(claims.viewer, topic), None).await? {
+                resuming.permit(self.conn, topic, answer);
+            }
+        }
+        let call = self.core.resume(resuming);
+        self.call_hub(call).await
+    }
+
     async fn call_hub(&mut self, call: HubCall) -> Result<(), Stop> {
         let hub = &self.endpoint.hub;
         match call {
             HubCall::Subscribe(topic, since) => hub.subscribe(self.conn, topic, since).await?,
             HubCall::Unsubscribe(topic) => hub.unsubscribe(self.conn, topic).await?,
+            HubCall::Resume(topics, since) => hub.resume(self.conn, topics, since).await?,
         }
         Ok(())
     }
@@ -576,8 +605,52 @@ impl<T: Transport> Driver<T> {
                     self.call_hub(call).await?;
                 }
             }
+            Work::LookUpResume { since } => {
+                let Some(viewer) = self.core.claims().map(|c| c.viewer) else { return self.flush_out().await };
+                if let Waited::Done(answer) = self.wait_reading(endpoint.log.look_up(viewer, since), None).await? {
+                    match self.core.resume_looked_up(since, answer) {
+                        Some(call) => self.call_hub(call).await?,
+                        None => {
+                            self.flush_out().await?;
+                            return Err(Stop::Close(Close::RESUME_FAILED));
+                        }
+                    }
+                }
+            }
+            Work::ResumeReplay { topics, mut pages, recent } => {
+                let outcome = self.resume_replay(&topics, &mut pages, &endpoint).await?;
+                if !self.core.resume_replayed(recent, outcome) {
+                    self.flush_out().await?;
+                    return Err(Stop::Close(Close::RESUME_FAILED));
+                }
+            }
         }
         self.flush_out().await
+    }
+
+    /// Write the pages of a resume's replay from the event log as they
+    /// come. `Err` inside: the log failed part-way.
+    async fn resume_replay(
+        &mut self,
+        topics: &[Topic],
+        pages: &mut Pages,
+        endpoint: &Endpoint,
+    ) -> Result<Result<Vec<Replayed>, ()>, Stop> {
+        loop {
+            self.stop_if_kicked()?;
+            let page = match self.wait_reading(endpoint.log.next_page(pages), None).await? {
+                Waited::GivenUp | Waited::Done(Ok(None)) => return Ok(Ok(pages.replayed_topics())),
+                Waited::Done(Err(e)) => {
+                    warn!(conn = self.conn, error = %e, "resume: replay from the event log failed");
+                    return Ok(Err(()));
+                }
+                Waited::Done(Ok(Some(page))) => page,
+            };
+            let mut page = page;
+            self.core.resume_page(topics, page.pruned, &mut page.events);
+            self.flush_out().await?;
+            drop(page);
+        }
     }
 
     /// Write a replay's pages as they come; each page is written before the

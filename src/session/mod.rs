@@ -33,7 +33,6 @@ use self::gate::UserConnections;
 use crate::auth::{Claims, Verifier};
 use crate::config::ServerArgs;
 use crate::db::events::EventLog;
-use crate::event::Topic;
 use crate::hub::HubHandle;
 use crate::metrics::Metrics;
 
@@ -109,17 +108,61 @@ impl Close {
     pub const AUTH_FAILED: Close = Close { code: 1008, reason: "authentication failed" };
     pub const TOKEN_EXPIRED: Close = Close { code: 1008, reason: "token expired" };
     pub const TOO_BIG: Close = Close { code: 1009, reason: "message too big (64 KiB at most)" };
+    pub const RESUME_FAILED: Close = Close { code: 1011, reason: "resume failed; reconnect with since" };
     pub const SLOW_CONSUMER: Close = Close { code: 1013, reason: "slow consumer: queue full; resume with since" };
     pub const TOO_MANY: Close = Close { code: 1013, reason: "too many connections for this user" };
 }
 
 /// How a session starts: its token when the request carried one, and the
-/// topics a stream opens with (SSE names them in its URL).
+/// resume at connect its request names (`?topic=…&since=…`).
 #[derive(Debug, Default)]
 pub struct Opening {
     pub claims: Option<Claims>,
-    pub topics: Vec<Topic>,
+    pub resume: ResumeAsk,
+}
+
+/// A resume at connect as the client asked for it: in the request's URL
+/// (both transports) or in its first `auth` message (WebSocket). The owner
+/// feed and `topics` are placed at one point of the feed, after `since`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResumeAsk {
+    /// Topic names, in the order the client gave them.
+    pub topics: Vec<String>,
     pub since: Option<i64>,
+    /// Why `since` could not be read: answered with `bad_request`, and
+    /// nothing is resumed.
+    pub bad_since: Option<String>,
+    /// The topics were checked already (SSE's gate answers in HTTP).
+    pub checked: bool,
+}
+
+impl ResumeAsk {
+    /// Whether the request asked for anything.
+    pub fn is_empty(&self) -> bool {
+        self.topics.is_empty() && self.since.is_none() && self.bad_since.is_none()
+    }
+
+    /// The topics and `since` of a first `auth` message join what the URL
+    /// named; its `since` wins.
+    pub fn join(&mut self, topics: Vec<String>, since: Option<i64>) {
+        self.topics.extend(topics);
+        if since.is_some() {
+            self.since = since;
+            self.bad_since = None;
+        }
+    }
+
+    /// The `since` of a URL: absent, or a non-negative event id.
+    pub fn since_from(&mut self, value: Option<&str>) {
+        let Some(value) = value else { return };
+        match value.trim().parse::<i64>() {
+            Ok(id) if id >= 0 => self.since = Some(id),
+            _ => {
+                let shown: String = value.chars().take(40).collect();
+                self.bad_since = Some(format!("since must be a non-negative event id, not {shown:?}"));
+            }
+        }
+    }
 }
 
 /// What every session shares, built once in [`crate::serve`].

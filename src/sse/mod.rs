@@ -20,7 +20,7 @@ use crate::event::{EventKind, Topic};
 use crate::protocol::ErrorCode;
 use crate::session::core::MAX_SUBSCRIPTIONS;
 use crate::session::gate::{Admitted, Refusal, query_values};
-use crate::session::{Endpoint, Opening, driver};
+use crate::session::{Endpoint, Opening, ResumeAsk, driver};
 
 /// A topic that carries nothing (no deployment has the nil id): a stream
 /// without topics or a resume point subscribes to it for the cursor of
@@ -75,10 +75,13 @@ pub async fn open<B>(
             }
         }
     }
-    let mut opening = Opening { claims: Some(claims), topics: topics.clone(), since };
+    // The owner feed and every topic, resumed at one point of the feed.
+    let mut names: Vec<String> = topics.iter().map(Topic::to_string).collect();
     if topics.is_empty() && since.is_none() {
-        opening.topics.push(CURSOR_ONLY);
+        names.push(CURSOR_ONLY.to_string());
     }
+    let resume = ResumeAsk { topics: names, since, bad_since: None, checked: true };
+    let opening = Opening { claims: Some(claims), resume };
     let (stream, body) = EventStream::new(topics, since, ended);
     let session_endpoint = Arc::clone(endpoint);
     endpoint.tasks.spawn(async move {

@@ -14,8 +14,8 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tracing::info;
 
 use crate::protocol::ErrorCode;
-use crate::session::gate::{Admitted, Refusal};
-use crate::session::{Endpoint, Opening, driver};
+use crate::session::gate::{Admitted, Refusal, query_values};
+use crate::session::{Endpoint, Opening, ResumeAsk, driver};
 
 /// A message over 64 KiB closes the connection with 1009.
 pub const MAX_MESSAGE_SIZE: usize = 64 * 1024;
@@ -50,6 +50,10 @@ pub fn upgrade<B>(
         ));
     }
     let Admitted { conn, claims, slot, user } = endpoint.admit(&request, remote, false)?;
+    // A resume at connect: `?topic=A&topic=B&since=N`, answered once
+    // authenticated (a bad topic or since gets its error there).
+    let mut resume = ResumeAsk { topics: query_values(&request, "topic").collect(), ..ResumeAsk::default() };
+    resume.since_from(query_values(&request, "since").next().as_deref());
     let (response, websocket) = hyper_tungstenite::upgrade(&mut request, Some(websocket_config()))
         .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e.to_string()))?;
     let session_endpoint = Arc::clone(endpoint);
@@ -57,7 +61,7 @@ pub fn upgrade<B>(
         let _slot = slot;
         match websocket.await {
             Ok(stream) => {
-                let opening = Opening { claims, ..Opening::default() };
+                let opening = Opening { claims, resume };
                 driver::run(socket::WebSocket::new(stream, conn), session_endpoint, conn, opening, user, remote).await
             }
             Err(e) => info!(conn, %remote, error = %e, "websocket handshake did not complete"),
