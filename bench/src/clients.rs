@@ -47,6 +47,26 @@ pub fn find_marker(bytes: &[u8]) -> Option<(u32, u64)> {
     None
 }
 
+/// How a client reaches the server.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    /// `/ws`: authenticate, then one `subscribe` a topic.
+    #[default]
+    #[value(name = "ws")]
+    WebSocket,
+    /// `GET /events?topic=…` with the token as a header.
+    Sse,
+}
+
+impl Transport {
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::WebSocket => "ws",
+            Transport::Sse => "sse",
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct ClientSpec {
     pub target: SocketAddr,
@@ -56,6 +76,7 @@ pub struct ClientSpec {
     pub subscribe: Vec<String>,
     /// Frames carrying a marker must be at least this long (S5: intact 1 MiB lines).
     pub min_len: usize,
+    pub transport: Transport,
 }
 
 /// What one client saw.
@@ -171,6 +192,12 @@ async fn record(mut ws: Ws, spec: ClientSpec, counters: Arc<Counters>, stop: Can
     log
 }
 
+/// A client set up on either transport.
+enum Opened {
+    WebSocket(Box<Ws>),
+    Sse(crate::sse::Stream),
+}
+
 pub struct Fleet {
     pub handles: Vec<JoinHandle<ClientLog>>,
     pub counters: Arc<Counters>,
@@ -191,12 +218,18 @@ impl Fleet {
             let (gate, ready_tx, counters, stop) = (gate.clone(), ready_tx.clone(), counters.clone(), stop.clone());
             handles.push(tokio::spawn(async move {
                 let permit = gate.acquire_owned().await;
-                let ws = setup(&spec).await;
+                let opened = match spec.transport {
+                    Transport::WebSocket => setup(&spec).await.map(|ws| Opened::WebSocket(Box::new(ws))),
+                    Transport::Sse => crate::sse::setup(&spec).await.map(Opened::Sse),
+                };
                 drop(permit);
-                match ws {
-                    Ok(ws) => {
+                match opened {
+                    Ok(opened) => {
                         let _ = ready_tx.send(Ok(()));
-                        record(ws, spec, counters, stop).await
+                        match opened {
+                            Opened::WebSocket(ws) => record(*ws, spec, counters, stop).await,
+                            Opened::Sse(stream) => crate::sse::record(stream, spec, counters, stop).await,
+                        }
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));

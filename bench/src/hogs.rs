@@ -23,7 +23,7 @@ use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 use windflow_notify::auth::Viewer;
 
-use crate::clients::{ClientSpec, Ws, next_json, open_with, source_ip};
+use crate::clients::{ClientSpec, Transport, Ws, next_json, open_with, source_ip};
 use crate::harness::{self, Database, Process};
 use crate::report::{Delivery, Owed, print_table, round};
 use crate::writers::WritePlan;
@@ -213,6 +213,7 @@ async fn phase(
             token: Some(token(hog)?),
             subscribe: vec![],
             min_len: 0,
+            transport: Transport::WebSocket,
         };
         let (stop, answered) = (Arc::clone(&stop), Arc::clone(&answered));
         hog_tasks.push(tokio::spawn(async move { hog_loop(spec, stop, answered).await }));
@@ -223,6 +224,7 @@ async fn phase(
         token: Some(token(user(resumer))?),
         subscribe: vec![],
         min_len: 0,
+        transport: Transport::WebSocket,
     };
     let resumes = resume_loop(resumer_spec, plan.duration);
     let outcome = deliver_to(db, servers, fleet, &owed, plan, resumes).await;

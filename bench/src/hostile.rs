@@ -37,7 +37,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use uuid::Uuid;
 use windflow_notify::auth::Viewer;
 
-use crate::clients::{ClientSpec, Ws, next_json, open_with, source_ip};
+use crate::clients::{ClientSpec, Transport, Ws, next_json, open_with, source_ip};
 use crate::harness::{self, Database, Process, Sampler};
 use crate::report::{Delivery, Owed, print_table, round};
 use crate::writers::WritePlan;
@@ -309,6 +309,7 @@ async fn drive(
         token: Some(token(user(probe_owner))?),
         subscribe: vec![],
         min_len: 0,
+        transport: Transport::WebSocket,
     };
     // Replays running, no live traffic yet (in both phases, for the same timing).
     tokio::time::sleep(PROBE_SETTLE).await;
@@ -417,6 +418,7 @@ async fn connect_hostile(
             token: Some(token(viewer)?),
             subscribe: vec![],
             min_len: 0,
+            transport: Transport::WebSocket,
         };
         let gate = gate.clone();
         tasks.push(tokio::spawn(async move {

@@ -23,6 +23,7 @@ mod hogs;
 mod hostile;
 mod report;
 mod resuming;
+mod sse;
 mod writers;
 
 use std::net::SocketAddr;
@@ -38,7 +39,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use uuid::Uuid;
 use windflow_notify::auth::Viewer;
 
-use crate::clients::{ClientSpec, Fleet, source_ip};
+use crate::clients::{ClientSpec, Fleet, Transport, source_ip};
 use crate::harness::{Database, Process, Sampler, SideRuntime, admin_url, now_ns};
 use crate::report::{Delivery, Owed, analyse, print_table, round};
 use crate::writers::{BareListener, WritePlan};
@@ -90,6 +91,9 @@ enum Scenario {
         frame_size: usize,
         #[arg(long, default_value_t = 1)]
         instances: usize,
+        /// How the clients connect: WebSocket (`ws`) or Server-Sent Events (`sse`).
+        #[arg(long, value_enum, default_value = "ws")]
+        transport: Transport,
     },
     /// Memory: idle authenticated connections with two subscriptions each; RSS per connection.
     S3 {
@@ -192,8 +196,8 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool> {
             let s1 = |admin: String, delay| s1(admin, delay, conns, superusers, rate, duration, writers, instances);
             with_flush_delay("S1", flush_delay, s1).await?
         }
-        Scenario::S2 { conns, rate, duration, writers, frame_size, instances } => {
-            s2(conns, rate, duration, writers, frame_size, instances).await?
+        Scenario::S2 { conns, rate, duration, writers, frame_size, instances, transport } => {
+            s2(conns, rate, duration, writers, frame_size, instances, transport).await?
         }
         Scenario::S3 { conns, instances } => s3(&conns, instances, nofile).await?,
         Scenario::S4 { writers, duration, flush_delay } => {
@@ -448,7 +452,14 @@ fn write_json(o: &writers::WriteOutcome) -> Value {
 }
 
 fn spec(servers: &[Process], i: usize, token: Option<String>, subscribe: Vec<String>) -> ClientSpec {
-    ClientSpec { target: servers[i % servers.len()].addr, source: source_ip(i), token, subscribe, min_len: 0 }
+    ClientSpec {
+        target: servers[i % servers.len()].addr,
+        source: source_ip(i),
+        token,
+        subscribe,
+        min_len: 0,
+        transport: Transport::WebSocket,
+    }
 }
 
 /// S1's clients: each owner watching its deployment (`deployments[i]` is
@@ -520,6 +531,7 @@ async fn s2(
     writers: usize,
     frame_size: usize,
     instances: usize,
+    transport: Transport,
 ) -> Result<Value> {
     with_database(|db| async move {
         let org = Uuid::new_v4();
@@ -530,7 +542,8 @@ async fn s2(
         for i in 0..conns {
             let viewer = Viewer { organization_id: Some(org), ..user(Uuid::new_v4()) };
             let subscribe = vec!["deployment_events".to_string()];
-            clients.push((spec(&servers, i, Some(token(viewer)?), subscribe), Owed::All));
+            let spec = ClientSpec { transport, ..spec(&servers, i, Some(token(viewer)?), subscribe) };
+            clients.push((spec, Owed::All));
         }
         let plan = WritePlan::mixed(writers, Some(rate), Duration::from_secs(duration), Arc::new(deployments));
         let outcome = deliver(&db, &servers, clients, &plan).await;
@@ -539,13 +552,16 @@ async fn s2(
         let events = writes.written.len() as u32;
         let broadcaster = bare_broadcast(conns, events, rate, frame_size).await?;
         print_table(
-            &format!("S2 fan-out: {conns} connections on deployment_events, {rate} events/s, {duration} s, {instances} instance(s)"),
+            &format!(
+                "S2 fan-out: {conns} {} connections on deployment_events, {rate} events/s, {duration} s, {instances} instance(s)",
+                transport.name()
+            ),
             &[windflow.clone(), bare.clone(), broadcaster.clone()],
         );
         let ratio = windflow.msgs_per_s / broadcaster.msgs_per_s;
         println!("delivered rate vs bare broadcaster: {:.1} % (target: at least 80 %)", 100.0 * ratio);
         Ok(json!({
-            "scenario": "S2", "conns": conns, "rate": rate, "duration_s": duration, "instances": instances,
+            "scenario": "S2", "transport": transport.name(), "conns": conns, "rate": rate, "duration_s": duration, "instances": instances,
             "writes": write_json(&writes), "windflow": windflow.json(), "bare_listen": bare.json(),
             "bare_broadcaster": broadcaster.json(), "rate_vs_broadcaster": round(ratio),
             "target_met": ratio >= 0.8, "ok": !windflow.failed() && !broadcaster.failed(),
@@ -572,7 +588,14 @@ async fn bare_broadcast(conns: usize, events: u32, rate: f64, size: usize) -> Re
         None => bail!("bare broadcaster exited at start"),
     };
     let specs: Vec<ClientSpec> = (0..conns)
-        .map(|i| ClientSpec { target: addr, source: source_ip(i), token: None, subscribe: vec![], min_len: 0 })
+        .map(|i| ClientSpec {
+            target: addr,
+            source: source_ip(i),
+            token: None,
+            subscribe: vec![],
+            min_len: 0,
+            transport: Transport::WebSocket,
+        })
         .collect();
     let fleet = Fleet::connect(specs, 256).await?;
     let sampler = Sampler::start(pid);
@@ -699,6 +722,7 @@ async fn hold(plan: &str, first_source: usize) -> Result<()> {
             token: Some(token),
             subscribe: parts.map(str::to_string).collect(),
             min_len: 0,
+            transport: Transport::WebSocket,
         });
     }
     let fleet = Fleet::connect(specs, 256).await?;

@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use windflow_notify::backoff::Backoff;
 
-use crate::clients::{ClientSpec, next_json, open_with};
+use crate::clients::{ClientSpec, Transport, next_json, open_with};
 use crate::harness::now_ns;
 
 /// How the log lines of a run's fences start (`windflow-bench-fence 3`):
@@ -137,6 +137,7 @@ impl Client {
             token: Some(self.spec.token.clone()),
             subscribe: Vec::new(),
             min_len: 0,
+            transport: Transport::WebSocket,
         };
         let mut ws = open_with(&spec, None).await?;
         let first = next_json(&mut ws).await?;
