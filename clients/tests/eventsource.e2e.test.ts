@@ -73,6 +73,7 @@ const readies = (all: Seen[]) => all.filter((s) => s.kind === 'ready')
 function keepWriting(sql: pg.Client, deployment: string) {
   let running = true
   let rows = 0
+  // Held, not thrown at once: a failed write fails the test at stop().
   const done = (async () => {
     while (running) {
       await sql.query('INSERT INTO deployment_logs (deployment_id, message) VALUES ($1, $2)', [deployment, `[INFO] line ${rows}`])
@@ -82,12 +83,16 @@ function keepWriting(sql: pg.Client, deployment: string) {
       }
       await new Promise((resume) => setTimeout(resume, 5))
     }
-  })()
+  })().then(
+    () => null,
+    (error: unknown) => error,
+  )
   return {
     rows: () => rows,
     async stop() {
       running = false
-      await done
+      const error = await done
+      if (error) throw error
     },
   }
 }
@@ -97,6 +102,7 @@ test('EventSource gets ready then every event with its id, and rides out a serve
   let first: Server | null = null
   let second: Server | null = null
   let sql: pg.Client | null = null
+  let writer: ReturnType<typeof keepWriting> | null = null
   const browser = await launchChromium()
   try {
     first = await startServer(database)
@@ -136,8 +142,9 @@ test('EventSource gets ready then every event with its id, and rides out a serve
     }
 
     // Restart on the same port while rows keep being written, also while it is down.
-    const writer = keepWriting(sql, deployment)
-    await until(() => writer.rows() >= 30, 'rows written before the restart')
+    const writing = keepWriting(sql, deployment)
+    writer = writing
+    await until(() => writing.rows() >= 30, 'rows written before the restart')
     const port = first.port
     await first.stop()
     first = null
@@ -145,8 +152,8 @@ test('EventSource gets ready then every event with its id, and rides out a serve
     // server is down is another (EventSource waits ~3 s between tries).
     const errors = (s: Seen[]) => s.filter((x) => x.kind === 'error').length
     await waitForSeen(page, 'EventSource to notice the end of its stream', (s) => errors(s) >= 1)
-    const writtenWhileDown = writer.rows() + 30
-    await until(() => writer.rows() >= writtenWhileDown, 'rows written while the server is down')
+    const writtenWhileDown = writing.rows() + 30
+    await until(() => writing.rows() >= writtenWhileDown, 'rows written while the server is down')
     all = await waitForSeen(page, 'a reconnect refused while the server is down', (s) => errors(s) >= 2)
     assert.equal(readies(all).length, 1, 'no second stream while the server is down')
     assert.ok(
@@ -158,8 +165,8 @@ test('EventSource gets ready then every event with its id, and rides out a serve
     all = await waitForSeen(page, 'EventSource to reconnect by itself', (s) => readies(s).length === 2)
     const again = JSON.parse(readies(all)[1].data!)
     assert.equal(again.event_id, Number(lastBefore), 'the second stream resumes at the last id the page saw')
-    await until(() => writer.rows() >= writtenWhileDown + 30, 'rows written after the restart')
-    await writer.stop()
+    await until(() => writing.rows() >= writtenWhileDown + 30, 'rows written after the restart')
+    await writing.stop()
     await sql.query("UPDATE deployments SET status = 'running', progress = 100 WHERE id = $1", [deployment])
     const { rows: newest } = await sql.query('SELECT max(id)::text AS id FROM windflow_events WHERE deployment_id = $1', [deployment])
     all = await waitForSeen(page, 'the last event', (s) => events(s).some((e) => e.id === newest[0].id))
@@ -191,6 +198,8 @@ test('EventSource gets ready then every event with its id, and rides out a serve
     assert.equal(await page.evaluate(() => (window as unknown as Recorder).source.readyState), 1, 'OPEN')
     assert.deepEqual(problems, [], 'no script errors on the page')
   } finally {
+    // After a failed assertion: the writer stops before its database goes.
+    await writer?.stop().catch(() => {})
     await browser.close()
     await sql?.end()
     await second?.stop()
