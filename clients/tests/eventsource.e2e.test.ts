@@ -5,6 +5,8 @@
 // every event once and in commit order; a refused stream is not retried.
 import assert from 'node:assert/strict'
 import { randomUUID } from 'node:crypto'
+import { createServer } from 'node:http'
+import type { AddressInfo } from 'node:net'
 import { test } from 'node:test'
 import type { Page, Request } from 'playwright-core'
 import type pg from 'pg'
@@ -239,6 +241,45 @@ test('EventSource refused (401 bad or expired token, 403 topic not yours) gets a
     await browser.close()
     await sql?.end()
     await server?.stop()
+    await database.drop()
+  }
+})
+
+test('EventSource from an app on another origin gets the stream (Access-Control-Allow-Origin)', { skip: noChromium, timeout: 120_000 }, async () => {
+  const database = await createDatabase()
+  let server: Server | null = null
+  let sql: pg.Client | null = null
+  // The app: a page on another port of the loopback, so another origin.
+  const app = createServer((_, response) => response.writeHead(200, { 'content-type': 'text/html' }).end('<!doctype html><title>app</title>'))
+  await new Promise<void>((listening) => app.listen(0, '127.0.0.1', listening))
+  const browser = await launchChromium()
+  try {
+    server = await startServer(database)
+    const origin = `http://127.0.0.1:${server.port}`
+    sql = await connectWriter(database)
+    const owner = randomUUID()
+    const deployment = await createDeployment(sql, owner)
+    const page = await browser.context.newPage()
+    await page.goto(`http://127.0.0.1:${(app.address() as AddressInfo).port}/`)
+    const url = `${origin}/events?topic=deployment_status_${deployment}&token=${token(owner)}`
+    const answered = page.waitForResponse((response) => response.url() === url, { timeout: WAIT })
+    answered.catch(() => {}) // awaited below unless the stream fails first
+    await openEventSource(page, url)
+    // Without CORS headers the browser fails the stream: an error, CLOSED.
+    const opened = await waitForSeen(page, 'ready or an error', (s) => readies(s).length === 1 || s.some((x) => x.kind === 'error'))
+    assert.deepEqual(opened.map((s) => s.kind), ['open', 'ready'], `the stream opens: ${JSON.stringify(opened)}`)
+    const response = await answered
+    assert.notEqual((await response.request().allHeaders()).origin, origin, 'a cross-origin request')
+    assert.equal(await response.headerValue('access-control-allow-origin'), '*')
+    await sql.query('INSERT INTO deployment_logs (deployment_id, message) VALUES ($1, $2)', [deployment, '[INFO] across origins'])
+    const all = await waitForSeen(page, 'the log line', (s) => events(s).length === 1)
+    assert.deepEqual(all.map((s) => s.kind), ['open', 'ready', 'DEPLOYMENT_LOGS_UPDATE'])
+    assert.equal(JSON.parse(all[2].data!).data.logs, '[INFO] across origins')
+  } finally {
+    await browser.close()
+    await sql?.end()
+    await server?.stop()
+    await new Promise((closed) => app.close(closed))
     await database.drop()
   }
 })
