@@ -185,10 +185,17 @@ test('EventSource gets ready then every event with its id, and rides out a serve
     const logs = received.filter((e) => e.kind === 'DEPLOYMENT_LOGS_UPDATE').map((e) => JSON.parse(e.data!).data.logs)
     assert.deepEqual(logs, lines.map((row) => row.message))
     assert.ok(received.some((e) => e.kind === 'DEPLOYMENT_PROGRESS'), 'the owner feed’s progress updates came too')
+    for (const event of received) {
+      const message = JSON.parse(event.data!)
+      assert.equal(event.id, String(message.event_id), `lastEventId is the event_id of ${event.data}`)
+      assert.equal(message.type, event.kind)
+    }
 
     // Each stream opened, then `ready` first; the reconnect sent Last-Event-ID by itself.
     const kinds = all.map((s) => s.kind)
-    kinds.forEach((kind, at) => kind === 'open' && assert.equal(kinds[at + 1], 'ready', `open at ${at} is followed by ready`))
+    for (const [at, kind] of kinds.entries()) {
+      if (kind === 'open') assert.equal(kinds[at + 1], 'ready', `open at ${at} is followed by ready`)
+    }
     assert.equal(kinds.filter((kind) => kind === 'open').length, 2)
     const headers = await Promise.all(requests)
     assert.ok(headers.length >= 3, 'the first request, a refused retry, the reconnect that got through')
