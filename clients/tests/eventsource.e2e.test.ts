@@ -290,3 +290,34 @@ test('EventSource from an app on another origin gets the stream (Access-Control-
     await database.drop()
   }
 })
+
+test('EventSource at the token’s exp gets token_expired, then its retry with that token is refused: CLOSED', { skip: noChromium, timeout: 120_000 }, async () => {
+  const database = await createDatabase()
+  let server: Server | null = null
+  let sql: pg.Client | null = null
+  const browser = await launchChromium()
+  try {
+    server = await startServer(database)
+    const origin = `http://127.0.0.1:${server.port}`
+    sql = await connectWriter(database)
+    const owner = randomUUID()
+    const deployment = await createDeployment(sql, owner)
+    const page = await browser.context.newPage()
+    await page.goto(`${origin}/healthz`)
+    // A token that expires in a few seconds; nothing waits for the clock but the server.
+    await openEventSource(page, `${origin}/events?topic=deployment_logs_${deployment}&token=${token(owner, { ttl: 3 })}`)
+    await waitForSeen(page, 'ready', (s) => readies(s).length === 1)
+    const all = await waitForSeen(page, 'token_expired, then the refused retry', (s) => s.some((x) => x.kind === 'error' && x.readyState === CLOSED))
+    assert.deepEqual(
+      all.map((s) => (s.kind === 'error' ? `error ${s.readyState}` : s.kind)),
+      ['open', 'ready', 'token_expired', 'error 0', `error ${CLOSED}`],
+      'the stream ends after token_expired; EventSource retries once (CONNECTING), is refused 401, and stops',
+    )
+    assert.equal(JSON.parse(all[2].data!).data.code, 'token_expired')
+  } finally {
+    await browser.close()
+    await sql?.end()
+    await server?.stop()
+    await database.drop()
+  }
+})
