@@ -1,9 +1,9 @@
 //! The Node side of the test suite, run against this build's binary: the
 //! browser client's and the Vue composable's tests, the fixture app (type
-//! check, builds, Chromium) and the dashboard in headless Chromium
-//! (`clients/tests/`). Needs `npm ci --prefix clients`,
-//! `npm ci --prefix clients/fixture-app` and Chromium (`.ci/run` installs
-//! them).
+//! check, builds, Chromium), and in headless Chromium the dashboard and
+//! `GET /events` through `EventSource` (`clients/tests/`). Needs
+//! `npm ci --prefix clients`, `npm ci --prefix clients/fixture-app` and
+//! Chromium (`.ci/run` installs them).
 //!
 //! It has its own harness (`harness = false` in Cargo.toml) for one
 //! reason: a test that cannot run must not count as passed. When
