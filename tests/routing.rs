@@ -152,6 +152,9 @@ async fn status_topic_replays_only_that_deployments_history() {
     app.writer.set_status(other, "failed").await;
     app.writer.log(watched, "a line").await;
     app.writer.set_status(watched, "running").await;
+    // Connected after the server has all of it: none of it comes live on
+    // the owner feed, in the middle of the replay.
+    app.server.two_log_reads_pass().await;
     let mut client = app.server.connect_as(owner).await;
     let topic = format!("deployment_status_{watched}");
     client.send(json!({"type": "subscribe", "topic": topic, "since": 0})).await;
