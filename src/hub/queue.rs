@@ -5,8 +5,9 @@
 //! - one uncontended lock, one slot write, no allocation once the ring
 //!   has grown to the connection's usual backlog (a tokio `mpsc` pays a
 //!   semaphore, a block list and an atomic waker per message);
-//! - one wake-up per batch: the session registers its waker only when it
-//!   found the queue empty, and the first push after that takes it;
+//! - one wake-up per batch: the session says it waits only when it found
+//!   the queue empty, and only the first push after that wakes it (by
+//!   reference: the waker is kept from one wait to the next);
 //! - the session takes up to [`TAKE`] messages per lock, into a batch of
 //!   its own, the next ones from there without touching the hub's cache
 //!   lines.
@@ -24,11 +25,14 @@ use std::task::{Context, Poll, Waker};
 
 use super::Outbound;
 
-/// Messages taken from the shared ring per lock.
-pub const TAKE: usize = 64;
+/// Messages taken from the shared ring per lock. The batch keeps its room
+/// (24 bytes a message) for the connection's life: a few locks more, under
+/// a backlog, weigh less than that room in every connection.
+pub const TAKE: usize = 16;
 /// A ring emptied with more room than this (a backlog that came and went)
-/// gives the memory back.
-const KEEP_SLOTS: usize = 256;
+/// gives the memory back: 10,000 connections each keeping the room of
+/// their longest backlog was peak memory never returned.
+const KEEP_SLOTS: usize = 32;
 
 struct Shared {
     capacity: usize,
@@ -38,8 +42,11 @@ struct Shared {
 #[derive(Default)]
 struct Inner {
     items: VecDeque<Outbound>,
-    /// The session's, while it waits on an empty queue.
+    /// The session's, kept from one wait to the next (a clone and a drop
+    /// per wake-up are two atomic operations on the task's count).
     waker: Option<Waker>,
+    /// The session found the queue empty and waits: the next push wakes it.
+    waiting: bool,
     /// The hub dropped its side: nothing more will come.
     sender_gone: bool,
     /// The session is gone: nothing more is taken.
@@ -92,10 +99,12 @@ impl QueueSender {
             return Err(Refusal::Full);
         }
         inner.items.push_back(message);
-        let waker = inner.waker.take();
-        drop(inner);
-        if let Some(waker) = waker {
-            waker.wake();
+        if std::mem::take(&mut inner.waiting)
+            && let Some(waker) = &inner.waker
+        {
+            // Under the lock, which only this session's queue takes: waking
+            // a tokio task schedules it and returns.
+            waker.wake_by_ref();
         }
         Ok(())
     }
@@ -105,6 +114,7 @@ impl Drop for QueueSender {
     fn drop(&mut self) {
         let mut inner = self.shared.lock();
         inner.sender_gone = true;
+        inner.waiting = false;
         let waker = inner.waker.take();
         drop(inner);
         if let Some(waker) = waker {
@@ -141,6 +151,7 @@ impl QueueReceiver {
         if !inner.waker.as_ref().is_some_and(|waker| waker.will_wake(cx.waker())) {
             inner.waker = Some(cx.waker().clone());
         }
+        inner.waiting = true;
         Poll::Pending
     }
 
@@ -171,6 +182,8 @@ impl Drop for QueueReceiver {
         let items = {
             let mut inner = self.shared.lock();
             inner.receiver_gone = true;
+            // The session's task holds this queue: its waker here would
+            // keep the task alive.
             inner.waker = None;
             std::mem::take(&mut inner.items)
         };
