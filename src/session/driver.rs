@@ -248,6 +248,9 @@ struct Gate {
     wakes: Arc<GateWaker>,
     /// `wakes`, as a waker: made once.
     waker: Waker,
+    /// The task's waker as last registered in `wakes.task`: it stays there
+    /// until a wake-up takes it, and a wake-up also sets `woken`.
+    registered: Option<Waker>,
 }
 
 struct GateWaker {
@@ -270,7 +273,7 @@ impl std::task::Wake for GateWaker {
 impl Default for Gate {
     fn default() -> Gate {
         let wakes = Arc::new(GateWaker { woken: AtomicBool::new(true), task: AtomicWaker::new() });
-        Gate { waker: Waker::from(Arc::clone(&wakes)), wakes }
+        Gate { waker: Waker::from(Arc::clone(&wakes)), wakes, registered: None }
     }
 }
 
@@ -281,13 +284,32 @@ impl Gate {
     }
 
     /// `poll` them if they woke the task since they were last polled.
-    fn poll<T>(&self, cx: &mut Context<'_>, poll: impl FnOnce(&mut Context<'_>) -> Poll<T>) -> Poll<T> {
-        // Registered before the flag is read: a wake-up in between wakes
-        // the task again.
-        self.wakes.task.register(cx.waker());
+    fn poll<T>(&mut self, cx: &mut Context<'_>, poll: impl FnOnce(&mut Context<'_>) -> Poll<T>) -> Poll<T> {
         if !self.wakes.woken.swap(false, SeqCst) {
+            // No wake-up took the waker registered last: registered again
+            // only if the task's waker changed (an atomic swap saved on
+            // nearly every poll). A wake-up after the flag was read finds
+            // a waker there.
+            if !self.registered.as_ref().is_some_and(|waker| waker.will_wake(cx.waker())) {
+                self.wakes.task.register(cx.waker());
+                self.registered = Some(cx.waker().clone());
+                // A wake-up before this registration found none: look again.
+                if self.wakes.woken.swap(false, SeqCst) {
+                    return self.poll_now(poll);
+                }
+            }
             return Poll::Pending;
         }
+        // Woken: that wake-up took the waker; registered before the
+        // futures are polled, so one that fires meanwhile wakes the task.
+        self.wakes.task.register(cx.waker());
+        if !self.registered.as_ref().is_some_and(|waker| waker.will_wake(cx.waker())) {
+            self.registered = Some(cx.waker().clone());
+        }
+        self.poll_now(poll)
+    }
+
+    fn poll_now<T>(&self, poll: impl FnOnce(&mut Context<'_>) -> Poll<T>) -> Poll<T> {
         let outcome = poll(&mut Context::from_waker(&self.waker));
         if outcome.is_ready() {
             // Only the first ready one was taken: the others are looked at
@@ -354,7 +376,7 @@ impl<T: Transport> Driver<T> {
         // And polled only when one of them woke the task: a token's poll
         // locks the token (the shutdown token is shared by every session),
         // and a session wakes for every event.
-        let gate = Gate::default();
+        let mut gate = Gate::default();
         loop {
             // Requests wait behind a resume at connect: the hub answers it first.
             let resuming = self.core.resuming();
