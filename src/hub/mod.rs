@@ -80,8 +80,9 @@ impl Since {
 
 /// What a session's queue carries. Replies to (un)subscribe travel in the
 /// same queue as events, so they keep their place among them. Every queue
-/// slot is the size of this enum, and a connection's queue allocates slots
-/// 32 at a time: the rare replies are boxed so that a slot stays 24 bytes.
+/// slot is the size of this enum, and a connection's ring keeps room for
+/// its backlog ([`queue`]): the rare replies are boxed so that a slot stays
+/// 24 bytes.
 #[derive(Debug)]
 pub enum Outbound {
     Event(Arc<Event>),

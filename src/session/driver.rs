@@ -903,3 +903,93 @@ impl<T: Transport> Driver<T> {
         result
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::future::poll_fn;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// What the serve loop does: its interrupts, polled through the gate,
+    /// raced with something that wakes the task far more often.
+    #[tokio::test(start_paused = true)]
+    async fn the_gate_sees_each_interrupt_however_often_the_task_wakes_for_other_things() {
+        let token = CancellationToken::new();
+        let mut cancelled = std::pin::pin!(token.cancelled());
+        let start = tokio::time::Instant::now();
+        let mut timer = std::pin::pin!(tokio::time::sleep_until(start + Duration::from_millis(50)));
+        let mut gate = Gate::default();
+        let mut seen = Vec::new();
+        let canceller = {
+            let token = token.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(120)).await;
+                token.cancel();
+            })
+        };
+        for _ in 0..1_000 {
+            let interrupts = poll_fn(|cx| {
+                gate.poll(cx, |cx| {
+                    if cancelled.as_mut().poll(cx).is_ready() {
+                        Poll::Ready("cancelled")
+                    } else if timer.as_mut().poll(cx).is_ready() {
+                        Poll::Ready("timer")
+                    } else {
+                        Poll::Pending
+                    }
+                })
+            });
+            let woke = tokio::select! {
+                biased;
+                what = interrupts => what,
+                _ = tokio::time::sleep(Duration::from_millis(1)) => continue,
+            };
+            seen.push((woke, start.elapsed().as_millis()));
+            if woke == "timer" {
+                // Moved out of the way, as the serve loop does after a fence.
+                timer.as_mut().reset(start + Duration::from_secs(3600));
+                gate.open();
+            } else {
+                break;
+            }
+        }
+        assert_eq!(seen, vec![("timer", 50), ("cancelled", 120)], "each seen once, when it fired");
+        canceller.await.unwrap();
+    }
+
+    #[test]
+    fn the_gate_polls_nothing_until_something_it_polled_wakes() {
+        let mut gate = Gate::default();
+        let polled = std::cell::Cell::new(0);
+        let waker = Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut poll = || {
+            gate.poll(&mut cx, |cx| {
+                polled.set(polled.get() + 1);
+                cx.waker().wake_by_ref();
+                Poll::<()>::Pending
+            })
+        };
+        assert!(poll().is_pending());
+        assert_eq!(polled.get(), 1, "polled at first");
+        // The inner future woke the gate's waker while polled: polled again.
+        assert!(poll().is_pending());
+        assert_eq!(polled.get(), 2);
+        let mut quiet = Gate::default();
+        let mut count = 0;
+        for _ in 0..3 {
+            let _ = quiet.poll(&mut cx, |_| {
+                count += 1;
+                Poll::<()>::Pending
+            });
+        }
+        assert_eq!(count, 1, "nothing woke it: polled once");
+        quiet.open();
+        let _ = quiet.poll(&mut cx, |_| {
+            count += 1;
+            Poll::<()>::Pending
+        });
+        assert_eq!(count, 2, "opened: polled again");
+    }
+}
