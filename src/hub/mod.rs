@@ -16,6 +16,7 @@
 //! slow consumer: it is dropped from routing and its session is told to
 //! close with 1013 after what is already queued.
 
+mod queue;
 mod resume;
 mod routing;
 
@@ -26,6 +27,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+pub use self::queue::{QueueReceiver, QueueSender, Refusal, queue};
 use self::resume::{Deferral, Deferred, Place, Plan, Timeline};
 use self::routing::{Conn, Routes};
 use crate::auth::Viewer;
@@ -51,34 +53,12 @@ pub enum Arrival {
 /// What sessions ask of the hub, through [`HubHandle`]'s methods.
 #[derive(Debug)]
 enum Command {
-    Register {
-        conn: ConnId,
-        viewer: Viewer,
-        outbound: mpsc::Sender<Outbound>,
-        kicked: CancellationToken,
-        resuming: bool,
-    },
-    UpdateViewer {
-        conn: ConnId,
-        viewer: Viewer,
-    },
-    Subscribe {
-        conn: ConnId,
-        topic: Topic,
-        since: Option<Since>,
-    },
-    Resume {
-        conn: ConnId,
-        topics: Vec<Topic>,
-        since: Option<Since>,
-    },
-    Unsubscribe {
-        conn: ConnId,
-        topic: Topic,
-    },
-    Unregister {
-        conn: ConnId,
-    },
+    Register { conn: ConnId, viewer: Viewer, outbound: QueueSender, kicked: CancellationToken, resuming: bool },
+    UpdateViewer { conn: ConnId, viewer: Viewer },
+    Subscribe { conn: ConnId, topic: Topic, since: Option<Since> },
+    Resume { conn: ConnId, topics: Vec<Topic>, since: Option<Since> },
+    Unsubscribe { conn: ConnId, topic: Topic },
+    Unregister { conn: ConnId },
 }
 
 /// A `since` and what the event log says of it.
@@ -100,8 +80,9 @@ impl Since {
 
 /// What a session's queue carries. Replies to (un)subscribe travel in the
 /// same queue as events, so they keep their place among them. Every queue
-/// slot is the size of this enum, and a connection's queue allocates slots
-/// 32 at a time: the rare replies are boxed so that a slot stays 24 bytes.
+/// slot is the size of this enum, and a connection's ring keeps room for
+/// its backlog ([`queue`]): the rare replies are boxed so that a slot stays
+/// 24 bytes.
 #[derive(Debug)]
 pub enum Outbound {
     Event(Arc<Event>),
@@ -193,8 +174,8 @@ impl HubHandle {
         capacity: usize,
         kicked: CancellationToken,
         resuming: bool,
-    ) -> Result<mpsc::Receiver<Outbound>, HubStopped> {
-        let (outbound, queue) = mpsc::channel(capacity);
+    ) -> Result<QueueReceiver, HubStopped> {
+        let (outbound, queue) = queue(capacity);
         self.send(Command::Register { conn, viewer, outbound, kicked, resuming }).await?;
         Ok(queue)
     }
@@ -425,9 +406,9 @@ impl Hub {
 
     /// A connection's queue refused a message: full, it is a slow consumer
     /// (its session closes with 1013); closed, its session has ended.
-    fn refused(&mut self, conn: ConnId, refusal: mpsc::error::TrySendError<Outbound>) {
+    fn refused(&mut self, conn: ConnId, refusal: Refusal) {
         let Some(entry) = self.routes.get(conn) else { return };
-        if let mpsc::error::TrySendError::Full(_) = refusal {
+        if refusal == Refusal::Full {
             warn!(conn, user_id = %entry.viewer.user_id, "slow consumer: queue full, closing with 1013");
             self.metrics.slow_consumer_disconnects_total.fetch_add(1, Relaxed);
             entry.kicked.cancel();
@@ -471,14 +452,14 @@ mod tests {
 
     struct Client {
         conn: ConnId,
-        rx: mpsc::Receiver<Outbound>,
+        rx: QueueReceiver,
         kicked: CancellationToken,
     }
 
     impl Client {
         fn events(&mut self) -> Vec<i64> {
             let mut ids = Vec::new();
-            while let Ok(message) = self.rx.try_recv() {
+            while let Some(message) = self.rx.try_recv() {
                 match message {
                     Outbound::Event(e) => ids.push(e.id),
                     Outbound::Subscribed(reply) => {
@@ -498,7 +479,7 @@ mod tests {
     }
 
     fn connect(hub: &mut Hub, conn: ConnId, viewer: Viewer, queue: usize) -> Client {
-        let (tx, rx) = mpsc::channel(queue);
+        let (tx, rx) = super::queue(queue);
         let kicked = CancellationToken::new();
         hub.handle(Command::Register { conn, viewer, outbound: tx, kicked: kicked.clone(), resuming: false });
         Client { conn, rx, kicked }
@@ -581,9 +562,9 @@ mod tests {
         assert_eq!(client.events(), Vec::<i64>::new());
     }
 
-    fn reply(rx: &mut mpsc::Receiver<Outbound>) -> Subscribed {
+    fn reply(rx: &mut QueueReceiver) -> Subscribed {
         match rx.try_recv() {
-            Ok(Outbound::Subscribed(reply)) => *reply,
+            Some(Outbound::Subscribed(reply)) => *reply,
             other => panic!("expected subscribed, got {other:?}"),
         }
     }
@@ -595,7 +576,7 @@ mod tests {
         for id in 1..=3 {
             hub.publish(event(id, EventKind::Progress, deployment, owner, None));
         }
-        let (tx, mut rx) = mpsc::channel(8);
+        let (tx, mut rx) = super::queue(8);
         let watcher = Viewer { is_superuser: true, ..viewer(Uuid::new_v4()) };
         hub.handle(Command::Register {
             conn: 9,
@@ -633,10 +614,10 @@ mod tests {
         let mut client = connect(&mut hub, 1, watcher, 16);
         let topic = logs(deployment);
         hub.handle(Command::Subscribe { conn: 1, topic, since: Some(Since::Unchecked(7)) });
-        let Ok(Outbound::LookUp(look_up)) = client.rx.try_recv() else { panic!("newer than the feed: a look-up") };
+        let Some(Outbound::LookUp(look_up)) = client.rx.try_recv() else { panic!("newer than the feed: a look-up") };
         assert_eq!(look_up.since, 7);
         hub.handle(Command::Subscribe { conn: 1, topic, since: Some(Since::Checked { id: 7, newest: 9 }) });
-        assert!(client.rx.try_recv().is_err(), "no reply before since arrives");
+        assert!(client.rx.try_recv().is_none(), "no reply before since arrives");
         for id in [7, 8] {
             hub.publish(event(id, EventKind::LogsUpdate, deployment, owner, None));
         }
@@ -649,7 +630,7 @@ mod tests {
     fn a_since_the_log_never_gave_out_gets_resync() {
         let mut hub = hub();
         hub.handle_arrival(Arrival::Through(6));
-        let (tx, mut rx) = mpsc::channel(8);
+        let (tx, mut rx) = super::queue(8);
         hub.handle(Command::Register {
             conn: 1,
             viewer: viewer(Uuid::new_v4()),
@@ -686,7 +667,7 @@ mod tests {
         hub.handle(Command::Register {
             conn: 1,
             viewer: viewer(Uuid::new_v4()),
-            outbound: mpsc::channel(8).0,
+            outbound: super::queue(8).0,
             kicked: CancellationToken::new(),
             resuming: false,
         });
@@ -717,7 +698,7 @@ mod tests {
         for (id, deployment, by) in [(1, own, owner), (2, watched, other), (3, own, owner), (4, watched, other)] {
             hub.publish(event(id, EventKind::LogsUpdate, deployment, by, Some(org)));
         }
-        let (tx, mut rx) = mpsc::channel(16);
+        let (tx, mut rx) = super::queue(16);
         hub.handle(Command::Register {
             conn: 1,
             viewer: me,
@@ -726,10 +707,10 @@ mod tests {
             resuming: true,
         });
         hub.publish(event(5, EventKind::LogsUpdate, own, owner, Some(org)));
-        assert!(rx.try_recv().is_err(), "nothing of the owner feed before the resume is placed");
+        assert!(rx.try_recv().is_none(), "nothing of the owner feed before the resume is placed");
         let topics = vec![logs(watched), logs(watched)];
         hub.handle(Command::Resume { conn: 1, topics, since: Some(Since::Unchecked(1)) });
-        let Ok(Outbound::Resumed(resumed)) = rx.try_recv() else { panic!("the resume's answer") };
+        let Some(Outbound::Resumed(resumed)) = rx.try_recv() else { panic!("the resume's answer") };
         assert_eq!(resumed.cursor, 1);
         let replay = resumed.replay.expect("a replay");
         let ids: Vec<i64> = replay.recent.iter().map(|e| e.id).collect();
@@ -738,7 +719,7 @@ mod tests {
         hub.publish(event(7, EventKind::Progress, watched, other, Some(org)));
         hub.publish(event(8, EventKind::LogsUpdate, watched, other, Some(org)));
         let live: Vec<i64> = std::iter::from_fn(|| match rx.try_recv() {
-            Ok(Outbound::Event(e)) => Some(e.id),
+            Some(Outbound::Event(e)) => Some(e.id),
             _ => None,
         })
         .collect();
@@ -749,21 +730,21 @@ mod tests {
     fn a_resume_newer_than_the_feed_is_looked_up_then_waits_for_its_since() {
         let mut hub = hub();
         let owner = Uuid::new_v4();
-        let (tx, mut rx) = mpsc::channel(16);
+        let (tx, mut rx) = super::queue(16);
         hub.handle_arrival(Arrival::Through(6));
         let kicked = CancellationToken::new();
         hub.handle(Command::Register { conn: 1, viewer: viewer(owner), outbound: tx, kicked, resuming: true });
         hub.handle(Command::Resume { conn: 1, topics: Vec::new(), since: Some(Since::Unchecked(8)) });
-        assert!(matches!(rx.try_recv(), Ok(Outbound::ResumeLookUp(8))));
+        assert!(matches!(rx.try_recv(), Some(Outbound::ResumeLookUp(8))));
         let since = Some(Since::Checked { id: 8, newest: 9 });
         hub.handle(Command::Resume { conn: 1, topics: Vec::new(), since });
         for id in [7, 8] {
             hub.publish(event(id, EventKind::Progress, Uuid::new_v4(), owner, None));
         }
-        let Ok(Outbound::Resumed(resumed)) = rx.try_recv() else { panic!("placed once the feed reached since") };
+        let Some(Outbound::Resumed(resumed)) = rx.try_recv() else { panic!("placed once the feed reached since") };
         assert_eq!((resumed.cursor, resumed.replay.map(|r| r.recent.len())), (8, Some(0)));
         hub.publish(event(9, EventKind::Progress, Uuid::new_v4(), owner, None));
-        assert!(matches!(rx.try_recv(), Ok(Outbound::Event(e)) if e.id == 9), "nothing up to since, then live");
+        assert!(matches!(rx.try_recv(), Some(Outbound::Event(e)) if e.id == 9), "nothing up to since, then live");
     }
 
     #[test]

@@ -4,20 +4,19 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
-use std::hash::Hash;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{ConnId, Outbound};
+use super::{ConnId, QueueSender};
 use crate::auth::Viewer;
 use crate::event::{Event, Topic};
 
 /// A registered connection, as the hub sees it.
 pub(super) struct Conn {
     pub viewer: Viewer,
-    pub outbound: mpsc::Sender<Outbound>,
+    pub outbound: QueueSender,
     pub kicked: CancellationToken,
     pub subscriptions: Subscriptions,
     /// The first seq of the viewer's own events it receives.
@@ -33,7 +32,7 @@ pub(super) struct Conn {
 }
 
 impl Conn {
-    pub fn new(viewer: Viewer, outbound: mpsc::Sender<Outbound>, kicked: CancellationToken, seq: u64) -> Conn {
+    pub fn new(viewer: Viewer, outbound: QueueSender, kicked: CancellationToken, seq: u64) -> Conn {
         Conn {
             viewer,
             outbound,
@@ -135,18 +134,46 @@ pub(super) fn on_topic(topic: Topic, viewer: Viewer, event: &Event) -> bool {
     topic.carries(event.kind, event.deployment_id) && viewer.can_see(event.owner, event.organization_id)
 }
 
+/// Hashes a [`ConnId`] with one multiplication. Connection ids are handed
+/// out in sequence by this process, not chosen by clients, so SipHash's
+/// defence against chosen keys buys nothing; fan-out hashes one per
+/// recipient per event, and SipHash cost more than the rest of the lookup.
+#[derive(Default)]
+pub(super) struct ConnIdHasher(u64);
+
+impl Hasher for ConnIdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.write_u64(u64::from(byte));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        // Fibonacci hashing: the low bits (the bucket) and the high bits
+        // (hashbrown's tag) both vary with every bit of the id.
+        self.0 = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type ConnIds = BuildHasherDefault<ConnIdHasher>;
+type ConnSet = HashSet<ConnId, ConnIds>;
+
 /// The registered connections and their indexes.
 #[derive(Default)]
 pub(super) struct Routes {
-    conns: HashMap<ConnId, Conn>,
+    conns: HashMap<ConnId, Conn, ConnIds>,
     /// Every connection, by user: their own events.
     owners: HashMap<Uuid, Vec<ConnId>>,
     /// `deployment_events` subscribers who see every deployment.
-    everything: HashSet<ConnId>,
+    everything: ConnSet,
     /// `deployment_events` subscribers, by their organization.
-    by_organization: HashMap<Uuid, HashSet<ConnId>>,
+    by_organization: HashMap<Uuid, ConnSet>,
     /// Per-deployment topic subscribers.
-    by_topic: HashMap<Topic, HashSet<ConnId>>,
+    by_topic: HashMap<Topic, ConnSet>,
     subscriptions: usize,
 }
 
@@ -286,7 +313,7 @@ impl Routes {
     }
 }
 
-fn remove_from<K: Hash + Eq>(index: &mut HashMap<K, HashSet<ConnId>>, key: K, id: ConnId) {
+fn remove_from<K: Hash + Eq>(index: &mut HashMap<K, ConnSet>, key: K, id: ConnId) {
     if let Some(ids) = index.get_mut(&key) {
         ids.remove(&id);
         if ids.is_empty() {
@@ -305,7 +332,7 @@ mod tests {
         let (org_a, org_b, org_c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
         let viewer = |org| Viewer { user_id: Uuid::nil(), organization_id: Some(org), is_superuser: false };
         let of = |org| Event::new(1, EventKind::Progress, Uuid::new_v4(), Uuid::new_v4(), Some(org), "{}");
-        let (tx, _rx) = mpsc::channel(1);
+        let (tx, _rx) = super::super::queue(1);
         let mut conn = Conn::new(viewer(org_a), tx, CancellationToken::new(), 0);
         conn.subscriptions.insert(Topic::DeploymentEvents, 0);
         assert!(conn.receives(5, &of(org_a)) && !conn.receives(5, &of(org_b)));

@@ -34,10 +34,12 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::SeqCst;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::mpsc;
+use futures_util::task::AtomicWaker;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -48,7 +50,7 @@ use super::{Close, Endpoint, Flow, Incoming, Opening, ResumeAsk, Transport, Tran
 use crate::auth::Claims;
 use crate::db::events::{Pages, Replayed};
 use crate::event::Topic;
-use crate::hub::{ConnId, HubStopped, Outbound};
+use crate::hub::{ConnId, HubStopped, Outbound, QueueReceiver};
 use crate::protocol::ClientMessage;
 
 /// Without a token on the request, `auth` must come within this.
@@ -63,6 +65,8 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 const FENCE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Queued messages taken per flush.
 const BATCH: usize = 64;
+/// Messages taken between two looks for a kick.
+const KICK_CHECK: usize = 16;
 /// Items written per flush: a batch and the replies among it in one; a
 /// long merge of held events in several, with a kick checked between them.
 const WRITE_CHUNK: usize = 2 * BATCH;
@@ -168,7 +172,7 @@ struct Driver<T> {
     transport: T,
     core: Subscriber,
     /// Set once authenticated and registered with the hub.
-    outbound: Option<mpsc::Receiver<Outbound>>,
+    outbound: Option<QueueReceiver>,
     /// Shutdown, the kick, silence and the deadlines: kept current here,
     /// raced against every write and wait.
     interrupts: Interrupts,
@@ -187,7 +191,7 @@ struct Driver<T> {
     stashed: VecDeque<Incoming>,
 }
 
-async fn next_outbound(outbound: &mut Option<mpsc::Receiver<Outbound>>) -> Option<Outbound> {
+async fn next_outbound(outbound: &mut Option<QueueReceiver>) -> Option<Outbound> {
     match outbound {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
@@ -233,6 +237,86 @@ impl Interrupts {
                 }
             }
         }
+    }
+}
+
+/// Futures polled only after one of them woke the task: they are polled
+/// with a waker of the gate's own, which notes the wake-up and wakes the
+/// task. What wakes a session is nearly always its queue or its client;
+/// its shutdown, kick and timers are then not polled at all.
+struct Gate {
+    wakes: Arc<GateWaker>,
+    /// `wakes`, as a waker: made once.
+    waker: Waker,
+    /// The task's waker as last registered in `wakes.task`: it stays there
+    /// until a wake-up takes it, and a wake-up also sets `woken`.
+    registered: Option<Waker>,
+}
+
+struct GateWaker {
+    /// Woken since last polled (or not polled yet).
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl std::task::Wake for GateWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, SeqCst);
+        self.task.wake();
+    }
+}
+
+impl Default for Gate {
+    fn default() -> Gate {
+        let wakes = Arc::new(GateWaker { woken: AtomicBool::new(true), task: AtomicWaker::new() });
+        Gate { waker: Waker::from(Arc::clone(&wakes)), wakes, registered: None }
+    }
+}
+
+impl Gate {
+    /// Poll them at the next poll (something changed that they must see).
+    fn open(&self) {
+        self.wakes.woken.store(true, SeqCst);
+    }
+
+    /// `poll` them if they woke the task since they were last polled.
+    fn poll<T>(&mut self, cx: &mut Context<'_>, poll: impl FnOnce(&mut Context<'_>) -> Poll<T>) -> Poll<T> {
+        if !self.wakes.woken.swap(false, SeqCst) {
+            // No wake-up took the waker registered last: registered again
+            // only if the task's waker changed (an atomic swap saved on
+            // nearly every poll). A wake-up after the flag was read finds
+            // a waker there.
+            if !self.registered.as_ref().is_some_and(|waker| waker.will_wake(cx.waker())) {
+                self.wakes.task.register(cx.waker());
+                self.registered = Some(cx.waker().clone());
+                // A wake-up before this registration found none: look again.
+                if self.wakes.woken.swap(false, SeqCst) {
+                    return self.poll_now(poll);
+                }
+            }
+            return Poll::Pending;
+        }
+        // Woken: that wake-up took the waker; registered before the
+        // futures are polled, so one that fires meanwhile wakes the task.
+        self.wakes.task.register(cx.waker());
+        if !self.registered.as_ref().is_some_and(|waker| waker.will_wake(cx.waker())) {
+            self.registered = Some(cx.waker().clone());
+        }
+        self.poll_now(poll)
+    }
+
+    fn poll_now<T>(&self, poll: impl FnOnce(&mut Context<'_>) -> Poll<T>) -> Poll<T> {
+        let outcome = poll(&mut Context::from_waker(&self.waker));
+        if outcome.is_ready() {
+            // Only the first ready one was taken: the others are looked at
+            // again next time.
+            self.open();
+        }
+        outcome
     }
 }
 
@@ -282,6 +366,17 @@ impl<T: Transport> Driver<T> {
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         let shutdown = self.endpoint.shutdown.clone();
         let kicked = self.interrupts.kicked.clone();
+        // Made once and kept across wake-ups: a fresh `cancelled()` joins
+        // the token's waiter list and a fresh sleep registers with the
+        // timer wheel, each a lock, undone (another lock) when dropped.
+        let mut shutdown_wait = std::pin::pin!(shutdown.cancelled());
+        let mut kicked_wait = std::pin::pin!(kicked.cancelled());
+        let mut timer_at = self.interrupts.deadline;
+        let mut timer_wait = std::pin::pin!(tokio::time::sleep_until(timer_at.into()));
+        // And polled only when one of them woke the task: a token's poll
+        // locks the token (the shutdown token is shared by every session),
+        // and a session wakes for every event.
+        let mut gate = Gate::default();
         loop {
             // Requests wait behind a resume at connect: the hub answers it first.
             let resuming = self.core.resuming();
@@ -295,15 +390,32 @@ impl<T: Transport> Driver<T> {
                     Some(until) if until < self.interrupts.deadline => (until, true),
                     _ => (self.interrupts.deadline, false),
                 };
+                if timer != timer_at {
+                    timer_at = timer;
+                    timer_wait.as_mut().reset(timer.into());
+                    gate.open();
+                }
+                let interrupts = std::future::poll_fn(|cx| {
+                    gate.poll(cx, |cx| {
+                        if shutdown_wait.as_mut().poll(cx).is_ready() {
+                            Poll::Ready(Wake::Shutdown)
+                        } else if kicked_wait.as_mut().poll(cx).is_ready() {
+                            Poll::Ready(Wake::Kicked)
+                        } else if timer_wait.as_mut().poll(cx).is_ready() {
+                            Poll::Ready(if fence_first { Wake::FenceTimeout } else { Wake::Deadline })
+                        } else if ping.poll_tick(cx).is_ready() {
+                            Poll::Ready(Wake::PingTick)
+                        } else {
+                            Poll::Pending
+                        }
+                    })
+                });
                 // Biased: timers first, so a busy queue cannot starve them;
                 // the client before the queue, so a request already sent
                 // is read before more events go out.
                 let wake = tokio::select! {
                     biased;
-                    _ = shutdown.cancelled() => Wake::Shutdown,
-                    _ = kicked.cancelled() => Wake::Kicked,
-                    _ = sleep_until(timer) => if fence_first { Wake::FenceTimeout } else { Wake::Deadline },
-                    _ = ping.tick() => Wake::PingTick,
+                    wake = interrupts => wake,
                     incoming = self.transport.recv(), if reading => Wake::Incoming(incoming),
                     message = next_outbound(&mut self.outbound), if draining => Wake::Outbound(message),
                 };
@@ -407,7 +519,7 @@ impl<T: Transport> Driver<T> {
     /// Write the queued messages, stopping at one whose answer needs the
     /// database (its replay or look-up would not follow on).
     async fn drain_queue(&mut self) -> Result<(), Stop> {
-        while let Some(message) = self.outbound.as_mut().and_then(|rx| rx.try_recv().ok()) {
+        while let Some(message) = self.outbound.as_mut().and_then(|rx| rx.try_recv()) {
             if self.core.outbound(message).is_some() {
                 break;
             }
@@ -565,8 +677,11 @@ impl<T: Transport> Driver<T> {
                 self.flush_out().await?;
                 Box::pin(self.work(work)).await?;
             }
-            if taken < BATCH && !self.interrupts.kicked.is_cancelled() {
-                next = self.outbound.as_mut().and_then(|rx| rx.try_recv().ok());
+            // A kick is looked for every few messages (a token's check is
+            // a lock): what is taken after it was queued before it, so it
+            // is still part of the gap-free prefix the kick lets through.
+            if taken < BATCH && (taken % KICK_CHECK != 0 || !self.interrupts.kicked.is_cancelled()) {
+                next = self.outbound.as_mut().and_then(|rx| rx.try_recv());
             }
         }
         self.flush_out().await?;
@@ -786,5 +901,95 @@ impl<T: Transport> Driver<T> {
         };
         self.broken = true;
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::poll_fn;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// What the serve loop does: its interrupts, polled through the gate,
+    /// raced with something that wakes the task far more often.
+    #[tokio::test(start_paused = true)]
+    async fn the_gate_sees_each_interrupt_however_often_the_task_wakes_for_other_things() {
+        let token = CancellationToken::new();
+        let mut cancelled = std::pin::pin!(token.cancelled());
+        let start = tokio::time::Instant::now();
+        let mut timer = std::pin::pin!(tokio::time::sleep_until(start + Duration::from_millis(50)));
+        let mut gate = Gate::default();
+        let mut seen = Vec::new();
+        let canceller = {
+            let token = token.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(120)).await;
+                token.cancel();
+            })
+        };
+        for _ in 0..1_000 {
+            let interrupts = poll_fn(|cx| {
+                gate.poll(cx, |cx| {
+                    if cancelled.as_mut().poll(cx).is_ready() {
+                        Poll::Ready("cancelled")
+                    } else if timer.as_mut().poll(cx).is_ready() {
+                        Poll::Ready("timer")
+                    } else {
+                        Poll::Pending
+                    }
+                })
+            });
+            let woke = tokio::select! {
+                biased;
+                what = interrupts => what,
+                _ = tokio::time::sleep(Duration::from_millis(1)) => continue,
+            };
+            seen.push((woke, start.elapsed().as_millis()));
+            if woke == "timer" {
+                // Moved out of the way, as the serve loop does after a fence.
+                timer.as_mut().reset(start + Duration::from_secs(3600));
+                gate.open();
+            } else {
+                break;
+            }
+        }
+        assert_eq!(seen, vec![("timer", 50), ("cancelled", 120)], "each seen once, when it fired");
+        canceller.await.unwrap();
+    }
+
+    #[test]
+    fn the_gate_polls_nothing_until_something_it_polled_wakes() {
+        let mut gate = Gate::default();
+        let polled = std::cell::Cell::new(0);
+        let waker = Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut poll = || {
+            gate.poll(&mut cx, |cx| {
+                polled.set(polled.get() + 1);
+                cx.waker().wake_by_ref();
+                Poll::<()>::Pending
+            })
+        };
+        assert!(poll().is_pending());
+        assert_eq!(polled.get(), 1, "polled at first");
+        // The inner future woke the gate's waker while polled: polled again.
+        assert!(poll().is_pending());
+        assert_eq!(polled.get(), 2);
+        let mut quiet = Gate::default();
+        let mut count = 0;
+        for _ in 0..3 {
+            let _ = quiet.poll(&mut cx, |_| {
+                count += 1;
+                Poll::<()>::Pending
+            });
+        }
+        assert_eq!(count, 1, "nothing woke it: polled once");
+        quiet.open();
+        let _ = quiet.poll(&mut cx, |_| {
+            count += 1;
+            Poll::<()>::Pending
+        });
+        assert_eq!(count, 2, "opened: polled again");
     }
 }
