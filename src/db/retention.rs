@@ -34,11 +34,12 @@ pub async fn run(pool: Pool, retention: Duration, shutdown: CancellationToken) {
 ///
 /// Retention walks the log in id order (the primary key) to the first
 /// event newer than `retention` and deletes every event before it, so no
-/// index on `created_at` taxes writers. Ids are allocated at insert, as
-/// `created_at` is stamped, so the two orders differ only between
-/// transactions inserting at the same moment: an event a few microseconds
-/// past the retention can be kept one more round, never one within it
-/// deleted early.
+/// index on `created_at` taxes writers. Ids follow commit order and
+/// `created_at` the row's insert, so the two orders differ where a
+/// transaction committed well after its insert: every event before the
+/// cut is older than the retention (the cut is the first id that is not),
+/// and an old event behind it is kept a round or more, never one within
+/// the retention deleted early.
 pub async fn prune(pool: &Pool, retention: Duration) -> Result<u64, DbError> {
     let client = pool.get().await?;
     let seconds = retention.as_secs_f64();
