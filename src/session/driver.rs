@@ -48,8 +48,8 @@ use super::gate::{UserConnections, UserSlot};
 use super::replay::Replaying;
 use super::{Close, Endpoint, Flow, Incoming, Opening, ResumeAsk, Transport, TransportError};
 use crate::auth::Claims;
-use crate::db::events::{Pages, Replayed};
-use crate::event::Topic;
+use crate::db::events::Pages;
+use crate::event::{Event, Topic};
 use crate::hub::{ConnId, HubStopped, Outbound, QueueReceiver};
 use crate::protocol::ClientMessage;
 
@@ -714,8 +714,10 @@ impl<T: Transport> Driver<T> {
                 }
             }
             Work::Replay { topic, pages, recent } => {
-                let mut replaying = Replaying::new(topic, pages);
-                let outcome = self.replay(&mut replaying, &endpoint).await?;
+                let mut replaying = Replaying::new(pages);
+                let write = |core: &mut Subscriber, pruned, events: &mut _| core.replay_page(topic, pruned, events);
+                let written = self.write_pages(replaying.pages(), Some(topic), &endpoint, write).await?;
+                let outcome = if written { Ok(replaying.sent()) } else { Err(replaying.sent()) };
                 if let Some(call) = self.core.replayed(topic, recent, outcome) {
                     self.call_hub(call).await?;
                 }
@@ -733,7 +735,9 @@ impl<T: Transport> Driver<T> {
                 }
             }
             Work::ResumeReplay { topics, mut pages, recent } => {
-                let outcome = self.resume_replay(&topics, &mut pages, &endpoint).await?;
+                let write = |core: &mut Subscriber, pruned, events: &mut _| core.resume_page(&topics, pruned, events);
+                let written = self.write_pages(&mut pages, None, &endpoint, write).await?;
+                let outcome = if written { Ok(pages.replayed_topics()) } else { Err(()) };
                 if !self.core.resume_replayed(recent, outcome) {
                     self.flush_out().await?;
                     return Err(Stop::Close(Close::RESUME_FAILED));
@@ -743,51 +747,30 @@ impl<T: Transport> Driver<T> {
         self.flush_out().await
     }
 
-    /// Write the pages of a resume's replay from the event log as they
-    /// come. `Err` inside: the log failed part-way.
-    async fn resume_replay(
+    /// Write the pages of a replay from the event log as they come, each
+    /// through `write` before the next is read: a topic's replay, or a
+    /// resume at connect's (`watched` is then `None`: an unsubscribe of a
+    /// topic gives up only that topic's wait). `Ok(false)`: the log failed
+    /// part-way.
+    async fn write_pages(
         &mut self,
-        topics: &[Topic],
         pages: &mut Pages,
+        watched: Option<Topic>,
         endpoint: &Endpoint,
-    ) -> Result<Result<Vec<Replayed>, ()>, Stop> {
+        write: impl Fn(&mut Subscriber, bool, &mut Vec<Arc<Event>>),
+    ) -> Result<bool, Stop> {
         loop {
             self.stop_if_kicked()?;
-            let page = match self.wait_reading(endpoint.log.next_page(pages), None).await? {
-                Waited::GivenUp | Waited::Done(Ok(None)) => return Ok(Ok(pages.replayed_topics())),
+            let mut page = match self.wait_reading(endpoint.log.next_page(pages), watched).await? {
+                Waited::GivenUp | Waited::Done(Ok(None)) => return Ok(true),
                 Waited::Done(Err(e)) => {
-                    warn!(conn = self.conn, error = %e, "resume: replay from the event log failed");
-                    return Ok(Err(()));
+                    let replay = watched.map_or_else(|| "resume at connect".to_string(), |topic| topic.to_string());
+                    warn!(conn = self.conn, replay, error = %e, "replay from the event log failed");
+                    return Ok(false);
                 }
                 Waited::Done(Ok(Some(page))) => page,
             };
-            let mut page = page;
-            self.core.resume_page(topics, page.pruned, &mut page.events);
-            self.flush_out().await?;
-            drop(page);
-        }
-    }
-
-    /// Write a replay's pages as they come; each page is written before the
-    /// next is read. `Err` inside: the log failed part-way.
-    async fn replay(
-        &mut self,
-        replaying: &mut Replaying,
-        endpoint: &Endpoint,
-    ) -> Result<Result<Replayed, Replayed>, Stop> {
-        let topic = replaying.topic();
-        loop {
-            self.stop_if_kicked()?;
-            let page = match self.wait_reading(replaying.next_page(&endpoint.log), Some(topic)).await? {
-                Waited::GivenUp | Waited::Done(Ok(None)) => return Ok(Ok(replaying.sent())),
-                Waited::Done(Err(e)) => {
-                    warn!(conn = self.conn, %topic, error = %e, "replay from the event log failed");
-                    return Ok(Err(replaying.sent()));
-                }
-                Waited::Done(Ok(Some(page))) => page,
-            };
-            let mut page = page;
-            self.core.replay_page(topic, page.pruned, &mut page.events);
+            write(&mut self.core, page.pruned, &mut page.events);
             self.flush_out().await?;
             // The page's share of the memory limit is held until it is written.
             drop(page);
